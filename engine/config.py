@@ -1,0 +1,324 @@
+"""The one typed config: every stage reads its section, every default lives here.
+
+The defaults are the embedded tiny run (tiny model, built-in benchmark, local Ray, CPU).
+Presets in ``configs/`` override them; ``--set key.path=value`` overrides a preset. A bad key
+or value fails at load time with one line naming the key, the value and what is valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from engine.errors import FairsynthError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PRESET_DIR = REPO_ROOT / "configs"
+DATASETS = ("builtin", "waterbirds", "celeba", "utkface", "manifest")
+METHODS = ("erm", "group_dro", "vanilla", "lora", "dreambooth", "clustered_dreambooth")
+GENERATIVE_METHODS = ("vanilla", "lora", "dreambooth", "clustered_dreambooth")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_severity(value: Any) -> Any:
+    if value == "original":
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("must be 'original' or a number p with 0.5 < p < 1")
+    if not 0.5 < float(value) < 1.0:
+        raise ValueError("must be 'original' or a number p with 0.5 < p < 1")
+    return float(value)
+
+
+class BuiltinConfig(Section):
+    """Sizes of the procedural benchmark (engine.data.builtin)."""
+
+    n_train: int = Field(2000, ge=8, description="original training images, before severity")
+    n_val: int = Field(400, ge=4, description="group-balanced")
+    n_test: int = Field(800, ge=4, description="group-balanced")
+    original_alignment: float = Field(
+        0.95, gt=0.5, lt=1.0, description="share of bias-aligned images per class in 'original'"
+    )
+    seed: int = 0
+
+
+class DataConfig(Section):
+    name: Literal["builtin", "waterbirds", "celeba", "utkface", "manifest"] = "builtin"
+    root: str | None = Field(None, description="dataset folder; unused for builtin")
+    severity: Literal["original"] | float = "original"
+    target: str | None = Field(None, description="class attribute (CelebA default Blond_Hair)")
+    attribute: str | None = Field(None, description="spurious attribute (CelebA default Male)")
+    aligned: dict[int, int] | None = Field(
+        None, description="class -> bias-aligned attribute; inferred from the training split when unset"
+    )
+    image_size: int = Field(32, ge=8, description="side of the square images stages see")
+    skip_bad_images: bool = Field(False, description="skip and count unreadable images instead of failing")
+    split_seed: int = Field(0, description="UTKFace's 80/10/10 split and severity subsampling")
+    age_bins: list[int] = Field(
+        [0, 40, 200], description="UTKFace age bin edges; attribute = bin index"
+    )
+    class_names: list[str] | None = Field(None, description="words for classes in prompts")
+    attribute_names: list[str] | None = Field(None, description="words for attributes in prompts")
+    builtin: BuiltinConfig = BuiltinConfig()
+
+    _severity = field_validator("severity", mode="before")(classmethod(lambda cls, v: _check_severity(v)))
+
+    @field_validator("age_bins")
+    @classmethod
+    def _bins_increase(cls, v: list[int]) -> list[int]:
+        if len(v) < 3 or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError("must be at least 3 strictly increasing edges, e.g. [0, 40, 200]")
+        return v
+
+
+class ModelConfig(Section):
+    base: str = Field("tiny", description="'tiny' (shipped), a local diffusers folder, or a hub id")
+    encoder: str = Field("tiny", description="image/text encoder: 'tiny' or a CLIP path / hub id")
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    allow_pickle: bool = Field(False, description="allow non-safetensors weights (unsafe)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class ClusterConfig(Section):
+    k: int | Literal["auto"] = Field("auto", description="clusters per group, or 'auto' (silhouette)")
+    k_max: int = Field(6, ge=1, description="largest k tried when k is 'auto'")
+    min_cluster_size: int = Field(8, ge=1, description="smaller clusters merge into their nearest")
+    spherical: bool = True
+    niter: int = Field(30, ge=1)
+    nredo: int = Field(3, ge=1)
+    seed: int = 0
+    batch_size: int = Field(128, ge=1, description="images per embedding batch")
+    num_actors: int = Field(1, ge=1)
+    actor_num_cpus: float = Field(0.5, gt=0)
+    actor_num_gpus: float = Field(0.0, ge=0)
+
+    @field_validator("k")
+    @classmethod
+    def _k_positive(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be a positive integer or 'auto'")
+        return v
+
+
+class FinetuneConfig(Section):
+    steps: int = Field(60, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(16, ge=1)
+    lora_rank: int = Field(4, ge=1)
+    lora_alpha: float = Field(4.0, gt=0)
+    identifier: str = Field("sks", description="rare token that stands for the paper's [V]")
+    prior_preservation: bool = True
+    prior_loss_weight: float = Field(1.0, ge=0)
+    num_class_images: int = Field(32, ge=1, description="prior-preservation images per class prompt")
+    train_text_encoder: bool = False
+    dreambooth_store: Literal["unet", "lora_delta"] = "unet"
+    min_real_images: int = Field(4, ge=1, description="below this a unit borrows its class's aligned model")
+    trial_resources: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
+    max_concurrent_trials: int = Field(2, ge=1)
+    checkpoint_every: int = Field(20, ge=1)
+    max_failures: int = Field(2, ge=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("fp16", description="used on CUDA only")
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = Field(True, description="when bitsandbytes is installed and on CUDA")
+    num_samples: int = Field(1, ge=1, description=">1 searches learning rate and steps with ASHA")
+    seed: int = 0
+
+
+class GenerateConfig(Section):
+    images_per_group: int | Literal["fill"] = Field(48, description="or 'fill' up to the largest real group")
+    steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(7.5, ge=0)
+    scheduler: Literal["dpm_solver_multistep", "ddim", "euler", "pndm"] = "dpm_solver_multistep"
+    batch_size: int = Field(16, ge=1)
+    num_actors: int = Field(1, ge=1)
+    actor_num_cpus: float = Field(1.0, gt=0)
+    actor_num_gpus: float = Field(0.0, ge=0)
+    prompt_template: str = "a photo of a {class_name} on {attribute_name}"
+    identifier_template: str = "a photo of a {identifier} {class_name} on {attribute_name}"
+    negative_prompt_template: str = "{source_attribute_name}"
+    rows_per_shard: int = Field(64, ge=1)
+    seed: int = 0
+
+    @field_validator("images_per_group")
+    @classmethod
+    def _positive(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be a positive integer or 'fill'")
+        return v
+
+
+class FilterConfig(Section):
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the class-prompt similarity")
+    keep_fraction: float = Field(0.75, gt=0, le=1, description="top share kept per group")
+    class_prompt_template: str = "a photo of a {class_name}"
+    batch_size: int = Field(128, ge=1)
+
+
+class TrainConfig(Section):
+    backbone: Literal["tiny_resnet", "resnet18", "resnet50"] = "tiny_resnet"
+    pretrained_weights: str | None = Field(None, description="local ImageNet weights file for torchvision backbones")
+    image_size: int = Field(32, ge=8)
+    pretrain_epochs: int = Field(6, ge=0, description="stage 1, on synthetic images")
+    epochs: int = Field(8, ge=1, description="real-data training (stage 2 for generative methods)")
+    batch_size: int = Field(64, ge=2)
+    learning_rate: float = Field(2e-3, gt=0)
+    finetune_learning_rate: float = Field(1e-2, gt=0, description="stage 2 learning rate")
+    weight_decay: float = Field(1e-4, ge=0)
+    stage2: Literal["last_layer", "full", "group_dro"] = "last_layer"
+    loss_beta: float = Field(0.5, ge=0, le=1, description="beta * CE + (1 - beta) * SupCon")
+    supcon_temperature: float = Field(0.1, gt=0)
+    group_dro_eta: float = Field(0.01, gt=0)
+    group_dro_adjustment: float = Field(0.0, ge=0, description="C in C / sqrt(n_g)")
+    group_balanced_sampling: bool = True
+    augment: bool = True
+    num_workers: int = Field(2, ge=1, description="DDP workers")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0)
+    max_failures: int = Field(1, ge=0)
+    seed: int = 0
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="None starts a local Ray; 'auto' joins a cluster")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray")
+    storage_path: str | None = Field(None, description="shared storage for Tune/Train (s3://... on clusters)")
+
+
+class Config(Section):
+    run_dir: str = "runs/default"
+    seed: int = 0
+    methods: list[str] = Field(default_factory=lambda: list(METHODS))
+    severities: list[Literal["original"] | float] = Field(default_factory=lambda: [0.999])
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    generate: GenerateConfig = GenerateConfig()
+    filter: FilterConfig = FilterConfig()
+    train: TrainConfig = TrainConfig()
+    ray: RayConfig = RayConfig()
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, v: list[str]) -> list[str]:
+        unknown = [m for m in v if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method {unknown[0]!r}; valid: {', '.join(METHODS)}")
+        return v
+
+    @field_validator("severities", mode="before")
+    @classmethod
+    def _check_severities(cls, v: Any) -> Any:
+        return [_check_severity(s) for s in v] if isinstance(v, list) else v
+
+    @model_validator(mode="after")
+    def _root_for_real_data(self) -> Config:
+        if self.data.name != "builtin" and not self.data.root:
+            raise ValueError(f"data.root is required for data.name={self.data.name!r}")
+        return self
+
+    def slice_hash(self, *sections: str) -> str:
+        """Hash of the named sections (dotted paths allowed): what a stage's output depends on."""
+        payload = {s: _dig(self.model_dump(mode="json"), s) for s in sorted(sections)}
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _dig(tree: dict, dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _fields_of(model: type[BaseModel], path: list[str]) -> list[str]:
+    """Valid keys at a dotted path of the config, for error messages."""
+    for part in path:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _format_error(err: ValidationError, raw: dict) -> str:
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"] if not str(p).startswith(("literal[", "function-"))]
+    key = ".".join(loc) or "<root>"
+    if first["type"] == "extra_forbidden":
+        valid = _fields_of(Config, loc[:-1])
+        return f"config error: unknown key '{key}'; valid keys here: {', '.join(valid)}"
+    value = first.get("input")
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"config error: {key} = {value!r}: {msg}"
+
+
+def resolve_preset(preset: str | Path | None) -> Path | None:
+    """A preset is a YAML path, or a name in configs/ (with or without .yaml)."""
+    if preset is None:
+        return None
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    named = PRESET_DIR / f"{Path(preset).stem}.yaml"
+    if named.exists():
+        return named
+    known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    raise FairsynthError(
+        f"config error: preset {str(preset)!r} not found (no such file, and not one of: {', '.join(known)})"
+    )
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise FairsynthError(f"config error: --set {text!r} must look like key.path=value")
+    key, _, raw = text.partition("=")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _set_path(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(preset: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build the config from defaults, a preset and ``key.path=value`` overrides."""
+    raw: dict = {}
+    path = resolve_preset(preset)
+    if path is not None:
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            where = f" line {line + 1}" if line is not None else ""
+            raise FairsynthError(f"config error: {path}{where} is not valid YAML; fix its syntax") from None
+        if not isinstance(raw, dict):
+            raise FairsynthError(f"config error: {path} must hold a mapping of config keys")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(raw, key, value)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise FairsynthError(_format_error(err, raw)) from None

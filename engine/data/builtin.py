@@ -1,0 +1,162 @@
+"""The built-in benchmark: a procedural, Waterbirds-style world that ships as code.
+
+Class = object family (landbird, waterbird), attribute = background family (land, water).
+Each class has three visible sub-types (shape and colour) and each attribute two background
+sub-types, so clustering has structure to find. Two styles share the vocabulary:
+
+- ``benchmark``: shaded objects on textured backgrounds with rendering noise; the dataset
+  the classifier is trained and evaluated on.
+- ``base``: flat colours with a dark outline and plain backgrounds; the captioned corpus
+  the tiny generator is pretrained on, so fine-tuning has a domain gap to close.
+
+Every image is a pure function of (object, background, seed, style, size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+CLASS_NAMES = ("landbird", "waterbird")
+ATTRIBUTE_NAMES = ("land", "water")
+# Sub-types per class: the visible shape tells the class (tall vs wide), colour the sub-type.
+OBJECT_SUBTYPES = {
+    0: ("sparrow", "crow", "finch"),
+    1: ("duck", "gull", "heron"),
+}
+BACKGROUND_SUBTYPES = {
+    0: ("forest", "desert"),
+    1: ("ocean", "lake"),
+}
+OBJECTS = tuple(name for c in sorted(OBJECT_SUBTYPES) for name in OBJECT_SUBTYPES[c])
+BACKGROUNDS = tuple(name for a in sorted(BACKGROUND_SUBTYPES) for name in BACKGROUND_SUBTYPES[a])
+OBJECT_CLASS = {name: c for c, names in OBJECT_SUBTYPES.items() for name in names}
+BACKGROUND_ATTRIBUTE = {name: a for a, names in BACKGROUND_SUBTYPES.items() for name in names}
+STYLES = ("benchmark", "base")
+
+_OBJECT_COLOUR = {
+    "sparrow": (150, 95, 50),
+    "crow": (35, 35, 40),
+    "finch": (235, 205, 40),
+    "duck": (225, 115, 30),
+    "gull": (240, 240, 240),
+    "heron": (150, 120, 185),
+}
+_BACKGROUND_COLOURS = {  # (base colour, texture colour)
+    "forest": ((40, 110, 45), (20, 65, 25)),
+    "desert": ((215, 185, 120), (180, 145, 85)),
+    "ocean": ((25, 60, 150), (90, 140, 215)),
+    "lake": ((95, 175, 190), (160, 215, 225)),
+}
+
+
+def caption(object_name: str, background_name: str) -> str:
+    """The caption the base corpus pairs with an image, and the prompt that asks for one."""
+    return f"a photo of a {object_name} on {background_name}"
+
+
+def _object_mask(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Shape in local coordinates (u right, v down, roughly [-1, 1]); tall for landbirds,
+    wide for waterbirds."""
+    if name == "sparrow":
+        return (u / 0.6) ** 2 + v**2 <= 1.0
+    if name == "crow":
+        return (v >= -1.0) & (v <= 1.0) & (np.abs(u) <= (v + 1.0) * 0.45)
+    if name == "finch":
+        return np.abs(u) / 0.65 + np.abs(v) <= 1.0
+    if name == "duck":
+        return u**2 + (v / 0.55) ** 2 <= 1.0
+    if name == "gull":
+        return (u**2 + ((v - 0.45) / 1.1) ** 2 <= 1.0) & (v <= 0.45)
+    if name == "heron":
+        body = (np.abs(u) <= 1.0) & (np.abs(v - 0.2) <= 0.35)
+        head = (np.abs(u - 0.75) <= 0.22) & (v >= -0.85) & (v <= -0.1)
+        return body | head
+    raise ValueError(f"unknown object {name!r}; known: {', '.join(OBJECTS)}")
+
+
+def _background(name: str, style: str, rng: np.random.Generator, size: int) -> np.ndarray:
+    base, texture = (np.array(c, dtype=np.float32) for c in _BACKGROUND_COLOURS[name])
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    if style == "base":
+        # Plain: the base colour with one flat band of the texture colour.
+        img = np.broadcast_to(base, (size, size, 3)).copy()
+        band = (yy > 0.78) if name in ("forest", "desert") else (np.abs(yy - 0.3) < 0.04)
+        img[band] = texture
+        return img
+    jitter = rng.uniform(-18, 18, size=3).astype(np.float32)
+    phase = rng.uniform(0, 2 * np.pi)
+    if name == "forest":  # vertical trunks
+        t = (np.sin(xx * 2 * np.pi * rng.uniform(4, 6) + phase) > 0.55).astype(np.float32)
+    elif name == "desert":  # low dunes
+        t = 0.5 + 0.5 * np.sin(yy * 2 * np.pi * 2.5 + np.sin(xx * 6 + phase) * 1.5)
+    elif name == "ocean":  # wavy horizontal crests
+        t = (np.sin(yy * 2 * np.pi * 6 + np.sin(xx * 2 * np.pi * 2 + phase) * 1.2) > 0.6)
+        t = t.astype(np.float32)
+    else:  # lake: calm water under a pale sky
+        t = (yy < rng.uniform(0.2, 0.35)).astype(np.float32) + 0.15 * np.sin(xx * 20 + phase)
+    t = np.clip(t, 0.0, 1.0)[..., None]
+    return base + jitter + t * (texture - base)
+
+
+def render(
+    object_name: str,
+    background_name: str,
+    seed: int,
+    style: str = "benchmark",
+    size: int = 32,
+) -> np.ndarray:
+    """Draw one image as uint8 [size, size, 3]."""
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
+    if background_name not in _BACKGROUND_COLOURS:
+        raise ValueError(f"unknown background {background_name!r}; known: {', '.join(BACKGROUNDS)}")
+    rng = np.random.default_rng(seed)
+    img = _background(background_name, style, rng, size)
+
+    # Object placement: centre, scale and a small rotation, all from the seed.
+    cx, cy = rng.uniform(0.38, 0.62, size=2) * size
+    scale = rng.uniform(0.24, 0.32) * size
+    angle = rng.uniform(-0.25, 0.25)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    dx, dy = (xx - cx) / scale, (yy - cy) / scale
+    u = np.cos(angle) * dx + np.sin(angle) * dy
+    v = -np.sin(angle) * dx + np.cos(angle) * dy
+    mask = _object_mask(object_name, u, v)
+    colour = np.array(_OBJECT_COLOUR[object_name], dtype=np.float32)
+    if style == "base":
+        img[mask] = colour
+        # A dark outline: mask pixels with a non-mask 4-neighbour.
+        padded = np.pad(mask, 1)
+        interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        img[mask & ~interior] = (15, 15, 15)
+    else:
+        colour = colour + rng.uniform(-20, 20, size=3).astype(np.float32)
+        shade = (1.0 - 0.18 * np.clip(v, -1, 1))[..., None]  # lit from above
+        img = np.where(mask[..., None], colour * shade, img)
+        img = img + rng.normal(0.0, 8.0, size=img.shape).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class BaseCorpus:
+    """Captioned images in the base style, for pretraining the tiny generator."""
+
+    images: np.ndarray  # uint8 [n, size, size, 3]
+    captions: list[str]
+    object_index: np.ndarray  # index into OBJECTS
+    background_index: np.ndarray  # index into BACKGROUNDS
+
+
+def base_corpus(n: int, seed: int, size: int = 32) -> BaseCorpus:
+    """n images covering every (object, background) pair uniformly, in the base style."""
+    rng = np.random.default_rng(seed)
+    obj = rng.integers(0, len(OBJECTS), size=n)
+    bg = rng.integers(0, len(BACKGROUNDS), size=n)
+    seeds = rng.integers(0, 2**31 - 1, size=n)
+    images = np.stack(
+        [render(OBJECTS[o], BACKGROUNDS[b], int(s), "base", size) for o, b, s in zip(obj, bg, seeds)]
+    ) if n else np.zeros((0, size, size, 3), np.uint8)
+    captions = [caption(OBJECTS[o], BACKGROUNDS[b]) for o, b in zip(obj, bg)]
+    return BaseCorpus(images, captions, obj, bg)
