@@ -276,7 +276,8 @@ def load_manifest(cfg: DataConfig) -> GroupedDataset:
     _require_file(csv, "manifest", "manifest file")
     frame = pd.read_csv(csv)
     _require_columns(frame, ("path", "label", "attribute", "split"), csv, "manifest")
-    split = frame["split"].map(lambda s: {0: "train", 1: "val", 2: "test"}.get(s, s)).astype(str)
+    numbered = {"0": "train", "1": "val", "2": "test"}
+    split = frame["split"].astype(str).str.strip().map(lambda s: numbered.get(s, s))
     bad = split[~split.isin(SPLITS)]
     if len(bad):
         raise FairsynthError(f"manifest: {csv} has split {bad.iloc[0]!r}; expected train/val/test or 0/1/2")

@@ -4,6 +4,8 @@ round(n_aligned * (1 - p) / p) bias-conflicting ones; val and test stay as they 
 from __future__ import annotations
 
 import logging
+import math
+from fractions import Fraction
 
 import numpy as np
 import pandas as pd
@@ -24,7 +26,10 @@ def infer_aligned(train: pd.DataFrame, n_classes: int, n_attributes: int) -> dic
 
 
 def conflicting_to_keep(n_aligned: int, severity: float) -> int:
-    return int(round(n_aligned * (1.0 - severity) / severity))
+    """round(n_aligned * (1 - p) / p), computed exactly (0.8 is not 4/5 in binary) and
+    rounding halves up, so the count does not depend on floating-point noise."""
+    p = Fraction(str(severity))
+    return math.floor(n_aligned * (1 - p) / p + Fraction(1, 2))
 
 
 def apply_severity(
@@ -39,7 +44,7 @@ def apply_severity(
     for label, attribute in sorted(aligned.items()):
         in_class = train[train["label"] == label]
         n_aligned = int((in_class["attribute"] == attribute).sum())
-        conflicting = in_class[in_class["attribute"] != attribute].index.to_numpy()
+        conflicting = in_class[in_class["attribute"] != attribute].index.to_numpy().copy()
         wanted = conflicting_to_keep(n_aligned, float(severity))
         if wanted > len(conflicting):
             log.warning(

@@ -1,0 +1,294 @@
+"""Loaders read each dataset's format as distributed; severity, groups and metrics match
+hand-computed values; bad input is one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.config import load_config
+from engine.data import builtin
+from engine.data.datasets import load_image
+from engine.data.prepare import describe, load_dataset
+from engine.data.severity import apply_severity, conflicting_to_keep, infer_aligned
+from engine.errors import FairsynthError
+from engine.metrics import group_accuracies, summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _img(path: Path, colour=(10, 20, 30), size=(40, 30)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+def data_cfg(name, root, **extra):
+    sets = [f"data.name={name}", f"data.root={root}"] + [f"data.{k}={v}" for k, v in extra.items()]
+    return load_config(None, sets).data
+
+
+# --- fixtures in each on-disk format -------------------------------------------------------
+
+
+@pytest.fixture
+def waterbirds_root(tmp_path: Path) -> Path:
+    rows = ["img_id,img_filename,y,split,place,place_filename"]
+    # train: class 0 -> 6 on land (place 0), 2 on water; class 1 -> 1 on land, 5 on water.
+    spec = [(0, 0, 6), (0, 1, 2), (1, 0, 1), (1, 1, 5)]
+    i = 0
+    for y, place, count in spec:
+        for _ in range(count):
+            i += 1
+            name = f"{y:03d}.Bird/img_{i}.jpg"
+            rows.append(f"{i},{name},{y},0,{place},/x/{i}.jpg")
+            _img(tmp_path / name)
+    for split in (1, 2):
+        for y in (0, 1):
+            for place in (0, 1):
+                i += 1
+                name = f"{y:03d}.Bird/img_{i}.jpg"
+                rows.append(f"{i},{name},{y},{split},{place},/x/{i}.jpg")
+                _img(tmp_path / name)
+    (tmp_path / "metadata.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path
+
+
+@pytest.fixture
+def celeba_root(tmp_path: Path) -> Path:
+    names = ["5_o_Clock_Shadow", "Blond_Hair", "Male", "Smiling"]
+    # (blond, male, partition) per image
+    spec = [(1, 0, 0), (1, 0, 0), (1, 1, 0), (-1, 1, 0), (-1, 1, 0), (-1, -1, 0), (1, -1, 1), (-1, 1, 2)]
+    lines = [str(len(spec)), " ".join(names)]
+    parts = []
+    for i, (blond, male, part) in enumerate(spec):
+        fname = f"{i + 1:06d}.jpg"
+        # Columns separated by one or more spaces, as in the real file.
+        lines.append(f"{fname}  -1 {blond:2d}  {male:2d} 1")
+        parts.append(f"{fname} {part}")
+        _img(tmp_path / "img_align_celeba" / fname)
+    (tmp_path / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "list_eval_partition.txt").write_text("\n".join(parts) + "\n")
+    return tmp_path
+
+
+@pytest.fixture
+def utkface_root(tmp_path: Path) -> Path:
+    root = tmp_path / "UTKFace"
+    good = [(25, 0), (30, 1), (45, 0), (61, 1), (8, 0), (39, 1), (70, 0), (22, 1), (55, 1), (33, 0)]
+    for i, (age, gender) in enumerate(good):
+        _img(root / f"{age}_{gender}_0_2017011{i}.jpg.chip.jpg")
+    _img(root / "39_1_20170116174525125.jpg.chip.jpg")  # malformed: no race field
+    _img(root / "notes_2.jpg")  # malformed
+    return root
+
+
+# --- loaders -------------------------------------------------------------------------------
+
+
+def test_waterbirds_groups_and_counts(waterbirds_root):
+    ds = load_dataset(data_cfg("waterbirds", waterbirds_root))
+    assert ds.n_groups == 4
+    assert ds.group_counts("train") == [6, 2, 1, 5]
+    assert ds.group_counts("val") == [1, 1, 1, 1]
+    assert ds.info["aligned"] == {0: 0, 1: 1}
+    row = ds.split("train").iloc[0]
+    assert row["group"] == row["label"] * 2 + row["attribute"]
+    assert load_image(row["source"], 16).shape == (16, 16, 3)
+
+
+def test_waterbirds_severity_keeps_ffr_count(waterbirds_root):
+    # p = 0.8: class 0 keeps round(6 * 0.25) = 2 (has 2); class 1 keeps round(5 * 0.25) = 1.
+    ds = load_dataset(data_cfg("waterbirds", waterbirds_root, severity=0.8))
+    assert ds.group_counts("train") == [6, 2, 1, 5]
+    # p = 0.9: class 0 keeps round(6 / 9) = 1; class 1 keeps round(5 / 9) = 1.
+    ds = load_dataset(data_cfg("waterbirds", waterbirds_root, severity=0.9))
+    assert ds.group_counts("train") == [6, 1, 1, 5]
+    assert ds.group_counts("test") == [1, 1, 1, 1]  # untouched
+
+
+def test_waterbirds_missing_column_is_clear(waterbirds_root):
+    meta = waterbirds_root / "metadata.csv"
+    meta.write_text(meta.read_text().replace("place,", "location,", 1))
+    with pytest.raises(FairsynthError, match="no column 'place'"):
+        load_dataset(data_cfg("waterbirds", waterbirds_root))
+
+
+def test_celeba_blond_vs_male(celeba_root):
+    ds = load_dataset(data_cfg("celeba", celeba_root))
+    # groups: (non-blond, female)=0, (non-blond, male)=1, (blond, female)=2, (blond, male)=3
+    assert ds.group_counts("train") == [1, 2, 2, 1]
+    assert ds.group_counts("val") == [0, 0, 1, 0]
+    assert ds.group_counts("test") == [0, 1, 0, 0]
+    assert ds.class_names == ["non-blond hair", "blond hair"]
+
+
+def test_celeba_unknown_attribute(celeba_root):
+    with pytest.raises(FairsynthError, match="unknown attribute name 'Bald'"):
+        load_dataset(data_cfg("celeba", celeba_root, attribute="Bald"))
+
+
+def test_utkface_names_bins_and_split(utkface_root):
+    ds = load_dataset(data_cfg("utkface", utkface_root))
+    assert len(ds.records) == 10  # two malformed names skipped
+    counts = {s: int((ds.records["split"] == s).sum()) for s in ("train", "val", "test")}
+    assert counts == {"train": 8, "val": 1, "test": 1}
+    by_id = ds.records.set_index("image_id")
+    row = by_id.loc["45_0_0_20170112.jpg.chip.jpg"]
+    assert (row["label"], row["attribute"]) == (0, 1)  # male, age bin [40, 200)
+    again = load_dataset(data_cfg("utkface", utkface_root))
+    assert again.records["split"].tolist() == ds.records["split"].tolist()  # seeded
+
+
+def test_manifest_loader(tmp_path):
+    for i in range(4):
+        _img(tmp_path / f"im{i}.png")
+    (tmp_path / "manifest.csv").write_text(
+        "path,label,attribute,split\nim0.png,0,0,train\nim1.png,1,1,train\nim2.png,1,0,val\nim3.png,0,1,2\n"
+    )
+    ds = load_dataset(data_cfg("manifest", tmp_path))
+    assert ds.group_counts("train") == [1, 0, 0, 1]
+    assert ds.group_counts("test") == [0, 1, 0, 0]
+
+
+def test_corrupt_image_fails_or_is_skipped(waterbirds_root):
+    victim = next(waterbirds_root.glob("000.Bird/*.jpg"))
+    victim.write_bytes(victim.read_bytes()[:40])  # truncated
+    with pytest.raises(FairsynthError, match=r"1 unreadable images: .*img_"):
+        load_dataset(data_cfg("waterbirds", waterbirds_root), check_images=True)
+    ds = load_dataset(data_cfg("waterbirds", waterbirds_root, skip_bad_images="true"), check_images=True)
+    assert ds.info["bad_images_skipped"] == 1
+    assert sum(ds.group_counts("train")) + sum(ds.group_counts("val")) + sum(ds.group_counts("test")) == 21
+
+
+# --- severity and groups -------------------------------------------------------------------
+
+
+def test_infer_aligned_uses_over_representation():
+    import pandas as pd
+
+    # Attribute 1 is rare overall, but over-represented in class 1 relative to its frequency.
+    train = pd.DataFrame({"label": [0] * 10 + [1] * 10, "attribute": [0] * 10 + [0] * 6 + [1] * 4})
+    assert infer_aligned(train, 2, 2) == {0: 0, 1: 1}
+
+
+def test_conflicting_count_rule():
+    assert conflicting_to_keep(950, 0.999) == 1
+    assert conflicting_to_keep(950, 0.95) == 50
+    assert conflicting_to_keep(3498, 0.999) == 4
+
+
+def test_severity_is_seeded_and_leaves_eval_splits():
+    cfg = load_config(None, ["data.severity=0.99"]).data
+    a, b = load_dataset(cfg), load_dataset(cfg)
+    assert a.records["image_id"].tolist() == b.records["image_id"].tolist()
+    assert a.group_counts("train") == [950, 10, 10, 950]
+    assert a.group_counts("val") == [100, 100, 100, 100]
+    original = load_dataset(load_config().data)
+    assert original.group_counts("test") == a.group_counts("test")
+
+
+def test_extreme_severity_can_empty_a_group():
+    import pandas as pd
+
+    records = pd.DataFrame(
+        {"label": [0, 0, 0, 1, 1], "attribute": [0, 0, 1, 1, 1], "split": ["train"] * 5}
+    )
+    out = apply_severity(records, 0.999, {0: 0, 1: 1}, seed=0)
+    assert len(out) == 4  # round(2 * 0.001 / 0.999) = 0 conflicting kept
+
+
+# --- built-in benchmark --------------------------------------------------------------------
+
+
+def test_builtin_is_deterministic_and_has_subtypes():
+    img = builtin.render("duck", "forest", 7)
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+    assert np.array_equal(img, builtin.render("duck", "forest", 7))
+    assert not np.array_equal(img, builtin.render("gull", "forest", 7))
+    assert not np.array_equal(img, builtin.render("duck", "forest", 7, style="base"))
+    ds = load_dataset(load_config().data)
+    subtypes = ds.split("train").groupby("label")["subtype"].nunique()
+    assert subtypes.tolist() == [3, 3]
+
+
+def test_base_corpus_captions_match_images():
+    corpus = builtin.base_corpus(12, seed=3)
+    assert corpus.images.shape == (12, 32, 32, 3)
+    for cap, o, b in zip(corpus.captions, corpus.object_index, corpus.background_index):
+        assert cap == f"a photo of a {builtin.OBJECTS[o]} on {builtin.BACKGROUNDS[b]}"
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+
+def test_metrics_hand_computed():
+    preds = [0, 0, 1, 1, 1, 0, 1, 0]
+    labels = [0, 0, 0, 1, 1, 1, 1, 0]
+    groups = [0, 0, 1, 2, 2, 3, 3, 0]
+    assert group_accuracies(preds, labels, groups, 5)[:4] == [1.0, 0.0, 1.0, 0.5]
+    assert math.isnan(group_accuracies(preds, labels, groups, 5)[4])
+    result = summarize(preds, labels, groups, 4, train_group_counts=[10, 0, 5, 5])
+    assert result["worst_group"] == 0.0
+    assert result["average_group"] == pytest.approx((1 + 0 + 1 + 0.5) / 4)
+    assert result["weighted_average"] == pytest.approx((10 * 1 + 5 * 1 + 5 * 0.5) / 20)
+    assert result["accuracy"] == pytest.approx(6 / 8)
+
+
+# --- config and the data_stats job ---------------------------------------------------------
+
+
+def test_config_errors_name_key_and_value():
+    with pytest.raises(FairsynthError, match=r"data.severity = 1.2: must be 'original'"):
+        load_config(None, ["data.severity=1.2"])
+    with pytest.raises(FairsynthError, match=r"unknown key 'generate.imgs'; valid keys here: .*images_per_group"):
+        load_config(None, ["generate.imgs=3"])
+    with pytest.raises(FairsynthError, match="unknown method 'foo'"):
+        load_config(None, ["methods=[erm, foo]"])
+    with pytest.raises(FairsynthError, match="preset 'nope' not found"):
+        load_config("nope")
+
+
+def test_every_preset_loads():
+    presets = sorted((ROOT / "configs").glob("*.yaml"))
+    assert presets, "configs/ has no presets"
+    for path in presets:
+        load_config(path)
+
+
+def _job(*args):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "jobs/data_stats.py"), *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_data_stats_job_prints_json(waterbirds_root):
+    out = _job("--dataset", "waterbirds", "--root", str(waterbirds_root), "--severity", "0.9")
+    assert out.returncode == 0, out.stderr
+    stats = json.loads(out.stdout)
+    assert stats["splits"]["train"]["group_counts"] == [6, 1, 1, 5]
+    assert stats["aligned"] == {"0": 0, "1": 1}
+    assert [g["id"] for g in stats["groups"]] == [0, 1, 2, 3]
+    default = json.loads(_job().stdout)
+    assert default["dataset"] == "builtin" and default["splits"]["val"]["group_counts"] == [100] * 4
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--dataset", "waterbirds", "--root", "/does/not/exist"], "does not exist"),
+        (["--severity", "0.3"], "0.5 < p < 1"),
+        (["--dataset", "celeba", "--root", "."], "missing attribute file"),
+    ],
+)
+def test_data_stats_bad_input_is_one_line(args, needle):
+    out = _job(*args)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], out.stderr
