@@ -1,0 +1,122 @@
+"""The results of a whole job: a table laid out like the paper's, a JSON row per method and
+severity, and per-group accuracy plots."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from engine.config import METHODS
+from engine.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+
+METHOD_TITLES = {
+    "erm": "ERM",
+    "group_dro": "Group-DRO",
+    "vanilla": "Vanilla SD",
+    "lora": "LoRA",
+    "dreambooth": "DreamBooth",
+    "clustered_dreambooth": "Clustered DreamBooth",
+}
+
+
+def severity_tag(severity: float | str) -> str:
+    """Folder name of one severity's run inside a job's run directory."""
+    return f"severity-{severity}"
+
+
+def severity_title(severity: float | str) -> str:
+    return "orig" if severity == "original" else str(severity)
+
+
+def collect_rows(run_root: Path, severities: list, methods: list[str], stage_seconds: dict) -> list[dict]:
+    """One row per (method, severity) from each run's train/<method>/metrics.json."""
+    rows = []
+    for severity in severities:
+        sub = Path(run_root) / severity_tag(severity)
+        for method in methods:
+            metrics = read_json(sub / "train" / method / "metrics.json")
+            test = metrics["test"]
+            rows.append(
+                {
+                    "method": method,
+                    "severity": severity,
+                    "test_worst_group": test["worst_group"],
+                    "test_average_group": test["average_group"],
+                    "test_per_group": test["per_group"],
+                    "val_worst_group": metrics["val"]["worst_group"],
+                    "synthetic_images": metrics.get("synthetic_images", 0),
+                    "group_names": metrics.get("group_names"),
+                    "stage_seconds": stage_seconds.get(str(severity), {}).get(method, {}),
+                }
+            )
+    return rows
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def results_markdown(rows: list[dict], title: str) -> str:
+    """Methods as rows, severities as columns, 'WGA / AGA' in percent, as in the paper."""
+    severities = list(dict.fromkeys(r["severity"] for r in rows))
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    by_key = {(r["method"], r["severity"]): r for r in rows}
+    head = "| Method | " + " | ".join(f"{title} {severity_title(s)}" for s in severities) + " | synthetic images |"
+    lines = [
+        "Test worst-group / average-group accuracy (%)",
+        "",
+        head,
+        "|---" * (len(severities) + 2) + "|",
+    ]
+    for method in methods:
+        cells = []
+        for s in severities:
+            r = by_key.get((method, s))
+            cells.append(f"{_pct(r['test_worst_group'])} / {_pct(r['test_average_group'])}" if r else "-")
+        used = max(by_key[(method, s)]["synthetic_images"] for s in severities if (method, s) in by_key)
+        lines.append(f"| {METHOD_TITLES[method]} | " + " | ".join(cells) + f" | {used} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_per_group(rows: list[dict], path: Path, severity) -> None:
+    """Grouped bars: test accuracy of each group, one colour per method."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    chosen = [r for r in rows if r["severity"] == severity]
+    if not chosen:
+        return
+    n_groups = len(chosen[0]["test_per_group"])
+    names = chosen[0].get("group_names") or [f"group {g}" for g in range(n_groups)]
+    width = 0.8 / len(chosen)
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * n_groups), 3.6), dpi=110)
+    x = np.arange(n_groups)
+    for i, r in enumerate(chosen):
+        values = [0 if (v is None or math.isnan(v)) else 100 * v for v in r["test_per_group"]]
+        ax.bar(x + (i - (len(chosen) - 1) / 2) * width, values, width, label=METHOD_TITLES[r["method"]])
+    ax.set_xticks(x, names, fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"Per-group test accuracy, severity {severity_title(severity)}")
+    ax.legend(fontsize=7, ncol=3, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def write_results(run_root: Path, rows: list[dict], dataset_title: str) -> str:
+    run_root = Path(run_root)
+    atomic_write_json(run_root / "results.json", rows)
+    table = results_markdown(rows, dataset_title)
+    atomic_write_text(run_root / "results.md", table)
+    for severity in dict.fromkeys(r["severity"] for r in rows):
+        plot_per_group(rows, run_root / "plots" / f"per_group_{severity_tag(severity)}.png", severity)
+    return table

@@ -1,0 +1,36 @@
+"""The whole job: data, cluster, finetune, generate, filter, train and report, for every
+method and severity in the config. With no arguments: the embedded tiny default.
+
+    python jobs/full.py [--config PRESET] [--set key=value ...] [--run-dir DIR] [--force]
+    ray job submit --working-dir . -- python jobs/full.py --config waterbirds_0999
+"""
+
+import time
+
+import _path  # noqa: F401
+
+from engine.cli import config_from_args, job_parser, run_job
+
+
+def main() -> None:
+    args = job_parser(__doc__.splitlines()[0]).parse_args()
+    cfg = config_from_args(args)
+
+    from engine.pipeline import run_full
+    from engine.raylib import init_ray
+
+    start = time.perf_counter()
+    init_ray(cfg.ray)
+
+    def announce(stage: str) -> None:
+        print(f"[{time.perf_counter() - start:7.1f}s] {stage}", flush=True)
+
+    table = run_full(cfg, force=args.force, on_stage=announce)
+    print()
+    print(table)
+    print(f"results: {cfg.run_dir}/results.md, results.json, plots/, grids/ "
+          f"({time.perf_counter() - start:.0f}s in all)")
+
+
+if __name__ == "__main__":
+    run_job(main)
