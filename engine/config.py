@@ -91,6 +91,9 @@ class ClusterConfig(Section):
     k: int | Literal["auto"] = Field("auto", description="clusters per group, or 'auto' (silhouette)")
     k_max: int = Field(6, ge=1, description="largest k tried when k is 'auto'")
     min_cluster_size: int = Field(8, ge=1, description="smaller clusters merge into their nearest")
+    min_silhouette: float = Field(
+        0.1, ge=-1, le=1, description="k 'auto': a group whose best silhouette is lower stays one cluster"
+    )
     spherical: bool = True
     niter: int = Field(30, ge=1)
     nredo: int = Field(3, ge=1)

@@ -1,0 +1,109 @@
+"""Training methods, chosen by name: each is a short list of phases the loop runs in order.
+
+A phase says which data it reads (the real training split, or the method's kept synthetic
+images), for how many epochs, at which learning rate, which parameters train, and which
+loss: the per-sample loss and the batch aggregate (mean or Group-DRO). The loop runs
+phases; it never asks which method it is running.
+
+- ``erm``: cross-entropy on the real (biased) training set.
+- ``group_dro``: Group-DRO on the real training set, optionally with group-balanced sampling.
+- ``vanilla``, ``lora``, ``dreambooth``, ``clustered_dreambooth``: stage 1 pretrains on that
+  generator's kept synthetic images with beta * CE + (1 - beta) * SupCon; stage 2 fine-tunes
+  on real data in the mode ``train.stage2`` names:
+  ``last_layer`` (the paper: encoder frozen, the same loss, at ``finetune_learning_rate``),
+  ``full`` (FFR's: every layer, the same loss, at ``learning_rate``), or
+  ``group_dro`` (every layer, Group-DRO over cross-entropy, at ``learning_rate``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.config import GENERATIVE_METHODS, TrainConfig
+from engine.errors import FairsynthError
+from engine.train.losses import CrossEntropy, CrossEntropySupCon, GroupDROLoss, MeanLoss
+
+REAL, SYNTHETIC = "train", "synthetic"
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    dataset: str  # REAL or SYNTHETIC: the Ray Data dataset the phase iterates
+    epochs: int
+    learning_rate: float
+    trainable: str  # "all" or "head" (encoder frozen, BatchNorm statistics too)
+    sample_loss: str  # "ce" or "ce_supcon"
+    aggregate: str  # "mean" or "group_dro"
+    balanced: bool  # group-balanced sampling of the phase's dataset
+
+    def build_sample_loss(self, cfg: TrainConfig):
+        if self.sample_loss == "ce":
+            return CrossEntropy()
+        return CrossEntropySupCon(cfg.loss_beta, cfg.supcon_temperature)
+
+    def build_aggregate(self, cfg: TrainConfig, n_groups: int, train_group_counts):
+        if self.aggregate == "group_dro":
+            return GroupDROLoss(n_groups, train_group_counts, cfg.group_dro_eta, cfg.group_dro_adjustment)
+        return MeanLoss()
+
+
+class Method:
+    name = ""
+    uses_synthetic = False
+
+    def phases(self, cfg: TrainConfig) -> list[Phase]:
+        raise NotImplementedError
+
+
+class ERM(Method):
+    name = "erm"
+
+    def phases(self, cfg: TrainConfig) -> list[Phase]:
+        return [Phase("train", REAL, cfg.epochs, cfg.learning_rate, "all", "ce", "mean", False)]
+
+
+class GroupDRO(Method):
+    name = "group_dro"
+
+    def phases(self, cfg: TrainConfig) -> list[Phase]:
+        return [
+            Phase("train", REAL, cfg.epochs, cfg.learning_rate, "all", "ce", "group_dro", cfg.group_balanced_sampling)
+        ]
+
+
+class SyntheticPretraining(Method):
+    """Pretrain on one generator's synthetic images, then fine-tune on the real ones."""
+
+    uses_synthetic = True
+
+    def __init__(self, generator: str):
+        self.name = generator
+
+    def phases(self, cfg: TrainConfig) -> list[Phase]:
+        phases = []
+        if cfg.pretrain_epochs > 0:
+            # The synthetic set is group-balanced by construction: no resampling needed.
+            phases.append(Phase("pretrain", SYNTHETIC, cfg.pretrain_epochs, cfg.learning_rate, "all", "ce_supcon", "mean", False))
+        if cfg.stage2 == "last_layer":
+            stage2 = Phase("finetune", REAL, cfg.epochs, cfg.finetune_learning_rate, "head", "ce_supcon", "mean", False)
+        elif cfg.stage2 == "full":
+            stage2 = Phase("finetune", REAL, cfg.epochs, cfg.learning_rate, "all", "ce_supcon", "mean", False)
+        else:
+            stage2 = Phase(
+                "finetune", REAL, cfg.epochs, cfg.learning_rate, "all", "ce", "group_dro", cfg.group_balanced_sampling
+            )
+        return [*phases, stage2]
+
+
+METHODS: dict[str, Method] = {
+    "erm": ERM(),
+    "group_dro": GroupDRO(),
+    **{name: SyntheticPretraining(name) for name in GENERATIVE_METHODS},
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise FairsynthError(f"unknown train method {name!r}; valid: {', '.join(METHODS)}")
+    return METHODS[name]
