@@ -271,10 +271,11 @@ def kmeans(x: np.ndarray, k: int, cfg: ClusterConfig, seed: int) -> tuple[np.nda
 
 
 def _member_centroids(x: np.ndarray, labels: np.ndarray, k: int, spherical: bool) -> np.ndarray:
-    centroids = np.zeros((k, x.shape[1]), dtype=np.float64)
-    np.add.at(centroids, labels, x)
-    centroids /= np.maximum(np.bincount(labels, minlength=k), 1)[:, None]
-    centroids = centroids.astype(np.float32)
+    centroids = np.zeros((k, x.shape[1]), dtype=np.float32)
+    for c in range(k):
+        members = labels == c
+        if members.any():
+            centroids[c] = x[members].mean(axis=0, dtype=np.float64)
     return l2_normalise(centroids) if spherical else centroids
 
 

@@ -88,7 +88,9 @@ class ModelConfig(Section):
 
 
 class ClusterConfig(Section):
-    k: int | Literal["auto"] = Field("auto", description="clusters per group, or 'auto' (silhouette)")
+    k: int | Literal["auto"] = Field(
+        3, description="clusters per group (3 = the built-in benchmark's object sub-types), or 'auto' (silhouette)"
+    )
     k_max: int = Field(6, ge=1, description="largest k tried when k is 'auto'")
     min_cluster_size: int = Field(8, ge=1, description="smaller clusters merge into their nearest")
     min_silhouette: float = Field(
@@ -132,6 +134,9 @@ class FinetuneConfig(Section):
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = Field(True, description="when bitsandbytes is installed and on CUDA")
     num_samples: int = Field(1, ge=1, description=">1 searches learning rate and steps with ASHA")
+    search_lr_factor: float = Field(3.0, gt=1, description="the search draws learning rates in [lr / f, lr * f]")
+    heldout_fraction: float = Field(0.2, gt=0, lt=1, description="share of a unit's images the search scores on")
+    inject_failure_at_step: int | None = Field(None, ge=1, description="test hook: every trial raises once here")
     seed: int = 0
 
 
@@ -148,6 +153,7 @@ class GenerateConfig(Section):
     identifier_template: str = "a photo of a {identifier} {class_name} on {attribute_name}"
     negative_prompt_template: str = "{source_attribute_name}"
     rows_per_shard: int = Field(64, ge=1)
+    unet_cache_size: int = Field(2, ge=1, description="DreamBooth UNets a sampler keeps loaded")
     seed: int = 0
 
     @field_validator("images_per_group")
@@ -163,6 +169,9 @@ class FilterConfig(Section):
     keep_fraction: float = Field(0.75, gt=0, le=1, description="top share kept per group")
     class_prompt_template: str = "a photo of a {class_name}"
     batch_size: int = Field(128, ge=1)
+    num_actors: int = Field(1, ge=1, description="image-encoder actors scoring synthetic images")
+    actor_num_cpus: float = Field(0.5, gt=0)
+    actor_num_gpus: float = Field(0.0, ge=0)
 
 
 class TrainConfig(Section):
@@ -186,7 +195,62 @@ class TrainConfig(Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0)
     max_failures: int = Field(1, ge=0)
+    cache_decoded: bool = Field(True, description="decode images once into the object store instead of every epoch")
+    shuffle_buffer_rows: int = Field(2048, ge=1, description="rows each worker's shuffle buffer mixes")
+    inject_failure_at_epoch: int | None = Field(
+        None, ge=1, description="test hook: one worker process dies once after this epoch"
+    )
     seed: int = 0
+
+
+class GpuStageMfu(Section):
+    """Achieved fraction of a GPU's peak FLOP/s per stage (the planner's MFU).
+
+    Measured by `jobs/plan.py --measure --config waterbirds` on one H100 SXM (peak 989
+    TFLOP/s): the paper presets' models with random weights at the presets' batch sizes, each
+    run as its stage runs it; the planner's FLOP counts divided by the time taken."""
+
+    cluster: float = Field(0.345, gt=0, le=1, description="CLIP ViT-L/14 image tower, fp16, batch 256: 2,100 images/s")
+    # SD 1.5 UNet at batch 4 on 224 px images (28x28 latents), fp16 autocast, fp32 trainable
+    # weights, gradient checkpointing, torch AdamW: 0.33 s per LoRA step, 0.44 s per DreamBooth
+    # step (two UNet calls with the prior term). Latents this small leave the GPU waiting on
+    # kernel launches, hence the low fraction.
+    finetune: float = Field(0.0075, gt=0, le=1, description="SD 1.5 UNet fine-tuning steps")
+    generate: float = Field(
+        0.257, gt=0, le=1,
+        description="SD 1.5, 25 DPM-Solver steps with guidance + VAE decode, batch 32, 512 px, fp16: 5.95 images/s",
+    )
+    filter: float = Field(0.344, gt=0, le=1, description="the cluster stage's encoder and batch size")
+    train: float = Field(
+        0.017, gt=0, le=1,
+        description="ResNet-50, 224 px, 16 images per worker (128 over 8), bf16 autocast, Adam: 700 images/s",
+    )
+
+
+class CpuStageMfu(Section):
+    """Achieved fraction of this machine's fp32 matmul peak per stage.
+
+    Measured by `jobs/plan.py --measure` (the tiny default) on a 2-core AMD EPYC development
+    machine while other jobs shared its cores: tiny models are dominated by per-operator
+    overhead, so the fractions are small and vary with load. `jobs/plan.py --measure --save`
+    records the machine you plan for."""
+
+    cluster: float = Field(0.14, gt=0, le=1, description="tiny CLIP image tower, batch 128")
+    finetune: float = Field(
+        0.0056, gt=0, le=1, description="tiny UNet steps at batch 16, 8x8 latents: LoRA 16 s, DreamBooth 46 s"
+    )
+    generate: float = Field(0.025, gt=0, le=1, description="tiny sampler, batch 16, 20 steps with guidance + decode")
+    filter: float = Field(0.14, gt=0, le=1, description="as cluster: the same encoder and batch size")
+    train: float = Field(0.011, gt=0, le=1, description="tiny ResNet at 32 px, 32 images per worker, Adam")
+
+
+class PlanConfig(Section):
+    """The cost planner (jobs/plan.py). A result in plan.results_dir measured on the planned
+    kind of device replaces a stage's default here."""
+
+    gpu_mfu: GpuStageMfu = GpuStageMfu()
+    cpu_mfu: CpuStageMfu = CpuStageMfu()
+    results_dir: str = Field("benchmarks/results", description="benchmark JSON results (relative to the repo)")
 
 
 class RayConfig(Section):
@@ -208,6 +272,7 @@ class Config(Section):
     filter: FilterConfig = FilterConfig()
     train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
+    plan: PlanConfig = PlanConfig()
 
     @field_validator("methods")
     @classmethod

@@ -11,12 +11,10 @@ def main() -> None:
     cfg = config_from_args(args)
 
     from engine.cluster import run_cluster_stage
-    from engine.raylib import init_ray
     from engine.runs import RunDir, read_json
 
     run = RunDir(cfg.run_dir)
     run.prepare(cfg, force=args.force)
-    init_ray(cfg.ray)
     assignments = run_cluster_stage(cfg, run)
     summary = read_json(run / "cluster/summary.json")
 

@@ -124,8 +124,11 @@ class GroupBalancedPlan:
             weights = [float(by_id.get(u.get("borrowed_from") or "", u)["n_real"]) for u in members]
             counts = split_proportionally(per_group_total, weights)
             per_group[group] = per_group_total
-            for unit, count in zip(members, counts):
+            for unit, count in zip(members, counts, strict=True):
                 base_seed = unit_seed_base(cfg.seed, str(unit["unit"]))
+                model = unit
+                if not unit["artifact"] and unit.get("borrowed_from") in by_id:
+                    model = by_id[unit["borrowed_from"]]  # a borrowed unit draws with its source's model
                 for i in range(count):
                     rows.append({
                         "unit": str(unit["unit"]),
@@ -136,10 +139,10 @@ class GroupBalancedPlan:
                         "seed": base_seed + i,
                         "prompt": str(unit["prompt"]),
                         "negative_prompt": str(unit.get("negative_prompt") or ""),
-                        "artifact": unit["artifact"] or "",
-                        "artifact_kind": str(unit["artifact_kind"]),
+                        "artifact": model["artifact"] or "",
+                        "artifact_kind": str(model["artifact_kind"]) if model["artifact"] else "base",
                         # What makes a re-trained artifact at the same path a different model.
-                        "_identity": [unit.get("steps"), unit.get("final_loss")],
+                        "_identity": [model.get("steps"), model.get("final_loss")],
                     })
         frame = pd.DataFrame(rows)
         sampling = {k: getattr(cfg, k) for k in SAMPLING_KEYS}

@@ -56,11 +56,13 @@ def unet_config() -> dict:
         out_channels=LATENT_CHANNELS,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(48, 96),
+        # Measured on 2 CPU threads: (32, 64) samples ~30 images/s at batch 32, 20 steps with
+        # guidance; (48, 96) ~12 and (64, 128) ~10.
+        block_out_channels=(32, 64),
         layers_per_block=1,
         norm_num_groups=8,
         cross_attention_dim=TEXT_HIDDEN,
-        attention_head_dim=4,
+        attention_head_dim=2,  # the number of heads, in diffusers' naming
         transformer_layers_per_block=1,
     )
 

@@ -1,0 +1,137 @@
+"""Does fine-tuning move generated images toward their unit? Per unit, the image-encoder
+distance (1 - cosine) from generated images to the unit's real-image centroid, drawn by the
+base model with the group's plain prompt (before) and by the unit's fine-tuned model with its
+manifest prompt (after), same seeds. Borrowing units (minority groups) are scored against
+their group's validation images, since they have (almost) no training images.
+
+Runs the data, (cluster,) and fine-tune stages through their own entry points on the
+embedded default (or a preset), then draws ``--images`` per unit. Prints a markdown table, then,
+as the last line, one JSON object (value: mean relative distance reduction over trained units).
+
+    python benchmarks/finetune_fidelity.py --methods lora,dreambooth
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="lora,dreambooth,clustered_dreambooth")
+    parser.add_argument("--images", type=int, default=24, help="images drawn per unit, before and after")
+    parser.add_argument("--config", default=None, help="preset (default: the embedded tiny default)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--run-dir", default=None, help="reuse a run directory (default: a temporary one)")
+    args = parser.parse_args()
+
+    import numpy as np
+    import torch
+
+    from engine.config import load_config
+    from engine.data.datasets import load_image
+    from engine.data.stage import run_data_stage
+    from engine.finetune import apply_unit_artifact, run_finetune_stage
+    from engine.finetune.trainer import sampling_scheduler
+    from engine.finetune.units import PromptBook
+    from engine.models.encoders import load_encoder
+    from engine.models.loading import load_pipeline
+    from engine.raylib import init_ray
+    from engine.runs import RunDir
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.data.severity == "original" and not any(o.startswith("data.severity=") for o in args.overrides):
+        cfg.data.severity = cfg.severities[0]  # the severity the default run reports
+    cfg.run_dir = args.run_dir or tempfile.mkdtemp(prefix="fairsynth-ftfid-")
+    run = RunDir(cfg.run_dir)
+    run.prepare(cfg)
+    init_ray(cfg.ray)
+    dataset = run_data_stage(cfg, run)
+    prompts = PromptBook(cfg, dataset)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    device = "cuda" if cfg.model.device != "cpu" and torch.cuda.is_available() else "cpu"
+    encoder = load_encoder(cfg.model.encoder, device=device)
+
+    def embed(images: np.ndarray) -> np.ndarray:
+        e = np.asarray(encoder.encode_images(images), dtype=np.float32)
+        return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+    def centroid(sources: list[str]) -> np.ndarray:
+        c = embed(np.stack([load_image(s, cfg.data.image_size) for s in sources])).mean(axis=0)
+        return c / np.linalg.norm(c)
+
+    def draw(pipe, prompt: str, negative: str, seed: int) -> np.ndarray:
+        out = pipe([prompt] * args.images, negative_prompt=[negative] * args.images if negative else None,
+                   num_inference_steps=cfg.generate.steps, guidance_scale=cfg.generate.guidance_scale,
+                   generator=torch.Generator().manual_seed(seed), output_type="np",
+                   height=cfg.data.image_size, width=cfg.data.image_size).images
+        return np.clip(np.round(out * 255), 0, 255).astype(np.uint8)
+
+    def distance(images: np.ndarray, c: np.ndarray) -> float:
+        return float(np.mean(1.0 - embed(images) @ c))
+
+    def fresh_pipe():
+        pipe = load_pipeline(cfg.model.base, device, attention=cfg.model.attention, allow_pickle=cfg.model.allow_pickle)
+        pipe.scheduler = sampling_scheduler(cfg.generate.scheduler, pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    base = fresh_pipe()
+    train, val = dataset.split("train"), dataset.split("val")
+    rows, finetune_seconds = [], {}
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        start = time.perf_counter()
+        manifest = run_finetune_stage(cfg, run, method)
+        finetune_seconds[method] = round(time.perf_counter() - start, 1)
+        cluster_of = None
+        if method == "clustered_dreambooth":
+            from engine.cluster import load_assignments
+
+            a = load_assignments(run)
+            cluster_of = dict(zip(a["image_id"], a["cluster"], strict=True))
+        for unit in manifest["units"]:
+            group = int(unit["group"])
+            if unit["borrowed_from"] is None:
+                members = train[train["group"] == group]
+                if cluster_of is not None:
+                    members = members[members["image_id"].map(cluster_of) == unit["cluster"]]
+                reference = "train"
+            else:
+                members, reference = val[val["group"] == group], "val"
+            c = centroid(members["source"].tolist())
+            seed = 1000 + group * 100 + max(int(unit["cluster"]), 0)
+            before = distance(draw(base, prompts.plain(int(unit["label"]), int(unit["attribute"])), "", seed), c)
+            pipe = apply_unit_artifact(fresh_pipe(), run.root, unit)
+            after = distance(draw(pipe, unit["prompt"], unit["negative_prompt"], seed), c)
+            rows.append({"method": method, "unit": unit["unit"], "borrowed_from": unit["borrowed_from"],
+                         "n_real": unit["n_real"], "reference": reference, "before": round(before, 4),
+                         "after": round(after, 4), "reduction": round((before - after) / before, 4)})
+
+    print("| method | unit | borrows | n_real | centroid of | distance before | after | reduction |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['unit']} | {r['borrowed_from'] or '-'} | {r['n_real']} | {r['reference']} "
+              f"| {r['before']:.4f} | {r['after']:.4f} | {100 * r['reduction']:+.1f}% |")
+    trained = [r for r in rows if r["borrowed_from"] is None]
+    value = float(np.mean([r["reduction"] for r in trained])) if trained else float("nan")
+    print(json.dumps({
+        "benchmark": "finetune_fidelity", "metric": "mean_relative_distance_reduction", "value": round(value, 4),
+        "target": 0.0, "device": device, "images_per_unit": args.images, "severity": cfg.data.severity,
+        "units_closer": sum(r["after"] < r["before"] for r in trained), "units_trained": len(trained),
+        "finetune_seconds": finetune_seconds, "rows": rows,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""The fine-tune stage: plan a method's units, train the ones that need it as Ray Tune
+trials, and write the manifest the generate stage reads.
+
+Owns ``RUN/finetune/``:
+
+- ``<method>/manifest.json``: the method, the base model and one entry per unit (unit id,
+  group, cluster, label, attribute, n_real, artifact (relative to RUN; null = the base
+  model), artifact_kind (base | lora | unet | lora_delta), prompt, negative_prompt,
+  borrowed_from, steps, final_loss). A borrowing unit carries its lender's artifact, steps
+  and loss.
+- ``<method>/units/<unit>/``: a trained unit's artifact (a diffusers LoRA folder, or a
+  partial pipeline folder with ``unet/`` and, when trained, ``text_encoder/``) and
+  ``unit.json`` (the hashes it was trained under, steps, loss). Written in one rename, so a
+  unit folder is complete or absent; a unit whose hashes match is not trained again.
+- ``<method>/tune/``: the Ray Tune experiments (trial checkpoints), unless
+  ``ray.storage_path`` puts them on shared storage.
+- ``class_images/<key>.npy``: prior-preservation images the base model drew, keyed by the
+  prompt, the base model and the sampler settings, shared by every DreamBooth method.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from engine.config import Config
+from engine.data.stage import run_data_stage
+from engine.errors import FairsynthError
+from engine.finetune.strategies import FinetuneStrategy, get_strategy
+from engine.finetune.trainer import UnitJob, unit_seed
+from engine.finetune.tune import UnitResult, run_unit_trials, trial_bundle
+from engine.finetune.units import Unit, plan_units
+from engine.runs import RunDir, atomic_directory, atomic_write_bytes, atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
+
+UNIT_FILE = "unit.json"
+PROMPT_TEMPLATES = ("generate.prompt_template", "generate.identifier_template", "generate.negative_prompt_template")
+CLASS_IMAGE_SAMPLING = ("steps", "guidance_scale", "scheduler")
+
+
+def stage_name(method: str) -> str:
+    return f"finetune/{method}"
+
+
+def manifest_path(run: RunDir, method: str) -> Path:
+    return run / f"finetune/{method}/manifest.json"
+
+
+def load_manifest(run: RunDir, method: str) -> dict:
+    return read_json(manifest_path(run, method))
+
+
+def _digest(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(cfg: Config) -> str:
+    """The base model's identity: its files' sizes and times for a local folder, else its name,
+    so re-trained weights at the same path make trained units stale."""
+    base = cfg.model.base
+    if base == "tiny":
+        from engine.models.tiny import tiny_model_path
+
+        folder = tiny_model_path()
+    else:
+        folder = Path(base)
+    if not folder.is_dir():
+        return base
+    files = sorted(
+        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix in (".safetensors", ".bin", ".json", ".txt")
+    )
+    return f"{base}:{_digest(files)}"
+
+
+def training_hash(cfg: Config, strategy: FinetuneStrategy) -> str:
+    """What a trained unit of ``strategy`` depends on, besides its own images and prompts."""
+    ft = cfg.finetune
+    payload = {
+        "method": strategy.name,
+        "finetune": {k: getattr(ft, k) for k in strategy.training_fields()},
+        "model": model_fingerprint(cfg),
+        "image_size": cfg.data.image_size,
+    }
+    if strategy.uses_prior(ft):
+        payload["class_images"] = {k: getattr(cfg.generate, k) for k in CLASS_IMAGE_SAMPLING}
+    return _digest(payload)
+
+
+def stage_hash(cfg: Config, strategy: FinetuneStrategy) -> str:
+    parts = [training_hash(cfg, strategy), cfg.slice_hash("data", "finetune.min_real_images", *PROMPT_TEMPLATES)]
+    if strategy.per_cluster:
+        from engine.cluster import cluster_hash
+
+        parts.append(cluster_hash(cfg))
+    return _digest(parts)
+
+
+# --- prior-preservation class images --------------------------------------------------------
+
+
+def class_image_key(cfg: Config, prompt: str) -> str:
+    payload = {
+        "prompt": prompt,
+        "model": model_fingerprint(cfg),
+        "count": cfg.finetune.num_class_images,
+        "seed": cfg.finetune.seed,
+        "size": cfg.data.image_size,
+        "sampling": {k: getattr(cfg.generate, k) for k in CLASS_IMAGE_SAMPLING},
+    }
+    return _digest(payload)
+
+
+def _draw_class_images_task(cfg: Config, prompt: str, seed: int, gpus: float, threads: int) -> np.ndarray:
+    import torch
+
+    from engine.finetune.trainer import draw_class_images, resolve_device
+
+    torch.set_num_threads(max(1, threads))
+    device = resolve_device(cfg.model, gpus)
+    return draw_class_images(
+        cfg.model, cfg.generate, prompt, cfg.finetune.num_class_images, seed, device, cfg.data.image_size
+    )
+
+
+def ensure_class_images(cfg: Config, run: RunDir, prompts: list[str]) -> dict[str, np.ndarray]:
+    """uint8 class images per prompt, drawn by the base model once and cached in the run."""
+    import ray
+
+    folder = run / "finetune/class_images"
+    found, missing = {}, []
+    for prompt in prompts:
+        path = folder / f"{class_image_key(cfg, prompt)}.npy"
+        if path.exists():
+            found[prompt] = np.load(path)
+        else:
+            missing.append(prompt)
+    if missing:
+        bundle = trial_bundle(cfg.finetune)
+        task = ray.remote(num_cpus=bundle.get("CPU", 1.0), num_gpus=bundle.get("GPU", 0.0))(_draw_class_images_task)
+        refs = {
+            p: task.remote(cfg, p, unit_seed(cfg.finetune.seed, p), bundle.get("GPU", 0.0), int(bundle.get("CPU", 1)))
+            for p in missing
+        }
+        log.info("drawing %d prior-preservation images for each of %d class prompts", cfg.finetune.num_class_images, len(missing))
+        for prompt, ref in refs.items():
+            images = ray.get(ref)
+            key = class_image_key(cfg, prompt)
+            buffer = _npy_bytes(images)
+            atomic_write_bytes(folder / f"{key}.npy", buffer)
+            atomic_write_json(folder / f"{key}.json", {"prompt": prompt, "model": model_fingerprint(cfg),
+                                                        "shape": list(images.shape)})
+            found[prompt] = images
+    return found
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+# --- trained units -----------------------------------------------------------------------------
+
+
+def unit_dir(run: RunDir, method: str, unit: str) -> Path:
+    return run / f"finetune/{method}/units/{unit}"
+
+
+def _unit_record(run: RunDir, method: str, unit: Unit, train_hash: str) -> dict | None:
+    """The saved record of a trained unit when it matches this config, else None."""
+    path = unit_dir(run, method, unit.unit) / UNIT_FILE
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError):
+        return None
+    if record.get("hash") != train_hash or record.get("unit_hash") != unit.training_hash():
+        return None
+    return record
+
+
+def _materialize(run: RunDir, method: str, unit: Unit, result: UnitResult, train_hash: str, kind: str) -> dict:
+    """Copy the unit's artifact out of its trial's last checkpoint into the run, in one rename."""
+    from engine.finetune.trainer import ARTIFACT_DIR
+
+    record = {
+        "unit": unit.unit, "hash": train_hash, "unit_hash": unit.training_hash(), "artifact_kind": kind,
+        "steps": result.steps, "final_loss": result.final_loss, "learning_rate": result.learning_rate,
+        "heldout_loss": result.heldout_loss, "started_at": result.started_at,
+        "finished_at": result.finished_at, "resumed_at": result.resumed_at,
+    }
+    with result.checkpoint.as_directory() as folder, atomic_directory(unit_dir(run, method, unit.unit)) as tmp:
+        source = Path(folder) / ARTIFACT_DIR
+        if not source.is_dir():
+            raise FairsynthError(
+                f"the last checkpoint of unit {unit.unit} holds no artifact ({folder}); delete "
+                f"{run / f'finetune/{method}/tune'} and re-run"
+            )
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        (tmp / UNIT_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record
+
+
+def _check_devices(cfg: Config) -> None:
+    import ray
+
+    gpus_per_trial = trial_bundle(cfg.finetune).get("GPU", 0.0)
+    if cfg.model.device == "cuda" and gpus_per_trial == 0:
+        raise FairsynthError(
+            "model.device = 'cuda' but finetune.trial_resources gives trials no GPU; "
+            "set finetune.trial_resources={GPU: 1} (or a share such as 0.5)"
+        )
+    if gpus_per_trial == 0 and cfg.model.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0:
+        log.warning("the Ray cluster has GPUs but finetune.trial_resources asks for none: trials train on CPU")
+
+
+def train_units(cfg: Config, run: RunDir, strategy: FinetuneStrategy, units: list[Unit]) -> dict[str, dict]:
+    """Train every unit that has no matching record yet; returns each unit's record."""
+    from engine.raylib import init_ray
+
+    method, ft = strategy.name, cfg.finetune
+    train_hash = training_hash(cfg, strategy)
+    records = {u.unit: _unit_record(run, method, u, train_hash) for u in units}
+    pending = [u for u in units if records[u.unit] is None]
+    if not pending:
+        return records
+    log.info("%s: training %d of %d units (%s)", method, len(pending), len(units), ", ".join(u.unit for u in pending))
+    init_ray(cfg.ray)
+    _check_devices(cfg)
+    class_images = {}
+    if strategy.uses_prior(ft):
+        class_images = ensure_class_images(cfg, run, sorted({u.class_prompt for u in pending}))
+    jobs = [
+        UnitJob(
+            method=method, unit=u.unit, sources=u.sources, train_prompt=u.train_prompt, class_prompt=u.class_prompt,
+            class_images=class_images.get(u.class_prompt), image_size=cfg.data.image_size, model=cfg.model,
+            finetune=ft, seed=unit_seed(ft.seed, u.unit),
+        )
+        for u in pending
+    ]
+    storage = cfg.ray.storage_path or str((run / f"finetune/{method}/tune").resolve())
+    results = run_unit_trials(jobs, ft, storage, prefix=f"{method}-{train_hash}")
+    kind = strategy.artifact_kind(ft)
+    for unit in pending:
+        records[unit.unit] = _materialize(run, method, unit, results[unit.unit], train_hash, kind)
+    return records
+
+
+# --- the stage --------------------------------------------------------------------------------
+
+
+def build_manifest(cfg: Config, run: RunDir, strategy: FinetuneStrategy, units: list[Unit], records: dict) -> dict:
+    entries = []
+    by_id = {u.unit: u for u in units}
+    for unit in units:
+        entry = {
+            "unit": unit.unit, "group": unit.group, "cluster": unit.cluster, "label": unit.label,
+            "attribute": unit.attribute, "n_real": unit.n_real, "prompt": unit.prompt,
+            "negative_prompt": unit.negative_prompt, "borrowed_from": unit.borrowed_from,
+            "artifact": None, "artifact_kind": "base", "steps": 0, "final_loss": None,
+        }
+        lender = by_id[unit.borrowed_from] if unit.borrowed_from else unit
+        record = records.get(lender.unit)
+        if strategy.trains and record is not None:
+            entry.update(
+                artifact=str(unit_dir(run, strategy.name, lender.unit).relative_to(run.root)),
+                artifact_kind=record["artifact_kind"], steps=record["steps"], final_loss=record["final_loss"],
+            )
+        entries.append(entry)
+    return {"method": strategy.name, "base_model": cfg.model.base, "units": entries}
+
+
+def run_finetune_stage(cfg: Config, run: RunDir, method: str) -> dict:
+    """Write ``RUN/finetune/<method>/`` (see the module docstring) and return the manifest.
+
+    Skipped when complete for the same config; otherwise only units without a matching
+    trained record are trained. Runs the data (and, for clustered DreamBooth, cluster) stage
+    first when it is missing.
+    """
+    strategy = get_strategy(method)
+    stage, expected = stage_name(method), stage_hash(cfg, strategy)
+    if run.is_complete(stage, expected) and manifest_path(run, method).exists():
+        return load_manifest(run, method)
+    dataset = run_data_stage(cfg, run)
+    assignments = None
+    if strategy.per_cluster:
+        from engine.cluster import run_cluster_stage
+
+        assignments = run_cluster_stage(cfg, run)
+    units = plan_units(cfg, dataset, strategy.trains, strategy.uses_identifier, strategy.per_cluster, assignments)
+    records = {}
+    if strategy.trains:
+        records = train_units(cfg, run, strategy, [u for u in units if u.trains])
+    manifest = build_manifest(cfg, run, strategy, units, records)
+    atomic_write_json(manifest_path(run, method), manifest)
+    run.mark_complete(stage, expected, units=len(units), trained=sum(u.trains for u in units))
+    return manifest
+
+
+# --- for the generate stage ---------------------------------------------------------------------
+
+
+def apply_unit_artifact(pipe, run_root: str | Path, unit: dict):
+    """Make ``pipe`` (a base-model pipeline) draw as manifest ``unit`` does; returns it.
+
+    ``base``: nothing to load. ``lora`` / ``lora_delta``: the unit's LoRA replaces any loaded
+    one. ``unet``: the unit's UNet (and text encoder, when it trained one) replaces the
+    pipeline's, so switching back to the base model needs a fresh pipeline.
+    """
+    kind = unit["artifact_kind"]
+    if kind == "base" or not unit.get("artifact"):
+        return pipe
+    folder = Path(run_root) / unit["artifact"]
+    if not folder.is_dir():
+        raise FairsynthError(f"missing fine-tuned model {folder} of unit {unit['unit']}; re-run the finetune stage")
+    if kind in ("lora", "lora_delta"):
+        pipe.unload_lora_weights()
+        pipe.load_lora_weights(str(folder))
+        return pipe
+    if kind == "unet":
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", dtype=pipe.unet.dtype,
+                                                    use_safetensors=True)
+        pipe.unet = unet.to(pipe.device)
+        if (folder / "text_encoder").is_dir():
+            from transformers import CLIPTextModel
+
+            text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=pipe.text_encoder.dtype,
+                                                         use_safetensors=True)
+            pipe.text_encoder = text_encoder.to(pipe.device)
+        return pipe
+    raise FairsynthError(f"unit {unit['unit']} has unknown artifact_kind {kind!r}; re-run the finetune stage")

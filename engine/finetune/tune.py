@@ -1,0 +1,253 @@
+"""Fine-tuning units as Ray Tune trials: one trial per unit (a grid over units), in parallel.
+
+- Resources per trial come from ``finetune.trial_resources`` (``{"GPU": 1}``, a fraction such
+  as ``{"GPU": 0.5}`` for LoRA, or CPUs); at most ``finetune.max_concurrent_trials`` run at
+  once. On CPU a trial uses as many torch threads as CPUs it was given, so parallel trials
+  do not fight over cores.
+- A trial reports a checkpoint every ``finetune.checkpoint_every`` steps;
+  ``FailureConfig(max_failures)`` restarts a crashed trial from its last checkpoint, and a
+  re-run of the job restores the experiment (``Tuner.restore``) so unfinished trials resume.
+- ``finetune.num_samples > 1`` searches the learning rate and the step count per unit: one
+  experiment per unit, ASHA stopping trials whose held-out denoising loss lags, the best
+  finished trial chosen. (Units are searched one after another, because ASHA compares the
+  trials of one experiment, and losses of different units do not compare.)
+
+Trials never write into the run directory: the unit's artifact travels in the trial's last
+checkpoint, and :func:`run_unit_trials` hands back where each one lies, so trials can run on
+any node of a cluster with shared ``ray.storage_path``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.config import FinetuneConfig
+from engine.errors import FairsynthError
+from engine.finetune.trainer import FAILURE_MARKER, UnitJob, UnitTrainer, resolve_device
+
+log = logging.getLogger(__name__)
+
+SEARCH_STEP_FACTORS = (0.5, 1.0, 2.0)
+
+
+@dataclass
+class UnitResult:
+    """The chosen trial of one unit: where its last checkpoint lies and what it reached."""
+
+    unit: str
+    checkpoint: object  # ray.tune.Checkpoint
+    steps: int
+    final_loss: float | None
+    learning_rate: float
+    heldout_loss: float | None = None
+    # Wall-clock window of the trial's last attempt, and the step it resumed at (0: fresh).
+    started_at: float | None = None
+    finished_at: float | None = None
+    resumed_at: int = 0
+
+
+def trial_bundle(ft: FinetuneConfig) -> dict[str, float]:
+    """``finetune.trial_resources`` as a Ray resource bundle (CPU and GPU upper-cased)."""
+    bundle: dict[str, float] = {}
+    for key, value in ft.trial_resources.items():
+        name = key.upper() if key.lower() in ("cpu", "gpu") else key
+        if value < 0:
+            raise FairsynthError(
+                f"config error: finetune.trial_resources.{key} = {value!r}: must be >= 0"
+            )
+        bundle[name] = float(value)
+    if not any(v > 0 for v in bundle.values()):
+        raise FairsynthError(
+            f"config error: finetune.trial_resources = {ft.trial_resources!r}: give each trial some "
+            "resource, e.g. {CPU: 1} or {GPU: 1}"
+        )
+    bundle.setdefault("CPU", 1.0)
+    return {k: v for k, v in bundle.items() if v > 0}
+
+
+def unit_trial(config: dict, jobs: dict[str, UnitJob]) -> None:
+    """The Tune function trainable: train ``config['unit']`` with the trial's resources."""
+    import ray.tune
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    # Every checkpoint would log a line; the stage logs what matters.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    job = jobs[config["unit"]]
+    context = ray.tune.get_context()
+    allotted = context.get_trial_resources().required_resources
+    # One torch thread per allotted CPU: two trials on two cores each take one.
+    torch.set_num_threads(max(1, int(allotted.get("CPU", 1))))
+    device = resolve_device(job.model, float(allotted.get("GPU", 0)))
+
+    def report(metrics: dict, save) -> None:
+        metrics = {**metrics, "unit": job.unit}
+        if save is None:
+            ray.tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="fairsynth-ckpt-") as folder:
+            save(Path(folder))
+            ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))
+
+    trainer = UnitTrainer(
+        job,
+        device,
+        learning_rate=config.get("learning_rate"),
+        steps=config.get("steps"),
+        score_heldout="learning_rate" in config,
+        failure_marker=Path(context.get_trial_dir()) / FAILURE_MARKER,
+    )
+    checkpoint = ray.tune.get_checkpoint()
+    if checkpoint is None:
+        trainer.run(report)
+        return
+    with checkpoint.as_directory() as folder:
+        trainer.run(report, resume_from=Path(folder))
+
+
+def _trial_dirname(trial) -> str:
+    return f"{trial.config.get('unit', 'unit')}-{trial.trial_id}"
+
+
+def _error_line(error: BaseException | None) -> str:
+    """The user-facing line of a trial's error (its FairsynthError's, when it raised one)."""
+    text = str(error or "")
+    found = re.findall(r"FairsynthError: (.+)", text)
+    if found:
+        return found[-1].strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else repr(error)
+
+
+def experiment_name(prefix: str, jobs: list[UnitJob], extra: str = "") -> str:
+    """Names an experiment by what its trials learn from, so a re-run with the same pending
+    units restores it, and runs of other data sharing ``ray.storage_path`` never do."""
+    payload = sorted((j.unit, j.sources, j.train_prompt, j.class_prompt) for j in jobs)
+    digest = hashlib.sha256((json.dumps(payload) + extra).encode()).hexdigest()[:10]
+    return f"{prefix}-{digest}"
+
+
+def _fit(trainable, name: str, storage_path: str, ft: FinetuneConfig, param_space: dict, search: dict | None,
+         seed: int):
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    experiment = f"{storage_path.rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(experiment):
+        log.info("resuming the fine-tuning experiment in %s", experiment)
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        scheduler = None
+        if search is not None:
+            from ray.tune.schedulers import ASHAScheduler
+
+            scheduler = ASHAScheduler(
+                time_attr="step", metric="heldout_loss", mode="min", max_t=search["max_steps"],
+                grace_period=min(ft.checkpoint_every, search["max_steps"]), reduction_factor=2,
+            )
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                num_samples=ft.num_samples if search is not None else 1,
+                # Seeded, so a re-run of a search draws the same learning rates and step counts;
+                # it also caps how many trials run at once.
+                search_alg=BasicVariantGenerator(random_state=seed, max_concurrent=ft.max_concurrent_trials),
+                scheduler=scheduler,
+                reuse_actors=True,
+                trial_dirname_creator=_trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage_path,
+                failure_config=tune.FailureConfig(max_failures=ft.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                verbose=0,
+            ),
+        )
+    return tuner.fit(), experiment
+
+
+def _collect(grid, experiment: str, ft: FinetuneConfig) -> dict[str, UnitResult]:
+    """The best finished trial per unit; a failed or diverged unit is a one-line error."""
+    by_unit: dict[str, list] = {}
+    for result in grid:
+        by_unit.setdefault(result.config["unit"], []).append(result)
+    chosen = {}
+    for unit, results in by_unit.items():
+        finished = [r for r in results if r.error is None and (r.metrics or {}).get("finished")]
+        if not finished:
+            first = results[0]
+            where = first.checkpoint.path if first.checkpoint is not None else experiment
+            if first.error is not None:
+                raise FairsynthError(
+                    f"fine-tuning unit {unit} failed {ft.max_failures + 1} times: {_error_line(first.error)}; "
+                    f"fix the cause and re-run the same command to resume from {where}"
+                )
+            nan_at = (first.metrics or {}).get("nan_at_step")
+            if nan_at is not None:
+                raise FairsynthError(
+                    f"fine-tuning unit {unit}: the loss became NaN at step {nan_at}; the last good checkpoint "
+                    f"(step {first.metrics.get('step')}) is kept in {where}; lower finetune.learning_rate "
+                    "(now {:g}) and re-run".format(first.metrics.get("learning_rate", ft.learning_rate))
+                )
+            raise FairsynthError(
+                f"fine-tuning unit {unit} stopped before finishing (see {experiment}); re-run the same command"
+            )
+        best = min(finished, key=lambda r: r.metrics.get("heldout_loss", r.metrics.get("final_loss") or 0.0))
+        chosen[unit] = UnitResult(
+            unit=unit,
+            checkpoint=best.checkpoint,
+            steps=int(best.metrics["step"]),
+            final_loss=best.metrics.get("final_loss"),
+            learning_rate=float(best.metrics.get("learning_rate", ft.learning_rate)),
+            heldout_loss=best.metrics.get("heldout_loss"),
+            started_at=best.metrics.get("started_at"),
+            finished_at=best.metrics.get("reported_at"),
+            resumed_at=int(best.metrics.get("resumed_at", 0)),
+        )
+    return chosen
+
+
+def run_unit_trials(jobs: list[UnitJob], ft: FinetuneConfig, storage_path: str, prefix: str) -> dict[str, UnitResult]:
+    """Train every job as a Tune trial; returns each unit's chosen result.
+
+    ``storage_path`` is where Tune keeps experiments and checkpoints (a local folder or a
+    cluster's shared storage); ``prefix`` names the experiments, which also carry a hash of
+    the units they train, so a re-run with the same pending units restores the same one.
+    """
+    from ray import tune
+
+    if not jobs:
+        return {}
+    by_unit = {job.unit: job for job in jobs}
+    trainable = tune.with_resources(
+        tune.with_parameters(unit_trial, jobs=by_unit), tune.PlacementGroupFactory([trial_bundle(ft)])
+    )
+    if ft.num_samples <= 1:
+        grid, experiment = _fit(trainable, experiment_name(prefix, jobs), storage_path, ft,
+                                {"unit": tune.grid_search(sorted(by_unit))}, None, ft.seed)
+        return _collect(grid, experiment, ft)
+    chosen = {}
+    step_choices = sorted({max(1, int(round(ft.steps * f))) for f in SEARCH_STEP_FACTORS})
+    for job in jobs:
+        space = {
+            "unit": job.unit,
+            "learning_rate": tune.loguniform(ft.learning_rate / ft.search_lr_factor, ft.learning_rate * ft.search_lr_factor),
+            "steps": tune.choice(step_choices),
+        }
+        grid, experiment = _fit(trainable, experiment_name(prefix, [job], "search"), storage_path, ft,
+                                space, {"max_steps": max(step_choices)}, job.seed)
+        chosen.update(_collect(grid, experiment, ft))
+        log.info("unit %s: search chose learning rate %.2e, %d steps", job.unit,
+                 chosen[job.unit].learning_rate, chosen[job.unit].steps)
+    return chosen

@@ -1,0 +1,247 @@
+"""The filter stage (PAPER.md step 4): score every synthetic image, keep the top share per group.
+
+score = alpha * sim(image, class prompt) + (1 - alpha) * sim(image, group centroid), where
+sim is the cosine similarity of image-text encoder embeddings, the class prompt is
+``filter.class_prompt_template`` and the group centroid is the mean embedding of the group's
+real training images (``RUN/cluster/group_means.npy``). A group with no real training image
+has no centroid; its images are ranked by the class-prompt term alone. Real runs use CLIP
+(``model.encoder``); the tiny default uses the shipped offline tiny encoder, which sees the
+same 32 px images, so its scores rank images by the same rule at a smaller scale.
+
+Scoring is a Ray Data pass (``read_parquet`` -> ``map_batches(SyntheticImageScorer)``), the
+ranking happens on the driver (one float per image), and each shard is then rewritten
+atomically with its ``score`` and ``kept`` columns. ``RUN/filter/<method>/summary.json``
+records per-group counts and mean scores of kept and dropped images.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from PIL import Image
+
+from engine.config import Config
+from engine.data.stage import load_run_dataset
+from engine.errors import FairsynthError
+from engine.generate.shards import read_shard, shard_paths, synthetic_dir, write_shard_table
+from engine.runs import RunDir, atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
+
+
+def filter_stage_name(method: str) -> str:
+    return f"filter/{method}"
+
+
+def keep_count(n: int, keep_fraction: float) -> int:
+    """Images a group of ``n`` keeps: ``keep_fraction`` of them rounded half up, at least one."""
+    if n == 0:
+        return 0
+    return min(n, max(1, math.floor(keep_fraction * n + 0.5)))
+
+
+def select_top_fraction(scores: pd.DataFrame, keep_fraction: float) -> pd.Series:
+    """``kept`` per row: the best ``keep_fraction`` of each group by score (ties by unit, seed)."""
+    ranked = scores.sort_values(["group", "score", "unit", "seed"], ascending=[True, False, True, True])
+    position = ranked.groupby("group").cumcount()
+    sizes = ranked.groupby("group")["group"].transform("size")
+    quota = sizes.map(lambda n: keep_count(int(n), keep_fraction))
+    return (position < quota).reindex(scores.index)
+
+
+def load_group_means(run: RunDir, n_groups: int) -> np.ndarray:
+    """Unit-length real-image centroids per group; NaN rows for groups with no real image."""
+    path = run / "cluster" / "group_means.npy"
+    if not path.exists():
+        raise FairsynthError(
+            f"missing {path}: run `python jobs/cluster.py --run-dir {run.root}` before filtering"
+        )
+    means = np.load(path).astype(np.float32)
+    if means.ndim != 2 or means.shape[0] != n_groups:
+        raise FairsynthError(
+            f"{path} has shape {means.shape}, expected ({n_groups}, d); re-run the cluster stage"
+        )
+    norms = np.linalg.norm(means, axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return means / norms
+
+
+def _pixels(png: bytes, size: int) -> np.ndarray:
+    """uint8 [size, size, 3], resized the way the data stage resizes real images."""
+    with Image.open(io.BytesIO(png)) as img:
+        img = img.convert("RGB")
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BICUBIC)
+        return np.asarray(img, dtype=np.uint8)
+
+
+class SyntheticImageScorer:
+    """Ray Data actor: PNG rows in, (unit, seed, group, score, two similarities) out."""
+
+    def __init__(self, encoder: str, model_device: str, num_gpus: float, image_size: int,
+                 class_prompts: list[str], group_means: np.ndarray, alpha: float):
+        from engine.generate.sampler import resolve_device
+        from engine.models.encoders import load_encoder
+
+        self.encoder = load_encoder(encoder, device=resolve_device(model_device, num_gpus))
+        if group_means.shape[1] != self.encoder.dim:
+            raise FairsynthError(
+                f"RUN/cluster/group_means.npy has {group_means.shape[1]}-d embeddings but encoder "
+                f"{encoder!r} makes {self.encoder.dim}-d ones; re-run the cluster stage with model.encoder={encoder}"
+            )
+        # The side the cluster stage embedded real images at, so both live in one space.
+        self.image_size = int(getattr(self.encoder, "image_size", None) or image_size)
+        self.class_embeddings = np.asarray(self.encoder.encode_texts(class_prompts), dtype=np.float32)
+        self.group_means = group_means
+        self.alpha = alpha
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        images = np.stack([_pixels(b, self.image_size) for b in batch["image"]])
+        embeddings = np.asarray(self.encoder.encode_images(images), dtype=np.float32)
+        labels = batch["label"].to_numpy()
+        groups = batch["group"].to_numpy()
+        sim_class = np.einsum("nd,nd->n", embeddings, self.class_embeddings[labels])
+        sim_centroid = np.einsum("nd,nd->n", embeddings, self.group_means[groups])
+        has_centroid = np.isfinite(sim_centroid)
+        score = np.where(
+            has_centroid,
+            self.alpha * sim_class + (1 - self.alpha) * np.nan_to_num(sim_centroid),
+            sim_class,
+        )
+        return pd.DataFrame({
+            "unit": batch["unit"].to_numpy(),
+            "seed": batch["seed"].to_numpy(),
+            "group": groups,
+            "score": score.astype(np.float64),
+            "sim_class": sim_class.astype(np.float64),
+            "sim_centroid": sim_centroid.astype(np.float64),
+        })
+
+
+def score_images(cfg: Config, run: RunDir, method: str, class_prompts: list[str],
+                 group_means: np.ndarray) -> pd.DataFrame:
+    """One row per synthetic image: unit, seed, group, score, sim_class, sim_centroid."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from engine.raylib import init_ray
+
+    init_ray(cfg.ray)
+    flt = cfg.filter
+    context = DataContext.get_current()
+    saved = context.enable_progress_bars
+    context.enable_progress_bars = False
+    try:
+        ds = ray.data.read_parquet([str(p.resolve()) for p in shard_paths(run, method)])
+        ds = ds.select_columns(["image", "unit", "seed", "group", "label"])
+        ds = ds.map_batches(
+            SyntheticImageScorer,
+            fn_constructor_kwargs={
+                "encoder": cfg.model.encoder,
+                "model_device": cfg.model.device,
+                "num_gpus": flt.actor_num_gpus,
+                "image_size": cfg.data.image_size,
+                "class_prompts": class_prompts,
+                "group_means": group_means,
+                "alpha": flt.alpha,
+            },
+            batch_size=flt.batch_size,
+            batch_format="pandas",
+            compute=ActorPoolStrategy(size=flt.num_actors),
+            num_cpus=flt.actor_num_cpus,
+            num_gpus=flt.actor_num_gpus,
+        )
+        return ds.to_pandas()
+    finally:
+        context.enable_progress_bars = saved
+
+
+def _rewrite_shards(run: RunDir, method: str, decided: pd.DataFrame) -> int:
+    """Store score and kept in every shard whose values changed; returns shards rewritten."""
+    lookup = decided.set_index(["unit", "seed"])[["score", "kept"]]
+    rewritten = 0
+    for path in shard_paths(run, method):
+        frame = read_shard(path)
+        keys = pd.MultiIndex.from_arrays([frame["unit"], frame["seed"]])
+        new = lookup.reindex(keys)
+        if new["score"].isna().any():
+            raise FairsynthError(f"shard {path} holds images the filter did not score; re-run generate")
+        same = np.allclose(frame["score"].to_numpy(), new["score"].to_numpy(), equal_nan=False) and (
+            frame["kept"].to_numpy() == new["kept"].to_numpy()
+        ).all()
+        if same:
+            continue
+        frame["score"] = new["score"].to_numpy()
+        frame["kept"] = new["kept"].to_numpy().astype(bool)
+        write_shard_table(path, pa.Table.from_pandas(frame, preserve_index=False))
+        rewritten += 1
+    return rewritten
+
+
+def run_filter_stage(cfg: Config, run: RunDir, method: str) -> dict:
+    """Score and mark ``kept`` in ``RUN/synthetic/<method>``; write ``RUN/filter/<method>/summary.json``.
+
+    Skipped when complete for the same generated set, filter settings and encoder.
+    """
+    from engine.generate.grids import write_sample_grid
+    from engine.generate.stage import generate_stage_name
+
+    generated = run.marker(generate_stage_name(method))
+    if not generated.exists():
+        raise FairsynthError(
+            f"no finished synthetic set in {synthetic_dir(run, method)}; run "
+            f"`python jobs/generate.py --method {method} --run-dir {run.root}` first"
+        )
+    plan_hash = read_json(generated).get("hash")
+    stage = filter_stage_name(method)
+    stage_hash = f"{plan_hash}-{cfg.slice_hash('filter.alpha', 'filter.keep_fraction', 'filter.class_prompt_template', 'model.encoder')}"
+    summary_path = run / stage / "summary.json"
+    if run.is_complete(stage, stage_hash) and summary_path.exists():
+        log.info("filter %s: complete, skipped", method)
+        return read_json(summary_path)
+
+    started = time.perf_counter()
+    dataset = load_run_dataset(run)
+    group_means = load_group_means(run, dataset.n_groups)
+    class_prompts = [cfg.filter.class_prompt_template.format(class_name=c) for c in dataset.class_names]
+    scores = score_images(cfg, run, method, class_prompts, group_means)
+    if scores.duplicated(["unit", "seed"]).any():
+        raise FairsynthError(f"{synthetic_dir(run, method)} holds a (unit, seed) twice; delete it and re-run generate")
+    scores["kept"] = select_top_fraction(scores, cfg.filter.keep_fraction)
+    rewritten = _rewrite_shards(run, method, scores)
+    write_sample_grid(run, method)
+
+    per_group = {}
+    for group, part in scores.groupby("group"):
+        kept, dropped = part[part["kept"]], part[~part["kept"]]
+        per_group[str(int(group))] = {
+            "name": dataset.group_name(int(group)),
+            "images": int(len(part)),
+            "kept": int(len(kept)),
+            "has_centroid": bool(np.isfinite(group_means[int(group)]).all()),
+            "mean_score_kept": float(kept["score"].mean()) if len(kept) else None,
+            "mean_score_dropped": float(dropped["score"].mean()) if len(dropped) else None,
+            "mean_sim_class": float(part["sim_class"].mean()),
+            "mean_sim_centroid": float(part["sim_centroid"].mean()) if part["sim_centroid"].notna().any() else None,
+        }
+    summary = {
+        "method": method,
+        "encoder": cfg.model.encoder,
+        "alpha": cfg.filter.alpha,
+        "keep_fraction": cfg.filter.keep_fraction,
+        "class_prompts": class_prompts,
+        "images": int(len(scores)),
+        "kept": int(scores["kept"].sum()),
+        "per_group": per_group,
+        "shards_rewritten": rewritten,
+        "stage_seconds": round(time.perf_counter() - started, 2),
+    }
+    atomic_write_json(summary_path, summary)
+    run.mark_complete(stage, stage_hash, kept=summary["kept"])
+    return summary

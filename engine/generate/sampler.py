@@ -1,0 +1,391 @@
+"""Batched Stable Diffusion sampling on a pipeline's parts, and the Ray Data actor that runs it.
+
+:func:`sample_images` is the sampling core the generate stage and the throughput benchmark
+share: prompts are encoded once and cached, the unconditional and conditional halves go
+through the UNet in one call (classifier-free guidance), the scheduler comes from config, and
+the VAE decodes straight to uint8. The initial noise of each image comes from its own seeded
+CPU generator, so an image is the same whatever batch it lands in, on any device, and equals
+what a plain ``StableDiffusionPipeline`` call with ``generator=torch.Generator().manual_seed(seed)``
+draws.
+
+:class:`SyntheticImageSampler` is the Ray Data actor: it loads the base pipeline once and
+switches units cheaply (LoRA adapters loaded once and swapped by name, DreamBooth UNets kept in
+a small LRU cache), and returns PNG bytes, never float arrays, so the object store stays small.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from engine.errors import FairsynthError
+
+log = logging.getLogger(__name__)
+
+# Scheduler name in config -> diffusers class; each is built from the base model's own
+# scheduler config, so the noise schedule always matches the checkpoint.
+SCHEDULERS = {
+    "dpm_solver_multistep": "DPMSolverMultistepScheduler",
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+}
+# VAE decodes in chunks: at 512 px the decoder's activations dominate memory, not the UNet's.
+DECODE_CHUNK = 16
+# PNG level 1 is lossless like the default level 6 and several times faster to encode.
+PNG_COMPRESS_LEVEL = 1
+
+
+def make_scheduler(name: str, base_scheduler_config):
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise FairsynthError(f"generate.scheduler = {name!r} is unknown; valid: {', '.join(SCHEDULERS)}")
+    return getattr(diffusers, SCHEDULERS[name]).from_config(base_scheduler_config)
+
+
+class PromptEncoder:
+    """Text-encoder hidden states per prompt, computed once and cached (prompts repeat a lot)."""
+
+    def __init__(self, tokenizer, text_encoder, device, max_cached: int = 4096):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.device = device
+        self.max_cached = max_cached
+        self._cache: OrderedDict[str, object] = OrderedDict()
+
+    def _encode(self, prompts: list[str]):
+        import torch
+
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = (ids != self.tokenizer.pad_token_id).long()
+        with torch.inference_mode():
+            return self.text_encoder(ids, attention_mask=mask)[0]
+
+    def __call__(self, prompts: list[str]):
+        import torch
+
+        todo = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if todo:
+            for prompt, hidden in zip(todo, self._encode(todo), strict=True):
+                self._cache[prompt] = hidden
+            while len(self._cache) > self.max_cached:
+                self._cache.popitem(last=False)
+        for p in prompts:
+            self._cache.move_to_end(p)
+        return torch.stack([self._cache[p] for p in prompts])
+
+
+def initial_latents(seeds, shape: tuple[int, int, int], device, dtype):
+    """One seeded CPU generator per image: the noise does not depend on batch or device.
+
+    Drawn in the sampling dtype on the CPU, as diffusers' ``randn_tensor`` draws it for a
+    pipeline call with a CPU generator, so both start from the same bits.
+    """
+    import torch
+
+    noise = [
+        torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(int(s)), dtype=dtype)
+        for s in seeds
+    ]
+    return torch.cat(noise).to(device=device)
+
+
+def sample_images(
+    unet,
+    vae,
+    scheduler,
+    encode_prompts: PromptEncoder,
+    prompts: list[str],
+    negative_prompts: list[str],
+    seeds: list[int],
+    steps: int,
+    guidance_scale: float,
+    height: int | None = None,
+    width: int | None = None,
+    callback=None,
+) -> np.ndarray:
+    """Draw one image per (prompt, negative prompt, seed): uint8 ``[n, H, W, 3]``.
+
+    ``callback(step, latents)``, when given, runs after every scheduler step (used to count
+    FLOPs and to time steps in the benchmark).
+    """
+    import torch
+
+    device, dtype = unet.device, unet.dtype
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    height = height or unet.config.sample_size * scale
+    width = width or unet.config.sample_size * scale
+    shape = (unet.config.in_channels, height // scale, width // scale)
+    guided = guidance_scale > 1.0 and unet.config.time_cond_proj_dim is None
+
+    with torch.inference_mode():
+        cond = encode_prompts(list(prompts)).to(dtype)
+        if guided:
+            uncond = encode_prompts(list(negative_prompts)).to(dtype)
+            context = torch.cat([uncond, cond])
+        else:
+            context = cond
+        scheduler.set_timesteps(steps, device=device)
+        latents = initial_latents(seeds, shape, device, dtype) * scheduler.init_noise_sigma
+        for i, t in enumerate(scheduler.timesteps):
+            model_in = torch.cat([latents, latents]) if guided else latents
+            model_in = scheduler.scale_model_input(model_in, t)
+            noise = unet(model_in, t, encoder_hidden_states=context, return_dict=False)[0]
+            if guided:
+                noise_uncond, noise_cond = noise.chunk(2)
+                noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+            latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+            if callback is not None:
+                callback(i, latents)
+        pixels = []
+        latents = latents.to(vae.dtype) / vae.config.scaling_factor
+        for chunk in latents.split(DECODE_CHUNK):
+            image = vae.decode(chunk, return_dict=False)[0]
+            # The rounding diffusers' image processor applies, so both produce the same bytes.
+            image = ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+            pixels.append(image.permute(0, 2, 3, 1).cpu())
+        return torch.cat(pixels).numpy()
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def resolve_device(model_device: str, num_gpus: float) -> str:
+    """The device a generation or scoring actor runs on, from ``model.device`` and its GPUs."""
+    import torch
+
+    if model_device == "cpu":
+        return "cpu"
+    if num_gpus > 0 and torch.cuda.is_available():
+        return "cuda"
+    if model_device == "cuda":
+        raise FairsynthError(
+            "model.device = 'cuda' but this actor sees no GPU; give it one "
+            "(generate.actor_num_gpus / filter.actor_num_gpus > 0) or set model.device=auto"
+        )
+    return "cpu"
+
+
+def load_base_pipeline(base: str, device: str, attention: str, allow_pickle: bool):
+    """The base pipeline in the dtype the device wants: fp16 on CUDA, fp32 on CPU."""
+    import torch
+
+    from engine.models.loading import load_pipeline
+
+    if device == "cuda":
+        # Ampere+ runs any fp32 leftovers (schedulers, casts) on tensor cores.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    pipe = load_pipeline(base, device, dtype=dtype, attention=attention, allow_pickle=allow_pickle)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class UnitModels:
+    """The UNet and prompt encoder of each unit, switched cheaply on one loaded base pipeline.
+
+    - ``base``: the base UNet with every LoRA adapter disabled.
+    - ``lora`` / ``lora_delta``: a diffusers LoRA file loaded once as a named adapter on the
+      base UNet (and text encoder when the file has weights for it), then swapped by name;
+      the least recently used adapters are deleted past ``max_adapters``.
+    - ``unet``: a DreamBooth UNet folder (plus its text encoder when it was trained), kept in
+      an LRU cache of ``max_unets`` so units sharing a model are not reloaded.
+    """
+
+    def __init__(self, pipe, run_root: str | Path, attention: str, allow_pickle: bool,
+                 max_unets: int = 2, max_adapters: int = 16):
+        self.pipe = pipe
+        self.run_root = Path(run_root)
+        self.attention = attention
+        self.allow_pickle = allow_pickle
+        self.max_unets = max_unets
+        self.max_adapters = max_adapters
+        self.base_unet = pipe.unet
+        self.base_prompts = PromptEncoder(pipe.tokenizer, pipe.text_encoder, pipe.device)
+        self._unets: OrderedDict[str, tuple] = OrderedDict()
+        self._adapters: OrderedDict[str, PromptEncoder] = OrderedDict()
+        self.switches = 0
+        self._active: str | None = None
+
+    def _path(self, artifact: str) -> Path:
+        path = self.run_root / artifact
+        if not path.exists():
+            raise FairsynthError(
+                f"fine-tuned model {path} listed in the finetune manifest is missing; re-run the finetune stage"
+            )
+        return path
+
+    def activate(self, artifact: str, kind: str) -> tuple[object, PromptEncoder]:
+        """(UNet, prompt encoder) of a unit's artifact."""
+        key = f"{kind}:{artifact}"
+        if key != self._active:
+            self.switches += 1
+            self._active = key
+        if kind == "base" or not artifact:
+            self._disable_adapters()
+            return self.base_unet, self.base_prompts
+        if kind in ("lora", "lora_delta"):
+            return self.base_unet, self._activate_adapter(artifact)
+        if kind == "unet":
+            self._disable_adapters()
+            return self._load_unet(artifact)
+        raise FairsynthError(
+            f"finetune manifest artifact_kind {kind!r} for {artifact} is unknown; "
+            "valid: base, lora, unet, lora_delta"
+        )
+
+    def _text_adapters(self) -> set[str]:
+        return set(getattr(self.pipe.text_encoder, "peft_config", None) or {})
+
+    def _disable_adapters(self) -> None:
+        from diffusers.loaders.lora_base import disable_lora_for_text_encoder
+
+        if self._adapters:
+            self.base_unet.disable_lora()
+            if self._text_adapters():
+                disable_lora_for_text_encoder(self.pipe.text_encoder)
+
+    def _activate_adapter(self, artifact: str) -> PromptEncoder:
+        from diffusers.loaders.lora_base import (
+            disable_lora_for_text_encoder,
+            enable_lora_for_text_encoder,
+            set_adapters_for_text_encoder,
+        )
+
+        name = re.sub(r"[^0-9A-Za-z_]", "_", artifact)
+        if name not in self._adapters:
+            path = self._path(artifact)
+            if path.is_file():
+                self.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+            else:
+                self.pipe.load_lora_weights(str(path), adapter_name=name)
+            # A LoRA that also changed the text encoder gets its own prompt cache.
+            prompts = (
+                PromptEncoder(self.pipe.tokenizer, self.pipe.text_encoder, self.pipe.device)
+                if name in self._text_adapters() else self.base_prompts
+            )
+            self._adapters[name] = prompts
+            while len(self._adapters) > self.max_adapters:
+                old, _ = self._adapters.popitem(last=False)
+                self.pipe.delete_adapters(old)
+        self._adapters.move_to_end(name)
+        # UNet and text encoder are switched separately: a UNet-only LoRA must leave the text
+        # encoder as the base model has it, whatever adapter it held before.
+        self.base_unet.enable_lora()
+        self.base_unet.set_adapters([name])
+        if name in self._text_adapters():
+            enable_lora_for_text_encoder(self.pipe.text_encoder)
+            set_adapters_for_text_encoder([name], self.pipe.text_encoder)
+        elif self._text_adapters():
+            disable_lora_for_text_encoder(self.pipe.text_encoder)
+        return self._adapters[name]
+
+    def _load_unet(self, artifact: str) -> tuple[object, PromptEncoder]:
+        if artifact not in self._unets:
+            from diffusers import UNet2DConditionModel
+
+            path = self._path(artifact)
+            folder = path / "unet" if (path / "unet").is_dir() else path
+            dtype, device = self.base_unet.dtype, self.base_unet.device
+            unet = UNet2DConditionModel.from_pretrained(
+                folder, dtype=dtype, use_safetensors=True if not self.allow_pickle else None
+            ).to(device).eval()
+            if self.attention == "xformers":
+                unet.enable_xformers_memory_efficient_attention()
+            prompts = self.base_prompts
+            if (path / "text_encoder").is_dir():
+                from transformers import CLIPTextModel
+
+                text_encoder = CLIPTextModel.from_pretrained(
+                    path / "text_encoder", dtype=dtype, use_safetensors=True if not self.allow_pickle else None
+                ).to(device).eval()
+                prompts = PromptEncoder(self.pipe.tokenizer, text_encoder, device)
+            self._unets[artifact] = (unet, prompts)
+            while len(self._unets) > self.max_unets:
+                self._unets.popitem(last=False)
+        self._unets.move_to_end(artifact)
+        return self._unets[artifact]
+
+
+class SyntheticImageSampler:
+    """Ray Data actor: plan rows in, PNG rows out (the synthetic Parquet schema plus ``shard`` and
+    ``sampling_started``, which the shard writer consumes)."""
+
+    def __init__(self, config: dict, run_root: str, method: str, base_model: str):
+        import torch
+
+        from engine.config import Config
+
+        cfg = Config.model_validate(config)
+        self.gen = cfg.generate
+        self.method = method
+        self.base_model = base_model
+        self.device = resolve_device(cfg.model.device, self.gen.actor_num_gpus)
+        started = time.perf_counter()
+        pipe = load_base_pipeline(cfg.model.base, self.device, cfg.model.attention, cfg.model.allow_pickle)
+        self.scheduler = make_scheduler(self.gen.scheduler, pipe.scheduler.config)
+        self.vae = pipe.vae
+        self.models = UnitModels(
+            pipe, run_root, cfg.model.attention, cfg.model.allow_pickle, max_unets=self.gen.unet_cache_size
+        )
+        log.info(
+            "sampler on %s (%d threads) loaded %s in %.1fs",
+            self.device, torch.get_num_threads(), cfg.model.base, time.perf_counter() - started,
+        )
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        started = time.time()
+        batch = batch.reset_index(drop=True)
+        images: list[bytes | None] = [None] * len(batch)
+        # Rows arrive in (unit, seed) order. Consecutive rows drawn by the same model (one unit,
+        # or every vanilla unit, or units borrowing one lender) share UNet batches; prompts
+        # may differ row by row.
+        model = batch["artifact_kind"] + ":" + batch["artifact"]
+        model_runs = (model != model.shift()).cumsum()
+        for _, run_rows in batch.groupby(model_runs, sort=False):
+            first = run_rows.iloc[0]
+            unet, prompts = self.models.activate(first["artifact"], first["artifact_kind"])
+            for start in range(0, len(run_rows), self.gen.batch_size):
+                chunk = run_rows.iloc[start : start + self.gen.batch_size]
+                pixels = sample_images(
+                    unet, self.vae, self.scheduler, prompts,
+                    chunk["prompt"].tolist(), chunk["negative_prompt"].tolist(),
+                    chunk["seed"].tolist(), self.gen.steps, self.gen.guidance_scale,
+                )
+                for position, image in zip(chunk.index, pixels, strict=True):
+                    images[position] = encode_png(image)
+        out = batch[["shard", "label", "attribute", "group", "unit", "cluster", "seed", "prompt", "negative_prompt"]].copy()
+        out.insert(1, "image", images)
+        out["method"] = self.method
+        out["base_model"] = self.base_model
+        out["score"] = np.nan  # filled in by the filter stage
+        out["kept"] = True
+        out["sampling_started"] = started  # for the stage's throughput; not stored in the shard
+        log.debug("sampled %d images in %.1fs (%d model switches so far)", len(out), time.time() - started,
+                  self.models.switches)
+        return out

@@ -1,0 +1,115 @@
+"""Synthetic image shards: the Parquet schema, the atomic per-shard writer, and reading them back.
+
+``RUN/synthetic/<method>/part-<plan hash>-<index>.parquet`` holds one row per generated image
+(schema :data:`SYNTHETIC_SCHEMA`); any Parquet reader opens them. Book-keeping files beside
+them start with ``_`` (``_COMPLETE.json``, ``_summary.json``), which Parquet dataset readers
+skip. A shard is written to a temporary name and renamed, so a reader, or a re-run after a
+node died, never sees half a shard: it is there whole or not at all.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.errors import FairsynthError
+from engine.runs import RunDir, atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC_SCHEMA = pa.schema([
+    pa.field("image", pa.binary(), nullable=False),  # PNG bytes
+    pa.field("label", pa.int64(), nullable=False),
+    pa.field("attribute", pa.int64(), nullable=False),
+    pa.field("group", pa.int64(), nullable=False),
+    pa.field("unit", pa.string(), nullable=False),
+    pa.field("cluster", pa.int64(), nullable=False),  # -1: the unit is a whole group
+    pa.field("seed", pa.int64(), nullable=False),
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("negative_prompt", pa.string(), nullable=False),
+    pa.field("method", pa.string(), nullable=False),
+    pa.field("base_model", pa.string(), nullable=False),
+    pa.field("score", pa.float64()),  # NaN until the filter stage scores the image
+    pa.field("kept", pa.bool_(), nullable=False),  # True until the filter stage decides
+])
+SHARD_GLOB = "part-*.parquet"
+
+
+def synthetic_dir(run: RunDir, method: str) -> Path:
+    return run / "synthetic" / method
+
+
+def shard_paths(run: RunDir, method: str) -> list[Path]:
+    return sorted(synthetic_dir(run, method).glob(SHARD_GLOB))
+
+
+def write_shard_table(path: Path, table: pa.Table) -> None:
+    """Write one shard atomically (temporary name in the same folder, then rename)."""
+    buffer = io.BytesIO()
+    pq.write_table(table.select(SYNTHETIC_SCHEMA.names).cast(SYNTHETIC_SCHEMA), buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def write_shards(batch: pd.DataFrame, out_dir: str, expected_rows: dict[str, int]) -> pd.DataFrame:
+    """Ray Data task: write every shard in ``batch``, return one small row per shard written.
+
+    A shard reaches this function whole (one plan shard is one block, and the pipeline never
+    splits blocks), so it is written in one piece; a partial shard would mean a lost row and
+    fails loudly rather than writing a short file.
+    """
+    written = []
+    for name, rows in batch.groupby("shard", sort=False):
+        if len(rows) != expected_rows[name]:
+            raise RuntimeError(
+                f"shard {name} arrived with {len(rows)} of its {expected_rows[name]} rows; "
+                "the generation pipeline split a shard"
+            )
+        table = pa.Table.from_pandas(rows.drop(columns=["shard", "sampling_started"]), preserve_index=False)
+        write_shard_table(Path(out_dir) / name, table)
+        written.append({"shard": name, "rows": len(rows), "sampling_started": float(rows["sampling_started"].min())})
+    return pd.DataFrame(written, columns=["shard", "rows", "sampling_started"])
+
+
+def read_shard(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    try:
+        return pq.read_table(path, columns=columns).to_pandas()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise FairsynthError(f"synthetic shard {path} is unreadable ({exc}); delete it and re-run generate") from None
+
+
+def read_synthetic(run: RunDir, method: str, columns: list[str] | None = None,
+                   kept_only: bool = False) -> pd.DataFrame:
+    """Every synthetic row of a method (``kept_only``: those the filter stage kept)."""
+    paths = shard_paths(run, method)
+    if not paths:
+        raise FairsynthError(
+            f"no synthetic images in {synthetic_dir(run, method)}; run "
+            f"`python jobs/generate.py --method {method} --run-dir {run.root}` first"
+        )
+    wanted = None if columns is None else list(dict.fromkeys([*columns, *(["kept"] if kept_only else [])]))
+    frame = pd.concat([read_shard(p, wanted) for p in paths], ignore_index=True)
+    if kept_only:
+        frame = frame[frame["kept"]].reset_index(drop=True)
+        if columns is not None and "kept" not in columns:
+            frame = frame.drop(columns="kept")
+    return frame
+
+
+def shard_row_counts(paths: list[Path]) -> dict[str, int]:
+    """Rows per shard from the Parquet footers, without reading images."""
+    return {p.name: pq.ParquetFile(p).metadata.num_rows for p in paths}
+
+
+def remove_stale_shards(out_dir: Path, keep: set[str]) -> list[str]:
+    """Delete shards of an earlier plan (another config or manifest), so readers see one plan."""
+    stale = [p for p in sorted(out_dir.glob(SHARD_GLOB)) if p.name not in keep]
+    for path in stale:
+        path.unlink()
+    if stale:
+        log.info("removed %d shards of an earlier generation plan from %s", len(stale), out_dir)
+    return [p.name for p in stale]

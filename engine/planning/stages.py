@@ -1,0 +1,291 @@
+"""What each stage costs, and how long it takes on N devices.
+
+Each stage is a small class, found by name in :data:`STAGE_COSTS`, that turns the config and
+the group counts into :class:`StageCost` rows: counted FLOPs (``flops.py``) times the
+config's counts, cut into the equal tasks the real stage schedules (fine-tuning trials,
+sampler shards, encoder batches, DDP workers), how many of them the config lets run at once,
+and the share of a device each task asks Ray for. :func:`schedule` turns a row into time:
+
+- at most ``slots`` tasks run at once (actors, ``max_concurrent_trials``, workers), and no
+  more than the devices hold (``share`` devices per task); the rest wait for the next wave;
+- tasks that share a device split its throughput: a device does ``peak * MFU`` FLOP/s
+  whether one actor or four quarter-GPU actors keep it busy;
+- stages, methods and severities run one after another, as ``engine/pipeline.py`` runs them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from engine.config import GENERATIVE_METHODS, Config
+from engine.planning import flops as F
+from engine.planning.counts import GroupCounts, trained_groups
+from engine.planning.hardware import Device
+
+# The cluster stage estimates silhouettes on a sample this large (engine/cluster.py).
+SILHOUETTE_SAMPLE = 4000
+
+
+@dataclass
+class StageCost:
+    """One stage of one method (or a shared stage) at one severity."""
+
+    severity: str
+    stage: str
+    method: str  # "" for a stage every method shares (cluster)
+    flops: float
+    tasks: int  # equal pieces of work the stage schedules
+    slots: int  # how many of them the config lets run at once
+    share: float  # devices one task asks for (a fraction of a GPU, or of a machine's CPUs)
+    part: str = ""  # a named piece of a stage (prior-preservation class images)
+    sequential: int = 1  # independent rounds run one after another (one ASHA search per unit)
+    notes: list[str] = field(default_factory=list)
+    # Filled in by schedule():
+    mfu: float = 0.0
+    mfu_source: str = ""
+    concurrent: int = 0
+    devices: float = 0.0
+    waves: int = 0
+    device_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return " ".join(x for x in (self.stage, self.method, f"({self.part})" if self.part else "") if x)
+
+
+def schedule(cost: StageCost, device: Device, n_devices: int) -> StageCost:
+    """Fill in the row's time on ``n_devices`` devices like ``device``."""
+    cost.mfu = device.mfu[cost.stage]
+    cost.mfu_source = device.mfu_source[cost.stage]
+    rate = device.rate(cost.stage)
+    cost.device_seconds = cost.flops / rate
+    if cost.flops <= 0 or cost.tasks <= 0:
+        return cost
+    share = cost.share
+    if share > n_devices:
+        cost.notes.append(
+            f"{cost.label}: a task asks for {share:g} devices but the cluster has {n_devices}; "
+            "Ray would wait forever, planned as if each task used all of them"
+        )
+        share = float(n_devices)
+    per_round = math.ceil(cost.tasks / cost.sequential)
+    fit = max(1, math.floor(n_devices / share + 1e-9))
+    cost.concurrent = max(1, min(cost.slots, per_round, fit))
+    # Fractional tasks pack onto whole devices; a lone quarter-GPU actor still has the GPU.
+    held = math.ceil(cost.concurrent * share - 1e-9) if share < 1 else cost.concurrent * share
+    cost.devices = min(float(n_devices), held)
+    cost.waves = math.ceil(per_round / cost.concurrent)
+    per_task_seconds = (cost.flops / cost.tasks) / (rate * cost.devices / cost.concurrent)
+    cost.wall_seconds = cost.sequential * cost.waves * per_task_seconds
+    return cost
+
+
+@dataclass
+class PlanContext:
+    cfg: Config
+    severity: str
+    counts: GroupCounts
+    device: Device
+    n_devices: int
+    shapes: F.DiffusionShapes
+    encoder: F.EncoderShapes
+    clusters: list[int]
+    notes: list[str] = field(default_factory=list)
+
+    def share(self, what: str, gpus: float, cpus: float) -> float:
+        """Devices a task of ``what`` asks for: its GPUs on a GPU plan, its share of a
+        machine's CPUs on a CPU plan."""
+        if not self.device.is_gpu:
+            return max(cpus, 1e-6) / self.device.cpus
+        if gpus > 0:
+            return gpus
+        self.notes.append(f"{what} asks for no GPU; planned with one GPU per task (set it for GPU runs)")
+        return 1.0
+
+    def generative_methods(self) -> list[str]:
+        return [m for m in self.cfg.methods if m in GENERATIVE_METHODS]
+
+    def sample_flops(self, latent: int) -> float:
+        """One image drawn with the configured sampler at ``latent`` x ``latent`` cells:
+        ``steps`` UNet calls (two with guidance) and one VAE decode. Prompts repeat, and the
+        sampler encodes each distinct one once, so text encoding is left out."""
+        gen = self.cfg.generate
+        calls = 2 if gen.guidance_scale > 1.0 else 1
+        return gen.steps * calls * F.unet_forward(self.shapes, latent) + F.vae_decode(self.shapes, latent)
+
+
+class StageCostModel:
+    """How one stage turns the config and counts into cost rows."""
+
+    name: ClassVar[str] = ""
+
+    def costs(self, ctx: PlanContext) -> list[StageCost]:
+        raise NotImplementedError
+
+
+class ClusterCost(StageCostModel):
+    """Embed every training image once, then k-means (FAISS, on CPU) per group."""
+
+    name = "cluster"
+
+    def costs(self, ctx):
+        if not ctx.generative_methods():
+            return []
+        cfg, cl = ctx.cfg, ctx.cfg.cluster
+        n = ctx.counts.n_train
+        embed = n * F.image_encoder_forward(ctx.encoder)
+        d = ctx.encoder.dim
+        kmeans = 0.0
+        for n_g, k_g in zip(ctx.counts.train, ctx.clusters, strict=True):
+            candidates = range(2, k_g + 1) if cl.k == "auto" else [k_g]
+            for k in candidates:
+                kmeans += cl.nredo * cl.niter * 2.0 * n_g * k * d + 2.0 * min(n_g, SILHOUETTE_SAMPLE) ** 2 * d
+        share = ctx.share("cluster.actor_num_gpus", cl.actor_num_gpus, cl.actor_num_cpus)
+        return [
+            StageCost(ctx.severity, "cluster", "", embed + kmeans, math.ceil(n / cl.batch_size), cl.num_actors, share,
+                      notes=[f"cluster: k-means counted as 2*n*k*d per iteration ({cfg.cluster.nredo} restarts)"]),
+        ]
+
+
+class FinetuneCost(StageCostModel):
+    """One Ray Tune trial per trained unit (num_samples per unit when searching), at most
+    max_concurrent_trials at once; DreamBooth first draws its prior-preservation images."""
+
+    name = "finetune"
+
+    def costs(self, ctx):
+        cfg, ft = ctx.cfg, ctx.cfg.finetune
+        rows = []
+        prior_paid = False
+        latent = cfg.data.image_size // ctx.shapes.vae_scale
+        share = ctx.share("finetune.trial_resources", float(_resource(ft.trial_resources, "GPU")),
+                          float(_resource(ft.trial_resources, "CPU", 1.0)))
+        # The trainer checkpoints gradients on GPUs only (engine/finetune/trainer.py).
+        checkpointing = ft.gradient_checkpointing and ctx.device.is_gpu
+        for method in ctx.generative_methods():
+            if method == "vanilla":
+                rows.append(StageCost(ctx.severity, "finetune", method, 0.0, 0, 1, share,
+                                      notes=["finetune vanilla: trains nothing"]))
+                continue
+            dreambooth = method in ("dreambooth", "clustered_dreambooth")
+            lora_rank = ft.lora_rank if (not dreambooth or ft.dreambooth_store == "lora_delta") else None
+            prior = dreambooth and ft.prior_preservation and ft.prior_loss_weight > 0
+            groups = trained_groups(cfg, ctx.counts)
+            if method == "clustered_dreambooth":
+                units = [ctx.counts.train[g] / ctx.clusters[g] for g in groups for _ in range(ctx.clusters[g])]
+            else:
+                units = [ctx.counts.train[g] for g in groups]
+            step = ft.batch_size * F.unet_train_step(ctx.shapes, latent, lora_rank, checkpointing) * (2 if prior else 1)
+            if dreambooth and ft.train_text_encoder:
+                step += (2 if prior else 1) * F.text_encoder_forward(ctx.shapes, train=True)
+            encode = F.vae_encode(ctx.shapes, cfg.data.image_size)
+            total = sum(
+                ft.steps * step + (n_real + (ft.num_class_images if prior else 0)) * encode
+                + 2 * F.text_encoder_forward(ctx.shapes)
+                for n_real in units
+            ) * ft.num_samples
+            row = StageCost(ctx.severity, "finetune", method, total, len(units) * ft.num_samples,
+                            ft.max_concurrent_trials, share, sequential=len(units) if ft.num_samples > 1 else 1)
+            if ft.num_samples > 1:
+                row.notes.append(f"finetune {method}: ASHA stops lagging trials early; full trials counted (an upper bound)")
+            borrowed = ctx.counts.n_groups - len(groups)
+            if borrowed:
+                row.notes.append(f"finetune {method}: {borrowed} group(s) under finetune.min_real_images borrow a model")
+            if prior and not prior_paid and groups:
+                # Class images are cached by prompt in the run, so the first DreamBooth method
+                # draws them and the next reuses them (engine/finetune/stage.py).
+                prior_paid = True
+                images = len(groups) * ft.num_class_images
+                rows.append(StageCost(ctx.severity, "finetune", method, images * ctx.sample_flops(latent), len(groups),
+                                      len(groups), share, part="class images"))
+            rows.append(row)
+        return rows
+
+
+class GenerateCost(StageCostModel):
+    """images_per_group per group, cut into shards that the sampler actors take in turn."""
+
+    name = "generate"
+
+    def costs(self, ctx):
+        from engine.generate.plan import images_per_group
+
+        gen = ctx.cfg.generate
+        per_group = images_per_group(gen, ctx.counts.train)
+        total = per_group * ctx.counts.n_groups
+        latent = ctx.shapes.native_size // ctx.shapes.vae_scale
+        share = ctx.share("generate.actor_num_gpus", gen.actor_num_gpus, gen.actor_num_cpus)
+        return [
+            StageCost(ctx.severity, "generate", method, total * ctx.sample_flops(latent),
+                      math.ceil(total / gen.rows_per_shard), gen.num_actors, share)
+            for method in ctx.generative_methods()
+        ]
+
+
+class FilterCost(StageCostModel):
+    """Every synthetic image through the encoder's image tower, in encoder batches."""
+
+    name = "filter"
+
+    def costs(self, ctx):
+        from engine.generate.plan import images_per_group
+
+        flt = ctx.cfg.filter
+        total = images_per_group(ctx.cfg.generate, ctx.counts.train) * ctx.counts.n_groups
+        share = ctx.share("filter.actor_num_gpus", flt.actor_num_gpus, flt.actor_num_cpus)
+        return [
+            StageCost(ctx.severity, "filter", method, total * F.image_encoder_forward(ctx.encoder),
+                      math.ceil(total / flt.batch_size), flt.num_actors, share)
+            for method in ctx.generative_methods()
+        ]
+
+
+class TrainCost(StageCostModel):
+    """The method's phases (engine/train/methods.py), data-parallel over train.num_workers,
+    validation on every scored epoch and a final val + test pass."""
+
+    name = "train"
+
+    def costs(self, ctx):
+        from engine.generate.filtering import keep_count
+        from engine.generate.plan import images_per_group
+        from engine.train.methods import SYNTHETIC, get_method
+
+        cfg, tr = ctx.cfg, ctx.cfg.train
+        n_classes = ctx.counts.n_classes
+        per_group = images_per_group(cfg.generate, ctx.counts.train)
+        synthetic = ctx.counts.n_groups * keep_count(per_group, cfg.filter.keep_fraction)
+        share = ctx.share("train.use_gpu", 1.0 if tr.use_gpu else 0.0, tr.cpus_per_worker)
+        forward = F.classifier_step(tr.backbone, n_classes, tr.image_size, "eval")
+        rows = []
+        for method in cfg.methods:
+            phases = get_method(method).phases(tr)
+            total = 0.0
+            for phase in phases:
+                n = synthetic if phase.dataset == SYNTHETIC else ctx.counts.n_train
+                mode = "head" if phase.trainable == "head" else "train"
+                total += phase.epochs * n * F.classifier_step(tr.backbone, n_classes, tr.image_size, mode)
+            total += (phases[-1].epochs + 1) * ctx.counts.val * forward + ctx.counts.test * forward
+            row = StageCost(ctx.severity, "train", method, total, tr.num_workers, tr.num_workers, share)
+            if ctx.device.is_gpu and tr.use_gpu and tr.num_workers > ctx.n_devices:
+                row.notes.append(
+                    f"train {method}: train.num_workers={tr.num_workers} needs that many GPUs at once; "
+                    "Ray Train waits for them"
+                )
+            rows.append(row)
+        return rows
+
+
+def _resource(resources: dict[str, float], key: str, default: float = 0.0) -> float:
+    for name, value in resources.items():
+        if name.upper() == key:
+            return float(value)
+    return default
+
+
+STAGE_COSTS: dict[str, StageCostModel] = {
+    model.name: model for model in (ClusterCost(), FinetuneCost(), GenerateCost(), FilterCost(), TrainCost())
+}

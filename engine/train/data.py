@@ -1,0 +1,181 @@
+"""Ray Data pipelines that feed the classifier: real records and synthetic Parquet shards in,
+decoded (and, for training, resampled and augmented) image batches out.
+
+Every dataset yields rows of ``image`` (uint8 [H, W, 3]), ``label`` and ``group``; val and
+test are decoded once and handed to the workers as object refs (``eval_split_refs``). Decoding
+(rendering a builtin:// source, reading a file, or decoding a synthetic row's PNG bytes) runs
+once in ``map_batches`` tasks; with ``train.cache_decoded`` the decoded images are kept in
+the object store (which spills to disk when full), so later epochs only resample and
+augment. Training views re-run their random steps every epoch: random crops and flips, and
+for group-balanced sampling each row is repeated floor(w_g) times plus once more with
+probability frac(w_g), where w_g = (rows / groups present) / n_g, so every group is drawn
+equally often in expectation and an epoch keeps the size of the training set (the
+reference's sampling with replacement, done per block so it streams). Those per-epoch draws
+are not seeded: Ray Data hands blocks to workers in whatever order they finish, so batch
+order is not reproducible anyway; model initialisation and the shuffle buffer are seeded.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+from PIL import Image
+
+from engine.data.datasets import load_image
+from engine.errors import FairsynthError
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC_COLUMNS = ("image", "label", "group", "kept")
+# Rows per decoded block: small enough that a 2-core machine gets several blocks to spread
+# over workers, large enough that per-task overhead stays small.
+ROWS_PER_BLOCK = 256
+# Decoding is CPU work, but on a small machine the train workers hold most CPUs; fractional
+# requests let a decode task run beside them instead of waiting for a whole core.
+DATA_TASK_CPUS = 0.5
+
+
+def decode_sources(batch: pd.DataFrame, image_size: int) -> dict:
+    """Records (source, label, group) -> decoded images."""
+    images = np.stack([load_image(s, image_size) for s in batch["source"]]) if len(batch) else np.zeros(
+        (0, image_size, image_size, 3), np.uint8
+    )
+    return {
+        "image": images,
+        "label": batch["label"].to_numpy(np.int64),
+        "group": batch["group"].to_numpy(np.int64),
+    }
+
+
+def _decode_png(data: bytes, image_size: int) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert("RGB")
+        if img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.BICUBIC)
+        return np.asarray(img, dtype=np.uint8)
+
+
+def decode_synthetic(batch: pd.DataFrame, image_size: int) -> dict:
+    """Synthetic rows -> decoded images, kept rows only (the filter stage's choice)."""
+    batch = batch[batch["kept"].astype(bool)]
+    images = (
+        np.stack([_decode_png(b, image_size) for b in batch["image"]])
+        if len(batch)
+        else np.zeros((0, image_size, image_size, 3), np.uint8)
+    )
+    return {
+        "image": images,
+        "label": batch["label"].to_numpy(np.int64),
+        "group": batch["group"].to_numpy(np.int64),
+    }
+
+
+def resample_groups(batch: dict, weights: list[float]) -> dict:
+    """Repeat each row floor(w) times, plus once with probability frac(w), w = its group's weight."""
+    w = np.asarray(weights, dtype=np.float64)[batch["group"]]
+    rng = np.random.default_rng()
+    copies = np.floor(w).astype(np.int64) + (rng.random(len(w)) < (w - np.floor(w)))
+    index = np.repeat(np.arange(len(w)), copies)
+    return {k: v[index] for k, v in batch.items()}
+
+
+def augment_images(batch: dict, pad: int) -> dict:
+    """Random crop after reflection padding, and random horizontal flip."""
+    images = batch["image"]
+    n, h, w, _ = images.shape
+    if n == 0:
+        return batch
+    rng = np.random.default_rng()
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    dy = rng.integers(0, 2 * pad + 1, n)
+    dx = rng.integers(0, 2 * pad + 1, n)
+    rows = dy[:, None] + np.arange(h)[None, :]
+    cols = dx[:, None] + np.arange(w)[None, :]
+    out = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    flip = rng.random(n) < 0.5
+    out[flip] = out[flip, :, ::-1]
+    return {**batch, "image": np.ascontiguousarray(out)}
+
+
+def balanced_weights(group_counts: list[int]) -> list[float]:
+    """Per-group repeat weights that draw every present group equally often per epoch."""
+    counts = np.asarray(group_counts, dtype=np.float64)
+    present = counts > 0
+    if not present.any():
+        return [0.0] * len(group_counts)
+    target = counts.sum() / present.sum()
+    return [float(target / c) if c > 0 else 0.0 for c in counts]
+
+
+def real_images(records: pd.DataFrame, image_size: int, cache: bool):
+    """One split's records as a dataset of decoded images."""
+    import ray
+
+    if records.empty:
+        raise FairsynthError("a split the train stage needs has no images; check the data stage's groups.json")
+    plan = records[["source", "label", "group"]].reset_index(drop=True)
+    blocks = max(1, min(64, -(-len(plan) // ROWS_PER_BLOCK)))
+    bounds = np.linspace(0, len(plan), blocks + 1).astype(int)
+    parts = [plan.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    ds = ray.data.from_pandas(parts).map_batches(
+        decode_sources, fn_kwargs={"image_size": image_size}, batch_format="pandas", num_cpus=DATA_TASK_CPUS
+    )
+    return ds.materialize() if cache else ds
+
+
+def eval_split_refs(records: pd.DataFrame, image_size: int) -> list:
+    """An evaluation split decoded once, as object refs to per-block column arrays; workers
+    read them zero-copy from the object store instead of re-running a pipeline per epoch."""
+    return real_images(records, image_size, cache=True).to_numpy_refs()
+
+
+def kept_synthetic_counts(files: list[Path], n_groups: int) -> list[int]:
+    """Kept synthetic rows per group, read from the small columns only."""
+    counts = np.zeros(n_groups, dtype=np.int64)
+    for file in files:
+        schema = pq.read_schema(file)
+        missing = [c for c in SYNTHETIC_COLUMNS if c not in schema.names]
+        if missing:
+            raise FairsynthError(
+                f"synthetic shard {file} has no column {missing[0]!r}; re-run the generate stage that wrote it"
+            )
+        table = pq.read_table(file, columns=["group", "kept"]).to_pandas()
+        groups = table.loc[table["kept"].astype(bool), "group"].to_numpy(np.int64)
+        if len(groups) and (groups.min() < 0 or groups.max() >= n_groups):
+            raise FairsynthError(
+                f"synthetic shard {file} has group ids outside 0..{n_groups - 1}; it belongs to another dataset"
+            )
+        counts += np.bincount(groups, minlength=n_groups)
+    return [int(c) for c in counts]
+
+
+def synthetic_images(files: list[Path], image_size: int, cache: bool, n_rows: int):
+    """The kept rows of a method's synthetic shards, decoded."""
+    import ray
+
+    ds = ray.data.read_parquet([str(f) for f in files]).select_columns(list(SYNTHETIC_COLUMNS)).map_batches(
+        decode_synthetic, fn_kwargs={"image_size": image_size}, batch_format="pandas", num_cpus=DATA_TASK_CPUS
+    )
+    if not cache:
+        return ds
+    # Shards hold one unit (group) at a time; re-blocking the decoded rows gives block order
+    # and the shuffle buffer several blocks per group to mix.
+    return ds.repartition(max(1, min(64, -(-n_rows // ROWS_PER_BLOCK)))).materialize()
+
+
+def training_view(ds, *, image_size: int, augment: bool, weights: list[float] | None):
+    """What one training epoch iterates: blocks in random order, resampled, augmented."""
+    ds = ds.randomize_block_order()
+    # Executed every epoch in every worker's split: progress bars there are only noise.
+    ds.context.enable_progress_bars = False
+    if weights is not None:
+        ds = ds.map_batches(resample_groups, fn_kwargs={"weights": weights}, batch_format="numpy", num_cpus=DATA_TASK_CPUS)
+    if augment:
+        pad = max(1, image_size // 8)
+        ds = ds.map_batches(augment_images, fn_kwargs={"pad": pad}, batch_format="numpy", num_cpus=DATA_TASK_CPUS)
+    return ds

@@ -1,0 +1,188 @@
+"""The train stage: build the Ray Data inputs, fit a TorchTrainer for one method, and write
+RUN/train/<method>/metrics.json.
+
+Ray Train keeps its checkpoints under ``ray.storage_path`` (default
+RUN/train/<method>/ray), in an experiment named after the method and the config it trains
+with; a re-run after an interruption picks up that experiment's latest checkpoint, and a
+run whose completion marker matches is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+from engine.config import Config
+from engine.data.stage import load_run_dataset
+from engine.errors import FairsynthError
+from engine.generate.shards import shard_paths, synthetic_dir
+from engine.raylib import init_ray
+from engine.runs import RunDir, atomic_write_json, read_json
+from engine.train import data as train_data
+from engine.train.backbones import build_classifier
+from engine.train.loop import SCORE, train_loop
+from engine.train.methods import REAL, SYNTHETIC, get_method
+
+log = logging.getLogger(__name__)
+
+# What a generative method's synthetic images depend on, besides the data.
+UPSTREAM_SECTIONS = ("model", "cluster", "finetune", "generate", "filter")
+
+
+def stage_name(method: str) -> str:
+    return f"train/{method}"
+
+
+def train_hash(cfg: Config, method: str) -> str:
+    sections = ["data", "train", "seed"]
+    if get_method(method).uses_synthetic:
+        sections += list(UPSTREAM_SECTIONS)
+    return cfg.slice_hash(*sections)
+
+
+def _storage(cfg: Config, run: RunDir, method: str) -> tuple[str, str]:
+    name = f"{method}-{train_hash(cfg, method)}"
+    if cfg.ray.storage_path:
+        return cfg.ray.storage_path, name
+    return str((run / f"train/{method}/ray").resolve()), name
+
+
+def _check_backbone(cfg: Config, n_classes: int) -> None:
+    """Fail in the driver, with one line, before any worker starts."""
+    build_classifier(cfg.train.backbone, n_classes, cfg.train.pretrained_weights)
+
+
+def run_train_stage(cfg: Config, run: RunDir, method: str) -> dict:
+    """Train ``method`` on the run's data; returns (and writes) RUN/train/<method>/metrics.json."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    stage = stage_name(method)
+    metrics_path = run / f"{stage}/metrics.json"
+    digest = train_hash(cfg, method)
+    if run.is_complete(stage, digest) and metrics_path.exists():
+        log.info("%s: complete, skipping", stage)
+        return read_json(metrics_path)
+    started = time.perf_counter()
+    spec = get_method(method)
+    phases = spec.phases(cfg.train)
+    dataset = load_run_dataset(run)
+    train_counts = dataset.group_counts("train")
+    _check_backbone(cfg, dataset.n_classes)
+    if sum(train_counts) == 0:
+        raise FairsynthError(f"{run / 'data/records.parquet'} has no training images; re-run the data stage")
+
+    synthetic_counts, shards = [0] * dataset.n_groups, []
+    if spec.uses_synthetic and any(p.dataset == SYNTHETIC for p in phases):
+        directory = synthetic_dir(run, method)
+        shards = shard_paths(run, method)
+        if not shards:
+            raise FairsynthError(
+                f"no synthetic shards in {directory}; run jobs/generate.py and jobs/filter.py "
+                f"--method {method} first (or set train.pretrain_epochs=0)"
+            )
+        synthetic_counts = train_data.kept_synthetic_counts(shards, dataset.n_groups)
+        if sum(synthetic_counts) == 0:
+            raise FairsynthError(
+                f"{directory} has no kept synthetic images; re-run jobs/filter.py --method {method} "
+                "with a larger filter.keep_fraction"
+            )
+        empty = [dataset.group_name(g) for g, c in enumerate(synthetic_counts) if c == 0]
+        if empty:
+            log.warning("%s: no kept synthetic images for group(s): %s", method, "; ".join(empty))
+
+    init_ray(cfg.ray)
+    t = cfg.train
+    records = dataset.records
+    eval_refs = {split: train_data.eval_split_refs(dataset.split(split), t.image_size) for split in ("val", "test")}
+    datasets = {}
+    for phase in phases:
+        if phase.dataset in datasets:
+            continue
+        if phase.dataset == REAL:
+            base = train_data.real_images(records[records["split"] == "train"], t.image_size, t.cache_decoded)
+            counts = train_counts
+        else:
+            base = train_data.synthetic_images(shards, t.image_size, t.cache_decoded, sum(synthetic_counts))
+            counts = synthetic_counts
+        weights = train_data.balanced_weights(counts) if phase.balanced else None
+        datasets[phase.dataset] = train_data.training_view(
+            base, image_size=t.image_size, augment=t.augment, weights=weights
+        )
+
+    storage_path, name = _storage(cfg, run, method)
+    loop_config = {
+        "train": t,
+        "method": method,
+        "n_groups": dataset.n_groups,
+        "n_classes": dataset.n_classes,
+        "train_group_counts": train_counts,
+        "eval_refs": eval_refs,
+        "tensorboard_dir": str((run / f"{stage}/tensorboard").resolve()),
+        "failure_marker": str(Path(storage_path) / name / "injected_failure")
+        if "://" not in storage_path
+        else None,
+    }
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(
+                # The best-scoring checkpoint and the latest (to resume from) are kept.
+                num_to_keep=2,
+                checkpoint_score_attribute=SCORE,
+                checkpoint_score_order="max",
+            ),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split="all"),
+    )
+    log.info("%s: training %s on %d worker(s)", stage, " -> ".join(f"{p.name}({p.epochs})" for p in phases), t.num_workers)
+    log.info("%s: inputs ready after %.1f s", stage, time.perf_counter() - started)
+    result = trainer.fit()
+    final = result.return_value
+    if not final:
+        raise RuntimeError(f"{stage}: the train loop ended without its final evaluation ({result.error})")
+    history = final["history"]
+    trained = [h for h in history if h.get("images_per_second")]
+    metrics = {
+        "method": method,
+        "val": final["val"],
+        "test": final["test"],
+        "best_epoch": final["best_epoch"],
+        "epochs": [{k: v for k, v in h.items() if not _is_nan(v)} for h in history],
+        "synthetic_images": int(sum(synthetic_counts)) if spec.uses_synthetic else 0,
+        "synthetic_group_counts": synthetic_counts if spec.uses_synthetic else None,
+        "train_group_counts": train_counts,
+        "group_names": [dataset.group_name(g) for g in range(dataset.n_groups)],
+        "phases": [p.__dict__ for p in phases],
+        "backbone": t.backbone,
+        "num_workers": t.num_workers,
+        "images_per_second": (
+            sum(h["images_per_second"] * h["epoch_seconds"] for h in trained) / sum(h["epoch_seconds"] for h in trained)
+            if trained
+            else None
+        ),
+        "checkpoint_dir": str(Path(storage_path) / name),
+        "stage_seconds": time.perf_counter() - started,
+    }
+    atomic_write_json(metrics_path, metrics)
+    run.mark_complete(stage, digest)
+    log.info(
+        "%s: test worst-group %.3f, average-group %.3f (best epoch %d, %.0f s)",
+        stage, metrics["test"]["worst_group"], metrics["test"]["average_group"], metrics["best_epoch"], metrics["stage_seconds"],
+    )
+    return metrics
+
+
+def _is_nan(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)

@@ -1,0 +1,36 @@
+"""Fine-tune one generator per unit (LoRA, DreamBooth, clustered DreamBooth) as parallel Ray
+Tune trials, and write RUN/finetune/<method>/manifest.json.
+
+Re-running the same command resumes: finished units are kept, unfinished trials continue from
+their last checkpoint.
+"""
+
+import _path  # noqa: F401
+
+from engine.cli import config_from_args, job_parser, run_job
+from engine.config import GENERATIVE_METHODS
+
+
+def main() -> None:
+    parser = job_parser(__doc__)
+    parser.add_argument("--method", choices=GENERATIVE_METHODS, required=True)
+    args = parser.parse_args()
+
+    from engine.finetune import run_finetune_stage
+    from engine.raylib import init_ray
+    from engine.runs import RunDir
+
+    cfg = config_from_args(args)
+    run = RunDir(cfg.run_dir)
+    run.prepare(cfg, force=args.force)
+    init_ray(cfg.ray)
+    manifest = run_finetune_stage(cfg, run, args.method)
+    print(f"{args.method}: {len(manifest['units'])} units -> {run / f'finetune/{args.method}/manifest.json'}")
+    for unit in manifest["units"]:
+        source = f"borrows {unit['borrowed_from']}" if unit["borrowed_from"] else (unit["artifact"] or "base model")
+        loss = "-" if unit["final_loss"] is None else f"{unit['final_loss']:.4f}"
+        print(f"  {unit['unit']:>8}  n_real={unit['n_real']:<5} steps={unit['steps']:<4} loss={loss:<7} {source}")
+
+
+if __name__ == "__main__":
+    run_job(main)

@@ -1,0 +1,318 @@
+"""The fine-tune stage on the tiny model and the built-in benchmark at extreme bias (0.999:
+the minority groups have no real images and borrow), with 2 trials at once on a local Ray."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from engine.config import load_config
+from engine.data.datasets import GroupedDataset
+from engine.data.stage import run_data_stage
+from engine.errors import FairsynthError
+from engine.finetune import apply_unit_artifact, run_finetune_stage
+from engine.finetune.units import plan_units
+from engine.models.tiny import tiny_model_path
+from engine.runs import RunDir, atomic_write_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small enough for 2 cores: 200 training images (95 per aligned group, 0 per minority group
+# at severity 0.999), 4 steps per unit, a checkpoint every 2.
+TEST_SETTINGS = [
+    "data.builtin.n_train=200", "data.builtin.n_val=8", "data.builtin.n_test=8", "data.severity=0.999",
+    "finetune.steps=4", "finetune.checkpoint_every=2", "finetune.batch_size=4", "finetune.num_class_images=4",
+    "finetune.trial_resources={CPU: 1}", "finetune.max_concurrent_trials=2", "generate.steps=2",
+    "generate.batch_size=4", "ray.num_cpus=2", "model.device=cpu",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> str:
+    """The shipped tiny Stable Diffusion; a randomly initialised one of the same shape while
+    the shipped weights are absent (every code path is the same)."""
+    if (tiny_model_path() / "model_index.json").exists():
+        return "tiny"
+    from engine.models import tiny
+    from engine.models.tokenizer import build_clip_tokenizer
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_sd")
+    pipe = tiny.assemble_pipeline(tiny.build_vae(), tiny.build_unet(), tiny.build_text_encoder(), build_clip_tokenizer())
+    pipe.save_pretrained(folder)
+    return str(folder)
+
+
+def base_folder(base: str) -> str:
+    return str(tiny_model_path()) if base == "tiny" else base
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+def make_cfg(base: str, run_dir: Path, *extra: str):
+    cfg = load_config(None, [f"model.base={base}", *TEST_SETTINGS, *extra])
+    cfg.run_dir = str(run_dir)
+    return cfg
+
+
+def prepared_run(cfg) -> RunDir:
+    run = RunDir(cfg.run_dir)
+    run.prepare(cfg)
+    return run
+
+
+def unit_record(run: RunDir, method: str, unit: str) -> dict:
+    return json.loads((run / f"finetune/{method}/units/{unit}/unit.json").read_text())
+
+
+def lora_tensors(run: RunDir, unit: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run / f"finetune/lora/units/{unit}/pytorch_lora_weights.safetensors")
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_base, local_ray, tmp_path_factory):
+    """LoRA through the stage, every trial crashing once at step 3 (after its step-2 checkpoint)."""
+    cfg = make_cfg(tiny_base, tmp_path_factory.mktemp("lora"), "finetune.inject_failure_at_step=3")
+    run = prepared_run(cfg)
+    return cfg, run, run_finetune_stage(cfg, run, "lora")
+
+
+# --- units, without Ray --------------------------------------------------------------------
+
+
+def _dataset(counts: dict[int, int]) -> GroupedDataset:
+    rows = [
+        {"image_id": f"{g}-{i}", "source": f"builtin://crow/forest/{i}", "label": g // 2, "attribute": g % 2,
+         "split": "train", "group": g, "subtype": ""}
+        for g, n in counts.items() for i in range(n)
+    ]
+    return GroupedDataset("builtin", pd.DataFrame(rows), ["landbird", "waterbird"], ["land", "water"],
+                          {"aligned": {0: 0, 1: 1}})
+
+
+def test_minority_group_borrows_the_aligned_model_with_swapped_prompt():
+    cfg = load_config(None, ["finetune.min_real_images=4"])
+    units = {u.unit: u for u in plan_units(cfg, _dataset({0: 50, 1: 2, 2: 0, 3: 40}), True, True, False)}
+    assert [u for u in units if units[u].trains] == ["g0", "g3"]
+    g1, g2 = units["g1"], units["g2"]
+    assert (g1.borrowed_from, g2.borrowed_from) == ("g0", "g3")
+    assert g1.prompt == "a photo of a landbird on water" and g1.negative_prompt == "land"
+    assert g2.prompt == "a photo of a waterbird on land" and g2.negative_prompt == "water"
+    assert units["g0"].prompt == "a photo of a sks landbird on land"  # trained units keep the identifier
+    assert (g1.n_real, g2.n_real) == (2, 0)
+
+
+def test_unit_with_no_images_and_nothing_to_borrow_is_a_clear_error():
+    cfg = load_config(None, [])
+    with pytest.raises(FairsynthError, match=r"group 3 \(waterbird / water\) has 0 real training images and nothing to borrow"):
+        plan_units(cfg, _dataset({0: 50, 1: 2, 2: 5, 3: 0}), True, True, False)
+
+
+def test_vanilla_units_draw_with_the_base_model(tiny_base, tmp_path):
+    cfg = make_cfg(tiny_base, tmp_path)
+    manifest = run_finetune_stage(cfg, prepared_run(cfg), "vanilla")
+    assert [u["unit"] for u in manifest["units"]] == ["g0", "g1", "g2", "g3"]
+    assert all(u["artifact"] is None and u["artifact_kind"] == "base" and u["borrowed_from"] is None
+               for u in manifest["units"])
+    assert manifest["units"][1]["prompt"] == "a photo of a landbird on water"
+
+
+# --- LoRA -----------------------------------------------------------------------------------
+
+
+def test_lora_trains_aligned_groups_in_parallel_and_minorities_borrow(lora_run):
+    cfg, run, manifest = lora_run
+    units = {u["unit"]: u for u in manifest["units"]}
+    assert units["g0"]["artifact"] == "finetune/lora/units/g0" and units["g0"]["artifact_kind"] == "lora"
+    assert units["g1"]["borrowed_from"] == "g0" and units["g1"]["artifact"] == units["g0"]["artifact"]
+    assert units["g2"]["borrowed_from"] == "g3" and units["g2"]["negative_prompt"] == "water"
+    assert all(units[u]["steps"] == 4 and np.isfinite(units[u]["final_loss"]) for u in ("g0", "g3"))
+    # Two trials at once: their training windows overlap.
+    a, b = unit_record(run, "lora", "g0"), unit_record(run, "lora", "g3")
+    assert max(a["started_at"], b["started_at"]) < min(a["finished_at"], b["finished_at"])
+    assert json.loads(run.marker("finetune/lora").read_text())["trained"] == 2
+
+
+def test_lora_loads_with_plain_diffusers_and_changes_images(lora_run, tiny_base):
+    from diffusers import StableDiffusionPipeline
+
+    _, run, manifest = lora_run
+    pipe = StableDiffusionPipeline.from_pretrained(base_folder(tiny_base), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+
+    def draw():
+        return pipe("a photo of a landbird on land", num_inference_steps=3, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    before = draw()
+    pipe.load_lora_weights(str(run.root / manifest["units"][0]["artifact"]))
+    after = draw()
+    assert np.abs(after - before).mean() > 1e-5
+    pipe.unload_lora_weights()
+    assert np.allclose(draw(), before, atol=1e-6)
+
+
+def test_rerun_skips_finished_units(lora_run):
+    cfg, run, manifest = lora_run
+    before = unit_record(run, "lora", "g0")
+    run.clear_marker("finetune/lora")
+    assert run_finetune_stage(cfg, run, "lora") == manifest
+    assert unit_record(run, "lora", "g0") == before
+
+
+def test_crashed_trial_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(lora_run, tmp_path):
+    from engine.finetune.trainer import ARTIFACT_DIR, UnitJob, UnitTrainer, unit_seed
+
+    cfg, run, manifest = lora_run
+    unit = next(u for u in plan_units(cfg, run_data_stage(cfg, run), True, False, False) if u.unit == "g0")
+    assert unit_record(run, "lora", "g0")["resumed_at"] == 2  # the checkpoint before the crash
+    # The same unit trained in one go, in this process, ends with the very same weights.
+    job = UnitJob(method="lora", unit="g0", sources=unit.sources, train_prompt=unit.train_prompt,
+                  class_prompt=unit.class_prompt, class_images=None, image_size=cfg.data.image_size, model=cfg.model,
+                  finetune=cfg.finetune.model_copy(update={"inject_failure_at_step": None}),
+                  seed=unit_seed(cfg.finetune.seed, "g0"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        outcome = UnitTrainer(job, "cpu").run(lambda metrics, save: save and save(tmp_path))
+    finally:
+        torch.set_num_threads(threads)
+    from safetensors.torch import load_file
+
+    clean, resumed = load_file(tmp_path / ARTIFACT_DIR / "pytorch_lora_weights.safetensors"), lora_tensors(run, "g0")
+    assert resumed.keys() == clean.keys() and all(torch.equal(resumed[k], clean[k]) for k in clean)
+    assert manifest["units"][0]["final_loss"] == pytest.approx(outcome.final_loss, rel=1e-6)
+
+
+def test_lost_unit_folders_come_back_from_the_experiment_untrained(lora_run):
+    cfg, run, manifest = lora_run
+    tune_dir = run / "finetune/lora/tune"
+    checkpoints = sorted(str(p) for p in tune_dir.rglob("checkpoint_*"))
+    records = {u: unit_record(run, "lora", u) for u in ("g0", "g3")}
+    for unit in ("g0", "g3"):
+        shutil.rmtree(run / f"finetune/lora/units/{unit}")
+    run.clear_marker("finetune/lora")
+    # Tuner.restore finds every trial finished and hands back their last checkpoints.
+    assert run_finetune_stage(cfg, run, "lora") == manifest
+    assert sorted(str(p) for p in tune_dir.rglob("checkpoint_*")) == checkpoints
+    assert {u: unit_record(run, "lora", u) for u in ("g0", "g3")} == records
+
+
+def test_nan_loss_stops_the_trial_keeps_its_checkpoint_and_marks_nothing(tiny_base, local_ray, tmp_path):
+    cfg = make_cfg(tiny_base, tmp_path, "finetune.learning_rate=1e30", "finetune.checkpoint_every=1")
+    run = prepared_run(cfg)
+    with pytest.raises(FairsynthError, match=r"loss became NaN at step 2; the last good checkpoint \(step 1\) is kept"):
+        run_finetune_stage(cfg, run, "lora")
+    assert not run.marker("finetune/lora").exists()
+    assert not (run / "finetune/lora/manifest.json").exists()
+    assert not (run / "finetune/lora/units").exists()
+    assert list((run / "finetune/lora/tune").rglob("checkpoint_000000/training_state.pt"))
+
+
+# --- DreamBooth and clustered DreamBooth ------------------------------------------------------
+
+
+def write_subtype_clusters(cfg, run: RunDir) -> None:
+    """The cluster stage's output with clusters = sub-types (two per group), so the units are known."""
+    from engine.cluster import cluster_hash
+    from engine.data.stage import run_data_stage
+
+    train = run_data_stage(cfg, run).split("train")
+    codes = {name: i % 2 for i, name in enumerate(sorted(train["subtype"].unique()))}
+    frame = pd.DataFrame({"image_id": train["image_id"], "group": train["group"],
+                          "cluster": train["subtype"].map(codes).astype(int), "distance": 0.0})
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    atomic_write_bytes(run / "cluster/assignments.parquet", buffer.getvalue())
+    run.mark_complete("cluster", cluster_hash(cfg))
+
+
+def test_dreambooth_and_clustered_dreambooth_share_cached_class_images(tiny_base, local_ray, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    cfg = make_cfg(tiny_base, tmp_path)
+    run = prepared_run(cfg)
+    manifest = run_finetune_stage(cfg, run, "dreambooth")
+    units = {u["unit"]: u for u in manifest["units"]}
+    assert units["g0"]["artifact_kind"] == "unet" and units["g0"]["prompt"] == "a photo of a sks landbird on land"
+    assert units["g1"]["prompt"] == "a photo of a landbird on water" and units["g1"]["borrowed_from"] == "g0"
+    weights = run / "finetune/dreambooth/units/g0/unet/diffusion_pytorch_model.safetensors"
+    with safe_open(weights, "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    class_images = sorted((run / "finetune/class_images").glob("*.npy"))
+    assert len(class_images) == 2  # one per trained group's class prompt
+    assert np.load(class_images[0]).shape == (4, 32, 32, 3)
+
+    # The generate stage's loader swaps in the unit's UNet.
+    pipe = StableDiffusionPipeline.from_pretrained(base_folder(tiny_base), safety_checker=None)
+    base_weight = pipe.unet.conv_in.weight.detach().clone()
+    apply_unit_artifact(pipe, run.root, units["g0"])
+    assert not torch.allclose(pipe.unet.conv_in.weight, base_weight)
+
+    write_subtype_clusters(cfg, run)
+    stamps = {p: p.stat().st_mtime_ns for p in class_images}
+    clustered = run_finetune_stage(cfg, run, "clustered_dreambooth")
+    units = {u["unit"]: u for u in clustered["units"]}
+    assert sorted(u for u in units if units[u]["borrowed_from"] is None) == ["g0c0", "g0c1", "g3c0", "g3c1"]
+    # The minority group mirrors its lender's clusters.
+    assert {u: units[u]["borrowed_from"] for u in ("g1c0", "g1c1", "g2c0", "g2c1")} == {
+        "g1c0": "g0c0", "g1c1": "g0c1", "g2c0": "g3c0", "g2c1": "g3c1"}
+    assert units["g0c1"]["cluster"] == 1 and units["g0c1"]["n_real"] > 0
+    assert {p: p.stat().st_mtime_ns for p in sorted((run / "finetune/class_images").glob("*.npy"))} == stamps
+
+
+# --- the job, interrupted ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_interrupted_job_resumes_the_experiment(tiny_base, tmp_path):
+    """SIGTERM the job once a trial has checkpointed; the re-run restores the Tune experiment
+    and the unfinished trials continue from their checkpoints."""
+    settings = [f"--set={s}" for s in [f"model.base={tiny_base}", *TEST_SETTINGS, "finetune.steps=40",
+                                         "finetune.checkpoint_every=5"]]
+    command = [sys.executable, str(ROOT / "jobs/finetune.py"), "--method", "lora", "--run-dir", str(tmp_path), *settings]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(tmp_path.glob("finetune/lora/tune/*/*/checkpoint_000001")) and time.time() < deadline:
+        time.sleep(1)
+    job.terminate()
+    job.wait(timeout=120)
+    assert not (tmp_path / "finetune/lora/manifest.json").exists()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = RunDir(tmp_path)
+    assert max(unit_record(run, "lora", u)["resumed_at"] for u in ("g0", "g3")) >= 10
+
+
+@pytest.mark.slow
+def test_search_picks_a_learning_rate_and_step_count_per_unit(tiny_base, local_ray, tmp_path):
+    cfg = make_cfg(tiny_base, tmp_path, "finetune.num_samples=3")
+    run = prepared_run(cfg)
+    run_finetune_stage(cfg, run, "lora")
+    for unit in ("g0", "g3"):
+        record = unit_record(run, "lora", unit)
+        assert 1e-3 / 3 <= record["learning_rate"] <= 3e-3 and record["steps"] in (2, 4, 8)
+        assert np.isfinite(record["heldout_loss"])
+    assert len(list((run / "finetune/lora/tune").iterdir())) == 2  # one search experiment per unit

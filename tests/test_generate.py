@@ -1,0 +1,337 @@
+"""The generate and filter stages on the tiny model and the built-in benchmark.
+
+End to end, for every method: a small group-balanced set is generated through Ray Data,
+read back with plain pyarrow and checked (per-group counts equal the plan, (unit, seed)
+unique, every image decodes, filtering keeps the configured share per group, a second run
+adds nothing, a lost shard is redrawn identically). LoRA and DreamBooth artifacts are made
+here with plain peft / diffusers calls on the base model, so these tests do not wait for
+fine-tuning; the units, prompts and borrowing come from the finetune stage's own planner.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from engine.config import load_config
+from engine.errors import FairsynthError
+from engine.generate.filtering import keep_count, select_top_fraction
+from engine.generate.plan import GroupBalancedPlan, split_proportionally
+from engine.runs import RunDir, atomic_write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE_MODEL = "tiny"
+ENCODER = "tiny"
+IMAGES_PER_GROUP = 6
+STEPS = 2
+
+
+def small_config(run_dir, *extra):
+    return load_config(None, [
+        f"run_dir={run_dir}", f"model.base={BASE_MODEL}", f"model.encoder={ENCODER}", "ray.num_cpus=2",
+        # Severity 0.99 leaves each minority group 2 real images: below finetune.min_real_images,
+        # so those groups borrow their class's aligned model.
+        "data.severity=0.99", "data.builtin.n_train=400", "data.builtin.n_val=8", "data.builtin.n_test=8",
+        "cluster.k=2", "cluster.min_cluster_size=4",
+        f"generate.images_per_group={IMAGES_PER_GROUP}", f"generate.steps={STEPS}",
+        "generate.batch_size=8", "generate.rows_per_shard=5", "generate.actor_num_cpus=1",
+        "filter.keep_fraction=0.5", "filter.batch_size=16",
+        *extra,
+    ])
+
+
+# --- the plan ---------------------------------------------------------------------------------
+
+
+def _unit(unit, group, n_real, cluster=-1, borrowed_from=None, artifact=None, kind="base"):
+    return {
+        "unit": unit, "group": group, "cluster": cluster, "label": group // 2, "attribute": group % 2,
+        "n_real": n_real, "artifact": artifact, "artifact_kind": kind, "prompt": f"prompt {unit}",
+        "negative_prompt": "", "borrowed_from": borrowed_from, "steps": 3, "final_loss": 0.1,
+    }
+
+
+def test_split_proportionally_is_exact_and_deterministic():
+    assert split_proportionally(10, [3, 1]) == [8, 2]  # 7.5 / 2.5: the tie goes to the first unit
+    assert split_proportionally(7, [0, 0, 0]) == [3, 2, 2]
+    assert sum(split_proportionally(101, [5, 17, 2, 9])) == 101
+    assert split_proportionally(5, []) == []
+
+
+def test_plan_balances_groups_and_weighs_borrowed_units_by_their_source():
+    manifest = {"method": "clustered_dreambooth", "base_model": "tiny", "units": [
+        _unit("g0c0", 0, 30, 0, artifact="a0", kind="unet"), _unit("g0c1", 0, 10, 1, artifact="a1", kind="unet"),
+        # Minority group 1 borrows group 0's clusters: split 3:1 like the source, not by its own 1 image.
+        _unit("g1c0", 1, 1, 0, borrowed_from="g0c0"), _unit("g1c1", 1, 1, 1, borrowed_from="g0c1"),
+        _unit("g2", 2, 0), _unit("g3", 3, 50),
+    ]}
+    cfg = load_config(None, ["generate.images_per_group=8", "generate.rows_per_shard=3"]).generate
+    plan = GroupBalancedPlan.build(manifest, [40, 2, 0, 50], cfg)
+    rows = plan.rows
+    assert rows.groupby("group").size().to_dict() == {0: 8, 1: 8, 2: 8, 3: 8}
+    assert rows.groupby("unit").size().to_dict() == {"g0c0": 6, "g0c1": 2, "g1c0": 6, "g1c1": 2, "g2": 8, "g3": 8}
+    # A borrowed unit with no artifact of its own draws with its source's model.
+    assert set(rows.loc[rows["unit"] == "g1c1", "artifact"]) == {"a1"}
+    assert not rows.duplicated(["unit", "seed"]).any()
+    assert plan.n_shards == 11 and rows["shard"].str.contains(plan.hash).all()
+    again = GroupBalancedPlan.build(manifest, [40, 2, 0, 50], cfg)
+    assert again.hash == plan.hash and again.rows.equals(rows)
+    cfg.steps += 1
+    assert GroupBalancedPlan.build(manifest, [40, 2, 0, 50], cfg).hash != plan.hash
+
+    fill = load_config(None, ["generate.images_per_group=fill"]).generate
+    assert GroupBalancedPlan.build(manifest, [40, 2, 0, 50], fill).per_group == {0: 50, 1: 50, 2: 50, 3: 50}
+
+
+def test_plan_refuses_a_manifest_without_a_group():
+    manifest = {"method": "lora", "units": [_unit("g0", 0, 5), _unit("g1", 1, 5), _unit("g3", 3, 5)]}
+    with pytest.raises(FairsynthError, match="no unit for group 2"):
+        GroupBalancedPlan.build(manifest, [5, 5, 5, 5], load_config().generate)
+
+
+def test_top_fraction_per_group():
+    scores = pd.DataFrame({
+        "group": [0] * 4 + [1] * 3, "unit": ["g0"] * 4 + ["g1"] * 3, "seed": [1, 2, 3, 4, 1, 2, 3],
+        "score": [0.1, 0.9, 0.5, 0.3, 0.2, 0.8, 0.8],
+    })
+    kept = select_top_fraction(scores, 0.5)
+    assert kept.tolist() == [False, True, True, False, False, True, True]
+    assert [keep_count(n, 0.75) for n in (0, 1, 2, 4, 6, 48)] == [0, 1, 2, 3, 5, 36]
+
+
+# --- the sampling core ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from engine.generate.sampler import load_base_pipeline
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a sampler actor with one CPU
+    yield load_base_pipeline(BASE_MODEL, "cpu", "sdpa", False)
+    torch.set_num_threads(threads)
+
+
+def test_sampler_draws_what_diffusers_draws_whatever_the_batch(pipe):
+    from engine.generate.sampler import PromptEncoder, make_scheduler, sample_images
+
+    prompts = ["a photo of a landbird on water", "a photo of a waterbird on land", "a photo of a landbird on land"]
+    seeds = [11, 12, 13]
+    scheduler = make_scheduler("dpm_solver_multistep", pipe.scheduler.config)
+    encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, pipe.device)
+    batched = sample_images(pipe.unet, pipe.vae, scheduler, encoder, prompts, [""] * 3, seeds, 3, 7.5)
+    single = sample_images(pipe.unet, pipe.vae, scheduler, encoder, prompts[1:2], [""], seeds[1:2], 3, 7.5)
+    pipe.scheduler = make_scheduler("dpm_solver_multistep", pipe.scheduler.config)
+    reference = pipe(prompts[1], num_inference_steps=3, guidance_scale=7.5,
+                     generator=torch.Generator().manual_seed(seeds[1]), output_type="np").images[0]
+    reference = (reference * 255).round().astype(np.uint8)
+    assert batched.shape == (3, 32, 32, 3) and batched.dtype == np.uint8
+    assert np.abs(single[0].astype(int) - batched[1].astype(int)).max() <= 1
+    assert np.abs(reference.astype(int) - single[0].astype(int)).max() <= 1
+    assert np.abs(batched[0].astype(int) - batched[1].astype(int)).mean() > 1  # not one image
+
+
+def _lora_artifact(pipe, folder: Path, seed: int) -> None:
+    """A diffusers LoRA file with random (non-zero) weights, as the finetune stage saves one."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet = copy.deepcopy(pipe.unet)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers,
+                                              unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+
+
+def _unet_artifact(pipe, folder: Path, seed: int) -> None:
+    """A DreamBooth-style unit folder: ``unet/`` with perturbed weights, as the finetune stage saves one."""
+    import copy
+
+    torch.manual_seed(seed)
+    unet = copy.deepcopy(pipe.unet)
+    with torch.no_grad():
+        for param in unet.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+
+
+def test_unit_models_switch_cheaply_and_back(pipe, tmp_path):
+    from engine.generate.sampler import UnitModels, make_scheduler, sample_images
+
+    _lora_artifact(pipe, tmp_path / "lora_a", 1)
+    _lora_artifact(pipe, tmp_path / "lora_b", 2)
+    for i in range(3):
+        _unet_artifact(pipe, tmp_path / f"db{i}", 10 + i)
+    models = UnitModels(pipe, tmp_path, "sdpa", False, max_unets=2)
+    scheduler = make_scheduler("dpm_solver_multistep", pipe.scheduler.config)
+
+    def draw(artifact, kind):
+        unet, prompts = models.activate(artifact, kind)
+        return sample_images(unet, pipe.vae, scheduler, prompts, ["a photo of a landbird on land"], [""], [5], 2, 7.5)[0]
+
+    base = draw("", "base")
+    lora_a, lora_b = draw("lora_a", "lora"), draw("lora_b", "lora")
+    db = [draw(f"db{i}", "unet") for i in range(3)]
+    assert np.abs(lora_a.astype(int) - base.astype(int)).mean() > 0.5
+    assert np.abs(lora_a.astype(int) - lora_b.astype(int)).mean() > 0.5
+    assert np.abs(db[0].astype(int) - db[1].astype(int)).mean() > 0.5
+    # Back to each earlier model: same pixels, nothing left over from the switches in between.
+    assert np.array_equal(draw("", "base"), base)
+    assert np.array_equal(draw("lora_a", "lora"), lora_a)
+    assert np.array_equal(draw("db0", "unet"), db[0])  # evicted from the 2-UNet cache, reloaded
+    assert len(models._unets) == 2
+    with pytest.raises(FairsynthError, match="missing"):
+        models.activate("nowhere", "unet")
+
+
+# --- the stages, end to end ---------------------------------------------------------------
+
+
+def _manifest_with_artifacts(cfg, run, pipe, method: str) -> dict:
+    """The finetune stage's units for ``method``, with artifacts made here instead of trained."""
+    from engine.cluster import load_assignments
+    from engine.data.stage import load_run_dataset
+    from engine.finetune.units import plan_units
+
+    dataset = load_run_dataset(run)
+    per_cluster = method == "clustered_dreambooth"
+    units = plan_units(cfg, dataset, True, method != "lora", per_cluster, load_assignments(run) if per_cluster else None)
+    trained = {u.unit: i for i, u in enumerate(units) if u.trains}
+    entries = []
+    for unit in units:
+        lender = unit.borrowed_from or unit.unit
+        folder = f"finetune/{method}/units/{lender}"
+        if not (run / folder).exists():
+            if method == "lora":
+                _lora_artifact(pipe, run / folder, trained[lender])
+            else:
+                _unet_artifact(pipe, run / folder, trained[lender])
+        entries.append({
+            "unit": unit.unit, "group": unit.group, "cluster": unit.cluster, "label": unit.label,
+            "attribute": unit.attribute, "n_real": unit.n_real, "prompt": unit.prompt,
+            "negative_prompt": unit.negative_prompt, "borrowed_from": unit.borrowed_from,
+            "artifact": folder, "artifact_kind": "lora" if method == "lora" else "unet",
+            "steps": 1, "final_loss": 0.0,
+        })
+    manifest = {"method": method, "base_model": cfg.model.base, "units": entries}
+    atomic_write_json(run / f"finetune/{method}/manifest.json", manifest)
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def prepared_run(tmp_path_factory, pipe):
+    """A run with data, clusters and a finetune manifest for every method, on a local Ray."""
+    import ray
+
+    from engine.cluster import run_cluster_stage
+    from engine.data.stage import run_data_stage
+    from engine.finetune import run_finetune_stage
+
+    root = tmp_path_factory.mktemp("generate_run")
+    cfg = small_config(root)
+    run = RunDir(root)
+    run.prepare(cfg)
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        run_data_stage(cfg, run)
+        run_cluster_stage(cfg, run)
+        run_finetune_stage(cfg, run, "vanilla")
+        for method in ("lora", "dreambooth", "clustered_dreambooth"):
+            _manifest_with_artifacts(cfg, run, pipe, method)
+        yield cfg, run
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.parametrize("method", ["vanilla", "lora", "dreambooth", "clustered_dreambooth"])
+def test_generate_and_filter_each_method(prepared_run, method):
+    from engine.generate import run_filter_stage, run_generate_stage
+    from engine.generate.stage import build_plan
+
+    cfg, run = prepared_run
+    plan = build_plan(cfg, run, method)
+    summary = run_generate_stage(cfg, run, method)
+    assert summary["images"] == 4 * IMAGES_PER_GROUP and summary["shards_written"] == plan.n_shards
+
+    folder = run / "synthetic" / method
+    table = pq.read_table(folder).to_pandas()  # plain pyarrow, the whole folder
+    assert table.groupby("group").size().to_dict() == plan.per_group
+    assert table.groupby("unit").size().to_dict() == plan.rows.groupby("unit").size().to_dict()
+    assert not table.duplicated(["unit", "seed"]).any()
+    for png in table["image"]:
+        assert Image.open(io.BytesIO(png)).convert("RGB").size == (32, 32)
+    assert set(table["method"]) == {method} and set(table["base_model"]) == {BASE_MODEL}
+    if method != "vanilla":
+        borrowed = table[table["negative_prompt"] != ""]
+        assert len(borrowed) and "sks" not in " ".join(borrowed["prompt"])  # minority groups borrow
+
+    filtered = run_filter_stage(cfg, run, method)
+    table = pq.read_table(folder).to_pandas()
+    assert table["score"].notna().all()
+    kept = table.groupby("group")["kept"].sum().to_dict()
+    assert kept == {g: keep_count(IMAGES_PER_GROUP, cfg.filter.keep_fraction) for g in plan.per_group}
+    assert filtered["kept"] == sum(kept.values())
+    for _, part in table.groupby("group"):  # the kept ones are the best scored
+        assert part.loc[part["kept"], "score"].min() >= part.loc[~part["kept"], "score"].max()
+    assert Image.open(run / "grids" / f"{method}.png").size[0] > 8 * 32
+
+    # A second run adds nothing and rewrites nothing.
+    before = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.parquet")}
+    assert run_generate_stage(cfg, run, method)["plan_hash"] == plan.hash
+    run_filter_stage(cfg, run, method)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.parquet")} == before
+
+
+def test_a_lost_shard_is_redrawn_identically_and_alone(prepared_run):
+    from engine.generate import run_filter_stage, run_generate_stage
+
+    cfg, run = prepared_run
+    method = "vanilla"
+    run_generate_stage(cfg, run, method)
+    folder = run / "synthetic" / method
+    shards = sorted(folder.glob("part-*.parquet"))
+    lost = shards[1]
+    original = pq.read_table(lost).to_pandas()
+    lost.unlink()  # a node died before this shard landed
+    others = {p.name: p.stat().st_mtime_ns for p in shards if p != lost}
+
+    summary = run_generate_stage(cfg, run, method)
+    assert summary["shards_written"] == 1
+    assert {p.name: p.stat().st_mtime_ns for p in shards if p != lost} == others
+    redrawn = pq.read_table(lost).to_pandas()
+    assert redrawn[["unit", "seed", "prompt"]].equals(original[["unit", "seed", "prompt"]])
+    for a, b in zip(original["image"], redrawn["image"], strict=True):
+        pixels_a = np.asarray(Image.open(io.BytesIO(a)), dtype=int)
+        pixels_b = np.asarray(Image.open(io.BytesIO(b)), dtype=int)
+        assert np.abs(pixels_a - pixels_b).max() <= 1
+    # New rows invalidate the filtering: it runs again over the whole set.
+    assert not run.marker(f"filter/{method}").exists()
+    run_filter_stage(cfg, run, method)
+    assert pq.read_table(folder).to_pandas()["score"].notna().all()
+
+
+def test_job_without_a_manifest_fails_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "generate.py"), "--method", "lora", "--run-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "finetune/lora/manifest.json" in result.stderr and "jobs/finetune.py" in result.stderr

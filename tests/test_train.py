@@ -1,0 +1,300 @@
+"""The train stage: Group-DRO and SupCon match hand-computed values; ERM, Group-DRO and a
+generative method train through Ray Train with 2 DDP workers on the built-in benchmark and
+write their metrics (the other generative methods, which differ only in their shard folder,
+and the other stage-2 modes run with `-m slow`); a worker lost mid-run is restored from its
+checkpoint; bad input is one line."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from engine.config import load_config
+from engine.data import builtin
+from engine.data.stage import run_data_stage
+from engine.errors import FairsynthError
+from engine.generate.shards import synthetic_dir, write_shard_table
+from engine.runs import RunDir
+from engine.train.data import augment_images, balanced_weights, resample_groups
+from engine.train.losses import GroupDROLoss, supcon_per_sample
+from engine.train.methods import get_method
+from engine.train.stage import train_hash
+
+ROOT = Path(__file__).resolve().parents[1]
+# A small benchmark keeps each Ray Train run to seconds on 2 cores.
+SMALL = [
+    "data.builtin.n_train=240",
+    "data.builtin.n_val=40",
+    "data.builtin.n_test=40",
+    "data.severity=0.9",
+    "train.epochs=1",
+    "train.pretrain_epochs=1",
+    "train.batch_size=32",
+    "train.num_workers=2",
+    "train.cpus_per_worker=0.5",
+    "ray.num_cpus=2",
+]
+
+
+# --- losses against hand-computed values -----------------------------------------------------
+
+
+def test_group_dro_weights_and_loss_match_hand_computation():
+    # Batch: groups 0, 0, 1, 2; group 3 absent. Training counts 4, 1, 16, 9; C = 1; eta = 0.1.
+    loss_fn = GroupDROLoss(4, [4, 1, 16, 9], eta=0.1, adjustment=1.0)
+    losses = torch.tensor([1.0, 2.0, 3.0, 0.5], requires_grad=True)
+    groups = torch.tensor([0, 0, 1, 2])
+    robust = loss_fn(losses, groups)
+
+    # Group means 1.5, 3.0, 0.5, 0 (empty); plus C / sqrt(n_g) = 0.5, 1, 0.25, 1/3.
+    adjusted = [2.0, 4.0, 0.75, 1.0 / 3.0]
+    unnorm = [0.25 * math.exp(0.1 * a) for a in adjusted]
+    q = [u / sum(unnorm) for u in unnorm]
+    assert loss_fn.q.tolist() == pytest.approx(q, rel=1e-6)
+    assert robust.item() == pytest.approx(sum(qi * a for qi, a in zip(q, adjusted, strict=True)), rel=1e-6)
+    # q is a constant: d loss / d loss_i = q_g / (batch count of g).
+    robust.backward()
+    assert losses.grad.tolist() == pytest.approx([q[0] / 2, q[0] / 2, q[1], q[2]], rel=1e-6)
+
+    # The next step starts from the updated q, and the state survives a checkpoint.
+    restored = GroupDROLoss(4, [4, 1, 16, 9], eta=0.1, adjustment=1.0)
+    restored.load_state_dict(loss_fn.state_dict())
+    step2 = torch.tensor([0.0, 0.0, 0.0, 2.0])
+    expected = [qi * math.exp(0.1 * a) for qi, a in zip(q, [0.5, 1.0, 0.25, 2.0 + 1.0 / 3.0], strict=True)]
+    for fn in (loss_fn, restored):
+        fn(step2, torch.tensor([0, 1, 2, 3]))
+        assert fn.q.tolist() == pytest.approx([e / sum(expected) for e in expected], rel=1e-6)
+
+
+def test_group_dro_without_adjustment_is_the_plain_exponentiated_update():
+    loss_fn = GroupDROLoss(2, [5, 0], eta=1.0)
+    loss_fn(torch.tensor([2.0, 4.0]), torch.tensor([0, 0]))
+    # Group 0 mean 3, group 1 empty (0); an empty training group gets no 1/sqrt(0) adjustment.
+    assert loss_fn.q.tolist() == pytest.approx([math.exp(3) / (math.exp(3) + 1), 1 / (math.exp(3) + 1)])
+
+
+def test_supcon_matches_hand_computation():
+    features = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]])  # normalised inside
+    labels = torch.tensor([0, 0, 1])
+    per_sample = supcon_per_sample(features, labels, temperature=1.0)
+    anchor = -(1.0 - math.log(math.e + 1.0))  # positive at cos 1, negative at cos 0
+    assert per_sample.tolist() == pytest.approx([anchor, anchor, 0.0], rel=1e-6)
+
+
+def test_balanced_resampling_draws_groups_equally_often():
+    counts = [900, 100, 0, 25]
+    weights = balanced_weights(counts)
+    assert weights[2] == 0.0
+    groups = np.repeat([0, 1, 3], [900, 100, 25])
+    batch = {"group": groups, "label": groups // 2, "image": np.zeros((len(groups), 2, 2, 3), np.uint8)}
+    drawn = np.concatenate([resample_groups(batch, weights)["group"] for _ in range(20)])
+    per_group = np.bincount(drawn, minlength=4) / 20
+    target = sum(counts) / 3
+    for g in (0, 1, 3):
+        assert per_group[g] == pytest.approx(target, rel=0.05)
+
+
+def test_augmentation_keeps_shape_and_moves_pixels():
+    images = np.random.default_rng(0).integers(0, 255, (16, 8, 8, 3), dtype=np.uint8)
+    out = augment_images({"image": images, "label": np.zeros(16)}, pad=2)["image"]
+    assert out.shape == images.shape and out.dtype == np.uint8
+    assert (out != images).any()
+
+
+def test_stage2_modes_choose_what_trains():
+    def phases(mode):
+        return get_method("dreambooth").phases(load_config(None, [f"train.stage2={mode}"]).train)
+
+    pretrain, last = phases("last_layer")
+    assert (pretrain.dataset, pretrain.sample_loss, pretrain.trainable) == ("synthetic", "ce_supcon", "all")
+    assert (last.dataset, last.trainable, last.sample_loss) == ("train", "head", "ce_supcon")
+    assert phases("full")[1].trainable == "all"
+    assert phases("group_dro")[1].aggregate == "group_dro"
+    erm, = get_method("erm").phases(load_config().train)
+    assert (erm.aggregate, erm.balanced) == ("mean", False)
+
+
+# --- Ray Train runs ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+def _prepare(run_dir: Path, extra=()):
+    cfg = load_config(None, [*SMALL, *extra])
+    cfg.run_dir = str(run_dir)
+    run = RunDir(run_dir)
+    run.prepare(cfg)
+    run_data_stage(cfg, run)
+    return cfg, run
+
+
+def write_synthetic_fixture(run: RunDir, method: str, per_group: int, dropped_per_group: int) -> None:
+    """Synthetic shards in the generate stage's schema: benchmark renders, PNG-encoded, with
+    ``dropped_per_group`` rows per group marked not kept."""
+    rows = []
+    rng = np.random.default_rng(1)
+    for group in range(4):
+        label, attribute = divmod(group, 2)
+        for i in range(per_group + dropped_per_group):
+            obj = builtin.OBJECT_SUBTYPES[label][i % 3]
+            bg = builtin.BACKGROUND_SUBTYPES[attribute][i % 2]
+            seed = int(rng.integers(0, 2**31 - 1))
+            buffer = io.BytesIO()
+            Image.fromarray(builtin.render(obj, bg, seed, "benchmark", 32)).save(buffer, format="PNG")
+            rows.append(
+                {
+                    "image": buffer.getvalue(), "label": label, "attribute": attribute, "group": group,
+                    "unit": f"g{group}", "cluster": -1, "seed": seed, "prompt": f"a photo of a {obj} on {bg}",
+                    "negative_prompt": "", "method": method, "base_model": "tiny",
+                    "score": float(i), "kept": i >= dropped_per_group,
+                }
+            )
+    frame = pd.DataFrame(rows)
+    for group, part in frame.groupby("group"):
+        path = synthetic_dir(run, method) / f"part-fixture-{group:05d}.parquet"
+        write_shard_table(path, pa.Table.from_pandas(part, preserve_index=False))
+
+
+def _check_metrics(metrics: dict, cfg, run: RunDir, method: str) -> None:
+    on_disk = json.loads((run / f"train/{method}/metrics.json").read_text())
+    assert on_disk["method"] == method
+    for split in ("val", "test"):
+        result = on_disk[split]
+        assert len(result["per_group"]) == 4 and all(0.0 <= a <= 1.0 for a in result["per_group"])
+        assert result["worst_group"] == min(result["per_group"])
+        assert result["average_group"] == pytest.approx(sum(result["per_group"]) / 4)
+        # The benchmark's val/test are group-balanced, so accuracy is the group average.
+        assert result["accuracy"] == pytest.approx(result["average_group"])
+    assert run.is_complete(f"train/{method}", train_hash(cfg, method))
+    assert metrics["test"] == on_disk["test"]
+
+
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory, ray_session):
+    cfg, run = _prepare(tmp_path_factory.mktemp("train-run"))
+    for method in ("vanilla", "lora", "dreambooth", "clustered_dreambooth"):
+        write_synthetic_fixture(run, method, per_group=12, dropped_per_group=4)
+    return cfg, run
+
+
+@pytest.mark.parametrize("method", ["erm", "vanilla"])
+def test_each_method_trains_one_epoch_with_two_ddp_workers(shared_run, method):
+    from engine.train import run_train_stage
+
+    cfg, run = shared_run
+    metrics = run_train_stage(cfg, run, method)
+    _check_metrics(metrics, cfg, run, method)
+    assert metrics["num_workers"] == 2
+    phases = [e["phase"] for e in metrics["epochs"]]
+    if method == "vanilla":
+        assert phases == ["pretrain", "finetune"]
+        # Kept rows only: 12 of the 16 per group.
+        assert metrics["synthetic_images"] == 48 and metrics["synthetic_group_counts"] == [12] * 4
+        # Stage 1 is no candidate: the best checkpoint is a fine-tuned one.
+        assert metrics["best_epoch"] == 1
+    else:
+        assert phases == ["train"] and metrics["synthetic_images"] == 0
+    # A second call finds the completion marker and trains nothing.
+    again = run_train_stage(cfg, run, method)
+    assert again["stage_seconds"] == metrics["stage_seconds"]
+
+
+def test_group_dro_survives_a_lost_worker(shared_run):
+    """Group-DRO's short run, with a worker process killed after its first epoch: Ray Train
+    restores the workers from that epoch's checkpoint and the run completes."""
+    from engine.train import run_train_stage
+
+    cfg, run = shared_run
+    cfg = cfg.model_copy(deep=True)
+    cfg.train.epochs, cfg.train.inject_failure_at_epoch = 2, 1
+    metrics = run_train_stage(cfg, run, "group_dro")
+    _check_metrics(metrics, cfg, run, "group_dro")
+    assert (Path(metrics["checkpoint_dir"]) / "injected_failure").exists(), "the failure hook did not fire"
+    # The restored workers went on with epoch 1, with epoch 0's history (and q) from the
+    # checkpoint, instead of starting over.
+    assert [e["epoch"] for e in metrics["epochs"]] == [0, 1]
+    q = [[e[f"q_{g}"] for g in range(4)] for e in metrics["epochs"]]
+    assert all(sum(row) == pytest.approx(1.0) for row in q)
+    assert q[0] != [0.25] * 4 and q[1] != q[0]
+
+
+@pytest.mark.slow  # the same code path as vanilla, with other shard folders and stage-2 modes
+@pytest.mark.parametrize(
+    "method,stage2", [("lora", "full"), ("dreambooth", "group_dro"), ("clustered_dreambooth", "last_layer")]
+)
+def test_other_generative_methods_and_stage2_modes(shared_run, method, stage2):
+    from engine.train import run_train_stage
+
+    cfg, run = shared_run
+    cfg = cfg.model_copy(deep=True)
+    cfg.train.stage2 = stage2
+    metrics = run_train_stage(cfg, run, method)
+    _check_metrics(metrics, cfg, run, method)
+    assert [e["phase"] for e in metrics["epochs"]] == ["pretrain", "finetune"]
+    assert metrics["phases"][-1]["trainable"] == ("head" if stage2 == "last_layer" else "all")
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def test_generative_method_without_synthetic_images_is_one_line(tmp_path):
+    cfg, run = _prepare(tmp_path / "run")
+    from engine.train import run_train_stage
+
+    with pytest.raises(FairsynthError, match="no synthetic shards in .*jobs/generate.py"):
+        run_train_stage(cfg, run, "lora")
+    assert not (run / "train/lora/metrics.json").exists()
+
+
+def test_missing_pretrained_weights_file_is_one_line(tmp_path):
+    cfg, run = _prepare(tmp_path / "run", ["train.backbone=resnet18", f"train.pretrained_weights={tmp_path}/nope.pth"])
+    from engine.train import run_train_stage
+
+    with pytest.raises(FairsynthError, match="nope.pth does not exist"):
+        run_train_stage(cfg, run, "erm")
+
+
+def test_train_job_reports_missing_synthetic_images_with_exit_code_2(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs/train.py"), "--method", "dreambooth", "--run-dir", str(tmp_path / "run"),
+         *[a for s in SMALL for a in ("--set", s)]],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no synthetic shards in") and "Traceback" not in proc.stderr
+
+
+# --- Group-DRO's known regime ------------------------------------------------------------------
+
+
+@pytest.mark.slow  # two full-size trainings (2000 images, default epochs): minutes on 2 cores
+def test_group_dro_beats_erm_at_severity_095(tmp_path, ray_session):
+    from engine.train import run_train_stage
+
+    cfg = load_config(None, ["data.severity=0.95", "ray.num_cpus=2"])
+    cfg.run_dir = str(tmp_path / "run")
+    run = RunDir(cfg.run_dir)
+    run.prepare(cfg)
+    run_data_stage(cfg, run)
+    erm = run_train_stage(cfg, run, "erm")["test"]
+    group_dro = run_train_stage(cfg, run, "group_dro")["test"]
+    assert group_dro["worst_group"] > erm["worst_group"], (erm, group_dro)
