@@ -63,7 +63,14 @@ def compare(x: np.ndarray, k: int, niter: int, nredo: int, seed: int, threads: i
 
     with threadpool_limits(limits=threads):
         start, cpu = time.perf_counter(), time.process_time()
-        sk = KMeans(n_clusters=k, init="k-means++", n_init=nredo, max_iter=niter, random_state=seed, algorithm="lloyd")
+        sk = KMeans(
+            n_clusters=k,
+            init="k-means++",
+            n_init=nredo,
+            max_iter=niter,
+            random_state=seed,
+            algorithm="lloyd",
+        )
         sk.fit(x)
         sklearn_s, sklearn_cpu = time.perf_counter() - start, time.process_time() - cpu
     faiss_inertia, sklearn_inertia = inertia(x, faiss_centroids), inertia(x, sk.cluster_centers_)
@@ -87,6 +94,13 @@ def compare(x: np.ndarray, k: int, niter: int, nredo: int, seed: int, threads: i
 def real_embeddings(run_dir: str | None, threads: int) -> tuple[np.ndarray, str]:
     """The built-in benchmark's training embeddings, from a run directory or by running the
     cluster stage's embedding step in a temporary one."""
+    if run_dir:
+        path = Path(run_dir) / "cluster/embeddings.npy"
+        if not path.exists():
+            raise SystemExit(
+                f"error: {path} is missing; run jobs/cluster.py --run-dir {run_dir} first"
+            )
+        return np.load(path), str(path)
     import ray
 
     from engine.cluster import training_embeddings
@@ -94,18 +108,15 @@ def real_embeddings(run_dir: str | None, threads: int) -> tuple[np.ndarray, str]
     from engine.data.stage import run_data_stage
     from engine.runs import RunDir
 
-    if run_dir:
-        path = Path(run_dir) / "cluster/embeddings.npy"
-        if not path.exists():
-            raise SystemExit(f"error: {path} is missing; run jobs/cluster.py --run-dir {run_dir} first")
-        return np.load(path), str(path)
     cfg = load_config(None, [f"ray.num_cpus={threads}"])
     with tempfile.TemporaryDirectory() as tmp:
         run = RunDir(tmp)
         run.prepare(cfg)
         train = run_data_stage(cfg, run).split("train")
         try:
-            return training_embeddings(cfg, run, train), f"builtin train, encoder {cfg.model.encoder!r}"
+            return training_embeddings(
+                cfg, run, train
+            ), f"builtin train, encoder {cfg.model.encoder!r}"
         finally:
             ray.shutdown()
 
@@ -129,7 +140,10 @@ def main() -> None:
     del random
     if not args.skip_real:
         x, origin = real_embeddings(args.run_dir, args.threads)
-        results["real"] = {"source": origin, **compare(x, args.k_real, args.niter, args.nredo, args.seed, args.threads)}
+        results["real"] = {
+            "source": origin,
+            **compare(x, args.k_real, args.niter, args.nredo, args.seed, args.threads),
+        }
 
     device = f"cpu ({args.threads} threads)"
     print(

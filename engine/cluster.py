@@ -57,7 +57,16 @@ BLOCK_BATCHES = 8
 # Config fields that change the clustering; actor counts and batch sizes do not.
 CLUSTERING_FIELDS = tuple(
     f"cluster.{name}"
-    for name in ("k", "k_max", "min_cluster_size", "min_silhouette", "spherical", "niter", "nredo", "seed")
+    for name in (
+        "k",
+        "k_max",
+        "min_cluster_size",
+        "min_silhouette",
+        "spherical",
+        "niter",
+        "nredo",
+        "seed",
+    )
 )
 EncoderLoader = Callable[..., object]
 
@@ -83,7 +92,13 @@ class ImageEmbedder:
     """Ray Data actor: loads the encoder once, then turns batches of image sources into
     L2-normalised embeddings."""
 
-    def __init__(self, encoder_spec: str, image_size: int, num_gpus: float, encoder_loader: EncoderLoader | None):
+    def __init__(
+        self,
+        encoder_spec: str,
+        image_size: int,
+        num_gpus: float = 0.0,
+        encoder_loader: EncoderLoader | None = None,
+    ):
         from engine.raylib import device_for
 
         loader = encoder_loader or _load_configured_encoder
@@ -95,7 +110,10 @@ class ImageEmbedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = np.stack([load_image(str(source), self.image_size) for source in batch["source"]])
         embeddings = np.asarray(self.encoder.encode_images(images), dtype=np.float32)
-        return {"row": np.asarray(batch["row"], dtype=np.int64), "embedding": l2_normalise(embeddings)}
+        return {
+            "row": np.asarray(batch["row"], dtype=np.int64),
+            "embedding": l2_normalise(embeddings),
+        }
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -133,7 +151,9 @@ def embed_images(
 
     init_ray(cfg.ray)
     if not sources:
-        raise FairsynthError("no images to embed: the training split is empty; check data.* settings")
+        raise FairsynthError(
+            "no images to embed: the training split is empty; check data.* settings"
+        )
     c = cfg.cluster
     num_gpus = _actor_gpus(cfg)
     frame = pd.DataFrame({"row": np.arange(len(sources), dtype=np.int64), "source": list(sources)})
@@ -155,7 +175,11 @@ def embed_images(
     )
     log.info(
         "embedding %d images with encoder %r (%d actors, %.2g CPU and %.2g GPU each)",
-        len(sources), cfg.model.encoder, c.num_actors, c.actor_num_cpus, num_gpus,
+        len(sources),
+        cfg.model.encoder,
+        c.num_actors,
+        c.actor_num_cpus,
+        num_gpus,
     )
     out: np.ndarray | None = None
     seen = np.zeros(len(sources), dtype=bool)
@@ -347,7 +371,12 @@ def cluster_group(x: np.ndarray, cfg: ClusterConfig, seed: int) -> GroupClusteri
     d = x.shape[1] if x.ndim == 2 else 0
     if n == 0:
         empty = np.zeros(0, dtype=np.int64)
-        return GroupClustering(empty, np.zeros(0, np.float32), np.zeros((0, d), np.float32), reason="no training images")
+        return GroupClustering(
+            empty,
+            np.zeros(0, np.float32),
+            np.zeros((0, d), np.float32),
+            reason="no training images",
+        )
     if cfg.spherical:
         x = l2_normalise(x)
     # The most clusters that could each hold min_cluster_size images.
@@ -356,11 +385,19 @@ def cluster_group(x: np.ndarray, cfg: ClusterConfig, seed: int) -> GroupClusteri
         k = min(cfg.k, capacity)
         reason = None
         if k < cfg.k:
-            reason = f"{n} images hold at most {k} clusters of min_cluster_size={cfg.min_cluster_size}"
+            reason = (
+                f"{n} images hold at most {k} clusters of min_cluster_size={cfg.min_cluster_size}"
+            )
         labels, centroids = _fit(x, k, cfg, seed)
         if reason is None and len(centroids) < k:
             reason = f"{k - len(centroids)} clusters under min_cluster_size={cfg.min_cluster_size} merged"
-        return _finish(x, labels, centroids, silhouette=silhouette(x, labels, cfg.spherical, seed), reason=reason)
+        return _finish(
+            x,
+            labels,
+            centroids,
+            silhouette=silhouette(x, labels, cfg.spherical, seed),
+            reason=reason,
+        )
 
     top = min(cfg.k_max, capacity)
     if top < 2:
@@ -384,7 +421,10 @@ def cluster_group(x: np.ndarray, cfg: ClusterConfig, seed: int) -> GroupClusteri
         labels, centroids = _fit(x, 1, cfg, seed)
         shown = "none" if best is None else f"{best[0]:.3f}"
         return _finish(
-            x, labels, centroids, silhouette_by_k=scores,
+            x,
+            labels,
+            centroids,
+            silhouette_by_k=scores,
             reason=f"best silhouette {shown} < min_silhouette={cfg.min_silhouette}: no cluster structure",
         )
     score, labels, centroids = best
@@ -404,7 +444,9 @@ def subtype_nmi(subtypes: pd.Series, labels: np.ndarray) -> float | None:
 # --- the stage -----------------------------------------------------------------------------
 
 
-def run_cluster_stage(cfg: Config, run: RunDir, encoder_loader: EncoderLoader | None = None) -> pd.DataFrame:
+def run_cluster_stage(
+    cfg: Config, run: RunDir, encoder_loader: EncoderLoader | None = None
+) -> pd.DataFrame:
     """Write RUN/cluster/ (see the module docstring) and return the assignments, one row per
     training image. Skipped when complete; runs the data stage first when it is missing.
     ``encoder_loader(spec, device=...)`` replaces ``engine.models.encoders.load_encoder``."""
@@ -434,10 +476,21 @@ def run_cluster_stage(cfg: Config, run: RunDir, encoder_loader: EncoderLoader | 
             group_means[group] = l2_normalise(x).mean(axis=0)
         groups.append(_group_summary(dataset, group, rows, train, result))
         if result.reason:
-            log.info("group %d (%s): %d clusters: %s", group, dataset.group_name(group), result.n_clusters, result.reason)
+            log.info(
+                "group %d (%s): %d clusters: %s",
+                group,
+                dataset.group_name(group),
+                result.n_clusters,
+                result.reason,
+            )
 
     assignments = pd.DataFrame(
-        {"image_id": train["image_id"].to_numpy(), "group": group_of.astype(np.int64), "cluster": cluster_ids, "distance": distances}
+        {
+            "image_id": train["image_id"].to_numpy(),
+            "group": group_of.astype(np.int64),
+            "cluster": cluster_ids,
+            "distance": distances,
+        }
     )
     buffer = io.BytesIO()
     assignments.to_parquet(buffer, index=False)
@@ -452,7 +505,13 @@ def run_cluster_stage(cfg: Config, run: RunDir, encoder_loader: EncoderLoader | 
     return assignments
 
 
-def _group_summary(dataset: GroupedDataset, group: int, rows: np.ndarray, train: pd.DataFrame, result: GroupClustering) -> dict:
+def _group_summary(
+    dataset: GroupedDataset,
+    group: int,
+    rows: np.ndarray,
+    train: pd.DataFrame,
+    result: GroupClustering,
+) -> dict:
     return {
         "group": group,
         "name": dataset.group_name(group),
@@ -460,17 +519,28 @@ def _group_summary(dataset: GroupedDataset, group: int, rows: np.ndarray, train:
         "n_clusters": result.n_clusters,
         "cluster_sizes": result.sizes,
         "silhouette": None if result.silhouette is None else round(result.silhouette, 4),
-        "silhouette_by_k": {str(k): None if s is None else round(s, 4) for k, s in result.silhouette_by_k.items()},
+        "silhouette_by_k": {
+            str(k): None if s is None else round(s, 4) for k, s in result.silhouette_by_k.items()
+        },
         "reason": result.reason,
         "nmi": subtype_nmi(train["subtype"].iloc[rows], result.labels),
     }
 
 
-def _stage_summary(cfg: Config, dataset: GroupedDataset, groups: list[dict], dim: int, embed_s: float, total_s: float) -> dict:
+def _stage_summary(
+    cfg: Config,
+    dataset: GroupedDataset,
+    groups: list[dict],
+    dim: int,
+    embed_s: float,
+    total_s: float,
+) -> dict:
     c = cfg.cluster
     # Groups too small to split say nothing about cluster quality (NMI is 1 for one image and
     # 0 for one cluster over several sub-types), so the headline NMI covers the others.
-    splittable = [g for g in groups if g["nmi"] is not None and g["n_images"] >= 2 * c.min_cluster_size]
+    splittable = [
+        g for g in groups if g["nmi"] is not None and g["n_images"] >= 2 * c.min_cluster_size
+    ]
     nmis = [g["nmi"] for g in splittable]
     return {
         "dataset": dataset.name,

@@ -88,9 +88,7 @@ class ModelConfig(Section):
 
 
 class ClusterConfig(Section):
-    k: int | Literal["auto"] = Field(
-        3, description="clusters per group (3 = the built-in benchmark's object sub-types), or 'auto' (silhouette)"
-    )
+    k: int | Literal["auto"] = Field("auto", description="clusters per group, or 'auto' (silhouette)")
     k_max: int = Field(6, ge=1, description="largest k tried when k is 'auto'")
     min_cluster_size: int = Field(8, ge=1, description="smaller clusters merge into their nearest")
     min_silhouette: float = Field(
@@ -228,20 +226,23 @@ class GpuStageMfu(Section):
 
 
 class CpuStageMfu(Section):
-    """Achieved fraction of this machine's fp32 matmul peak per stage.
+    """Achieved fraction of one CPU core's fp32 matmul peak per stage (a CPU task runs one
+    PyTorch thread per whole CPU it asks Ray for, so a CPU plan schedules on cores).
 
-    Measured by `jobs/plan.py --measure` (the tiny default) on a 2-core AMD EPYC development
-    machine while other jobs shared its cores: tiny models are dominated by per-operator
-    overhead, so the fractions are small and vary with load. `jobs/plan.py --measure --save`
-    records the machine you plan for."""
+    Measured by `jobs/plan.py --measure` (the tiny default, one thread) on a 2-core AMD EPYC
+    development machine (about 95 GFLOP/s per core): the median of four runs while other jobs
+    shared the cores, each within about 40% of it. `jobs/plan.py --measure --save` records
+    the machine you plan for."""
 
-    cluster: float = Field(0.14, gt=0, le=1, description="tiny CLIP image tower, batch 128")
+    cluster: float = Field(0.25, gt=0, le=1, description="tiny CLIP image tower, batch 128: about 0.2 s")
     finetune: float = Field(
-        0.0056, gt=0, le=1, description="tiny UNet steps at batch 16, 8x8 latents: LoRA 16 s, DreamBooth 46 s"
+        0.12, gt=0, le=1, description="tiny UNet steps at batch 16, 8x8 latents: LoRA 0.16 s, DreamBooth (two calls) 0.38 s"
     )
-    generate: float = Field(0.025, gt=0, le=1, description="tiny sampler, batch 16, 20 steps with guidance + decode")
-    filter: float = Field(0.14, gt=0, le=1, description="as cluster: the same encoder and batch size")
-    train: float = Field(0.011, gt=0, le=1, description="tiny ResNet at 32 px, 32 images per worker, Adam")
+    generate: float = Field(
+        0.18, gt=0, le=1, description="tiny sampler, batch 16, 20 steps with guidance + VAE decode: 8 images/s"
+    )
+    filter: float = Field(0.25, gt=0, le=1, description="as cluster: the same encoder and batch size")
+    train: float = Field(0.14, gt=0, le=1, description="tiny ResNet at 32 px, 32 images per worker, Adam: 700 images/s")
 
 
 class PlanConfig(Section):

@@ -22,7 +22,9 @@ def init_ray(cfg: RayConfig) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, **kwargs)
+        # "local" starts a fresh instance even when another Ray runs on this machine, so a
+        # laptop run never lands on someone else's cluster and its busy CPUs.
+        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, **kwargs)
     log.info("ray resources: %s", ray.cluster_resources())
 
 

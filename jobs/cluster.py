@@ -18,7 +18,9 @@ def main() -> None:
     assignments = run_cluster_stage(cfg, run)
     summary = read_json(run / "cluster/summary.json")
 
-    print(f"cluster: {len(assignments)} training images, encoder {summary['encoder']!r} (d={summary['dim']})")
+    print(
+        f"cluster: {len(assignments)} training images, encoder {summary['encoder']!r} (d={summary['dim']})"
+    )
     print(f"{'group':<32} {'images':>6} {'k':>3}  {'sizes':<24} {'NMI':>5}  note")
     for g in summary["groups"]:
         nmi = "" if g["nmi"] is None else f"{g['nmi']:.3f}"

@@ -38,7 +38,9 @@ def blobs(sizes, dim=16, spread=0.05, seed=0, centres=None):
     rng = np.random.default_rng(seed)
     if centres is None:
         centres = np.eye(dim, dtype=np.float32)[: len(sizes)]
-    x = np.concatenate([c + spread * rng.standard_normal((n, dim)) for c, n in zip(centres, sizes, strict=True)])
+    x = np.concatenate(
+        [c + spread * rng.standard_normal((n, dim)) for c, n in zip(centres, sizes, strict=True)]
+    )
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     labels = np.repeat(np.arange(len(sizes)), sizes)
     return x.astype(np.float32), labels
@@ -115,14 +117,26 @@ def test_empty_group_gets_no_clusters():
 
 
 def _env():
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TQDM_DISABLE": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
 
 
 @pytest.fixture(scope="module")
 def clustered_run(tmp_path_factory):
     """The job, as users run it, on the built-in benchmark (original severity)."""
     run_dir = tmp_path_factory.mktemp("cluster_run")
-    cmd = [sys.executable, str(ROOT / "jobs/cluster.py"), "--run-dir", str(run_dir), "--set", "ray.num_cpus=2"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "jobs/cluster.py"),
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        "ray.num_cpus=2",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, proc.stdout, cmd
@@ -149,7 +163,10 @@ def test_job_assigns_every_training_image_once(clustered_run):
     assert means.shape == (4, summary["dim"])
     for g in summary["groups"]:
         members = assignments[assignments["group"] == g["group"]]
-        assert np.bincount(members["cluster"], minlength=g["n_clusters"]).tolist() == g["cluster_sizes"]
+        assert (
+            np.bincount(members["cluster"], minlength=g["n_clusters"]).tolist()
+            == g["cluster_sizes"]
+        )
         assert centroids[g["group"]].shape == (g["n_clusters"], summary["dim"])
         rows = members.index.to_numpy()
         assert np.allclose(means[g["group"]], embeddings[rows].mean(0), atol=1e-5)
@@ -161,7 +178,9 @@ def test_clusters_recover_builtin_subtypes(clustered_run):
     summary = json.loads((run_dir / "cluster/summary.json").read_text())
     nmi = {int(g): v for g, v in summary["nmi_per_group"].items()}
     assert sorted(nmi) == [0, 1, 2, 3] and summary["nmi_groups_counted"] == [0, 1, 2, 3]
-    assert min(nmi.values()) >= NMI_TARGET, f"NMI per group {nmi}, clusters {[g['cluster_sizes'] for g in summary['groups']]}"
+    assert min(nmi.values()) >= NMI_TARGET, (
+        f"NMI per group {nmi}, clusters {[g['cluster_sizes'] for g in summary['groups']]}"
+    )
 
 
 def test_job_rerun_skips_and_new_k_reuses_embeddings(clustered_run, tmp_path):
