@@ -1,18 +1,19 @@
 """Train throughput: images/s of the Ray Train loop fed by Ray Data vs the same loop fed from
 tensors already in memory. Is the data path the bottleneck? Target: at least 0.9.
 
-Both runs are TorchTrainers with the train stage's workers, DDP, model, optimizer, loss and
-training step (``engine.train.loop.train_epoch``) on the built-in benchmark's training split.
-They differ only in where batches come from:
+One TorchTrainer with the train stage's workers, DDP, model, optimizer, loss and training step
+(``engine.train.loop.train_epoch``) on the built-in benchmark's training split trains epochs
+that alternate between two sources of batches, and differ only in that:
 - ``ray_data``: the stage's own pipeline (``engine.train.data``: decoded once into the object
   store, then block shuffling, random crops and flips in Ray Data tasks each epoch), read
   through ``get_dataset_shard`` and ``epoch_batches`` as the stage reads it;
 - ``in_memory``: the same decoded images as uint8 tensors in each worker, sliced into
   shuffled batches (no augmentation: the ideal the data path is measured against).
-The first epoch of each run (start-up) is left out; images/s counts every worker's images.
+The first epoch from each source (start-up) is left out; images/s counts every worker's
+images. Alternating makes the ratio hold up on a shared machine whose load drifts.
 Prints a markdown row, then, as the last line, one JSON object.
 
-    python benchmarks/train_throughput.py [--epochs 4] [--quick] [--gpu] [--set train.batch_size=128]
+    python benchmarks/train_throughput.py [--epochs 6] [--quick] [--gpu] [--set train.batch_size=128]
 """
 
 from __future__ import annotations
@@ -57,33 +58,35 @@ def bench_loop(config: dict) -> dict:
     sample_loss = phase.build_sample_loss(cfg)
     aggregate = phase.build_aggregate(cfg, config["n_groups"], config["train_group_counts"])
 
-    if config["source"] == "ray_data":
-        shard = ray.train.get_dataset_shard("train")
+    shard = ray.train.get_dataset_shard("train")
 
-        def batches(epoch):
-            return epoch_batches(shard, cfg, per_worker_batch, epoch, rank)
-    else:
-        arrays = ray.get(config["arrays"][0])
-        # This worker's half, as the split would give it, held as tensors before timing.
-        images, labels, groups = (torch.from_numpy(np.ascontiguousarray(a[rank::world])) for a in arrays)
-        generator = torch.Generator().manual_seed(cfg.seed + rank)
+    def from_ray_data(epoch):
+        return epoch_batches(shard, cfg, per_worker_batch, epoch, rank)
 
-        def batches(epoch):
-            order = torch.randperm(len(labels), generator=generator)
-            for start in range(0, len(order) - per_worker_batch + 1, per_worker_batch):
-                index = order[start : start + per_worker_batch]
-                yield {"image": images[index], "label": labels[index], "group": groups[index]}
+    arrays = ray.get(config["arrays"][0])
+    # This worker's half, as the split would give it, held as tensors before timing.
+    images, labels, groups = (torch.from_numpy(np.ascontiguousarray(a[rank::world])) for a in arrays)
+    generator = torch.Generator().manual_seed(cfg.seed + rank)
 
-    seconds, images_seen = [], []
-    for epoch in range(config["epochs"]):
+    def from_memory(epoch):
+        order = torch.randperm(len(labels), generator=generator)
+        for start in range(0, len(order) - per_worker_batch + 1, per_worker_batch):
+            index = order[start : start + per_worker_batch]
+            yield {"image": images[index], "label": labels[index], "group": groups[index]}
+
+    # Epochs alternate between the two sources, so a machine whose load drifts (other jobs
+    # on a shared box) slows both alike.
+    timings = {"ray_data": [], "in_memory": []}
+    for epoch in range(2 * config["epochs"]):
+        source = "ray_data" if epoch % 2 == 0 else "in_memory"
+        batches = from_ray_data(epoch // 2) if source == "ray_data" else from_memory(epoch // 2)
         started = time.perf_counter()
-        stats = train_epoch(model, module, batches(epoch), phase, sample_loss, aggregate, optimizer, device)
-        seconds.append(time.perf_counter() - started)
-        images_seen.append(stats["images"] * world)
-    return {"seconds": seconds, "images": images_seen}
+        stats = train_epoch(model, module, batches, phase, sample_loss, aggregate, optimizer, device)
+        timings[source].append((time.perf_counter() - started, stats["images"] * world))
+    return timings
 
 
-def run(source: str, cfg, datasets: dict, extra: dict, epochs: int) -> dict:
+def run(cfg, dataset, extra: dict, epochs: int) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -91,19 +94,25 @@ def run(source: str, cfg, datasets: dict, extra: dict, epochs: int) -> dict:
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     trainer = TorchTrainer(
         bench_loop,
-        train_loop_config={"train": t, "source": source, "epochs": epochs, **extra},
+        train_loop_config={"train": t, "epochs": epochs, **extra},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=f"train-throughput-{source}-{int(time.time())}", storage_path=extra["storage"]),
-        datasets=datasets if source == "ray_data" else None,
+        run_config=RunConfig(name=f"train-throughput-{int(time.time())}", storage_path=extra["storage"]),
+        datasets={"train": dataset},
     )
     out = trainer.fit().return_value
-    timed_s, timed_images = sum(out["seconds"][1:]), sum(out["images"][1:])
-    return {"images_per_s": timed_images / timed_s, "epoch_seconds": [round(s, 2) for s in out["seconds"]]}
+    result = {}
+    for source, epochs_done in out.items():
+        timed = epochs_done[1:]  # the first epoch of each source starts things up
+        result[source] = {
+            "images_per_s": sum(n for _, n in timed) / sum(s for s, _ in timed),
+            "epoch_seconds": [round(s, 2) for s, _ in epochs_done],
+        }
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=4, help="epochs per run; the first is not timed")
+    parser.add_argument("--epochs", type=int, default=6, help="epochs per source; the first is not timed")
     parser.add_argument("--quick", action="store_true", help="3 epochs")
     parser.add_argument("--gpu", action="store_true", help="one GPU worker (train.use_gpu, num_workers=1)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -127,7 +136,7 @@ def main() -> None:
     t = cfg.train
     init_ray(cfg.ray)
 
-    base = train_data.real_images(train, t.image_size, cache=True)
+    base = train_data.real_images(train, t.image_size, cache=True, min_blocks=t.num_workers)
     view = train_data.training_view(base, image_size=t.image_size, augment=t.augment, weights=None)
     decoded = train_data.decode_sources(train, t.image_size)
     arrays = ray.put((decoded["image"], decoded["label"], decoded["group"]))
@@ -139,8 +148,8 @@ def main() -> None:
         "arrays": [arrays],
         "storage": tempfile.mkdtemp(prefix="fairsynth-train-throughput-"),
     }
-    in_memory = run("in_memory", cfg, {}, extra, epochs)
-    fed = run("ray_data", cfg, {"train": view}, extra, epochs)
+    result = run(cfg, view, extra, epochs)
+    fed, in_memory = result["ray_data"], result["in_memory"]
     ratio = fed["images_per_s"] / in_memory["images_per_s"]
 
     device = "cpu"

@@ -19,13 +19,12 @@ def main() -> None:
     args = parser.parse_args()
 
     from engine.generate import run_filter_stage, run_generate_stage
-    from engine.raylib import init_ray
     from engine.runs import RunDir
 
     cfg = config_from_args(args)
     run = RunDir(cfg.run_dir)
     run.prepare(cfg, force=args.force)
-    init_ray(cfg.ray)
+    # The stages start or join Ray (cfg.ray) only when they have work to do.
     generated = run_generate_stage(cfg, run, args.method)
     rate = generated.get("images_per_second_after_start")
     print(

@@ -42,7 +42,7 @@ def main() -> None:
     if args.gpus < 1:
         raise FairsynthError(f"--gpus {args.gpus}: the cluster needs at least one device")
 
-    from engine.config import REPO_ROOT, load_config
+    from engine.config import REPO_ROOT
     from engine.planning.plan import compare_with_run, format_comparison, format_plan, plan_job
     from engine.runs import atomic_write_json
 
@@ -59,8 +59,9 @@ def main() -> None:
         return
 
     if args.compare:
-        cfg = load_config(args.config, args.overrides) if args.config or args.overrides else None
-        plan, rows = compare_with_run(args.compare, args.gpu_type, args.gpus, args.peak_tflops, cfg)
+        # The run's own config says what ran; --config / --set say how to plan (the plan section).
+        settings = config_from_args(args).plan
+        plan, rows = compare_with_run(args.compare, args.gpu_type, args.gpus, args.peak_tflops, settings)
         if args.json:
             print(json.dumps({"plan": plan.to_dict(), "comparison": rows}))
         else:

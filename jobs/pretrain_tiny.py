@@ -339,6 +339,8 @@ def run_clip_phase(args) -> None:
     stats["benchmark_subtype_nmi"] = {k: round(v, 4) if isinstance(v, float) else
                                       {g: round(x, 4) for g, x in v.items()} for k, v in nmi.items()}
     (tmp / "training.json").write_text(json.dumps(stats, indent=1))
+    for path in tmp.iterdir():
+        path.chmod(0o644)
     atomic_replace(tmp, out)
     print(f"clip: saved {out} {json.dumps(stats)}", flush=True)
 

@@ -39,26 +39,6 @@ TEST_SETTINGS = [
 
 
 @pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> str:
-    """The shipped tiny Stable Diffusion; a randomly initialised one of the same shape while
-    the shipped weights are absent (every code path is the same)."""
-    if (tiny_model_path() / "model_index.json").exists():
-        return "tiny"
-    from engine.models import tiny
-    from engine.models.tokenizer import build_clip_tokenizer
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_sd")
-    pipe = tiny.assemble_pipeline(tiny.build_vae(), tiny.build_unet(), tiny.build_text_encoder(), build_clip_tokenizer())
-    pipe.save_pretrained(folder)
-    return str(folder)
-
-
-def base_folder(base: str) -> str:
-    return str(tiny_model_path()) if base == "tiny" else base
-
-
-@pytest.fixture(scope="module")
 def local_ray():
     import ray
 
@@ -67,8 +47,8 @@ def local_ray():
     ray.shutdown()
 
 
-def make_cfg(base: str, run_dir: Path, *extra: str):
-    cfg = load_config(None, [f"model.base={base}", *TEST_SETTINGS, *extra])
+def make_cfg(run_dir: Path, *extra: str):
+    cfg = load_config(None, [*TEST_SETTINGS, *extra])
     cfg.run_dir = str(run_dir)
     return cfg
 
@@ -90,9 +70,9 @@ def lora_tensors(run: RunDir, unit: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def lora_run(tiny_base, local_ray, tmp_path_factory):
+def lora_run(local_ray, tmp_path_factory):
     """LoRA through the stage, every trial crashing once at step 3 (after its step-2 checkpoint)."""
-    cfg = make_cfg(tiny_base, tmp_path_factory.mktemp("lora"), "finetune.inject_failure_at_step=3")
+    cfg = make_cfg(tmp_path_factory.mktemp("lora"), "finetune.inject_failure_at_step=3")
     run = prepared_run(cfg)
     return cfg, run, run_finetune_stage(cfg, run, "lora")
 
@@ -128,8 +108,8 @@ def test_unit_with_no_images_and_nothing_to_borrow_is_a_clear_error():
         plan_units(cfg, _dataset({0: 50, 1: 2, 2: 5, 3: 0}), True, True, False)
 
 
-def test_vanilla_units_draw_with_the_base_model(tiny_base, tmp_path):
-    cfg = make_cfg(tiny_base, tmp_path)
+def test_vanilla_units_draw_with_the_base_model(tmp_path):
+    cfg = make_cfg(tmp_path)
     manifest = run_finetune_stage(cfg, prepared_run(cfg), "vanilla")
     assert [u["unit"] for u in manifest["units"]] == ["g0", "g1", "g2", "g3"]
     assert all(u["artifact"] is None and u["artifact_kind"] == "base" and u["borrowed_from"] is None
@@ -153,11 +133,11 @@ def test_lora_trains_aligned_groups_in_parallel_and_minorities_borrow(lora_run):
     assert json.loads(run.marker("finetune/lora").read_text())["trained"] == 2
 
 
-def test_lora_loads_with_plain_diffusers_and_changes_images(lora_run, tiny_base):
+def test_lora_loads_with_plain_diffusers_and_changes_images(lora_run):
     from diffusers import StableDiffusionPipeline
 
     _, run, manifest = lora_run
-    pipe = StableDiffusionPipeline.from_pretrained(base_folder(tiny_base), safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_path()), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
 
     def draw():
@@ -218,8 +198,8 @@ def test_lost_unit_folders_come_back_from_the_experiment_untrained(lora_run):
     assert {u: unit_record(run, "lora", u) for u in ("g0", "g3")} == records
 
 
-def test_nan_loss_stops_the_trial_keeps_its_checkpoint_and_marks_nothing(tiny_base, local_ray, tmp_path):
-    cfg = make_cfg(tiny_base, tmp_path, "finetune.learning_rate=1e30", "finetune.checkpoint_every=1")
+def test_nan_loss_stops_the_trial_keeps_its_checkpoint_and_marks_nothing(local_ray, tmp_path):
+    cfg = make_cfg(tmp_path, "finetune.learning_rate=1e30", "finetune.checkpoint_every=1")
     run = prepared_run(cfg)
     with pytest.raises(FairsynthError, match=r"loss became NaN at step 2; the last good checkpoint \(step 1\) is kept"):
         run_finetune_stage(cfg, run, "lora")
@@ -247,11 +227,11 @@ def write_subtype_clusters(cfg, run: RunDir) -> None:
     run.mark_complete("cluster", cluster_hash(cfg))
 
 
-def test_dreambooth_and_clustered_dreambooth_share_cached_class_images(tiny_base, local_ray, tmp_path):
+def test_dreambooth_and_clustered_dreambooth_share_cached_class_images(local_ray, tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
-    cfg = make_cfg(tiny_base, tmp_path)
+    cfg = make_cfg(tmp_path)
     run = prepared_run(cfg)
     manifest = run_finetune_stage(cfg, run, "dreambooth")
     units = {u["unit"]: u for u in manifest["units"]}
@@ -265,7 +245,7 @@ def test_dreambooth_and_clustered_dreambooth_share_cached_class_images(tiny_base
     assert np.load(class_images[0]).shape == (4, 32, 32, 3)
 
     # The generate stage's loader swaps in the unit's UNet.
-    pipe = StableDiffusionPipeline.from_pretrained(base_folder(tiny_base), safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_path()), safety_checker=None)
     base_weight = pipe.unet.conv_in.weight.detach().clone()
     apply_unit_artifact(pipe, run.root, units["g0"])
     assert not torch.allclose(pipe.unet.conv_in.weight, base_weight)
@@ -286,10 +266,10 @@ def test_dreambooth_and_clustered_dreambooth_share_cached_class_images(tiny_base
 
 
 @pytest.mark.slow
-def test_interrupted_job_resumes_the_experiment(tiny_base, tmp_path):
+def test_interrupted_job_resumes_the_experiment(tmp_path):
     """SIGTERM the job once a trial has checkpointed; the re-run restores the Tune experiment
     and the unfinished trials continue from their checkpoints."""
-    settings = [f"--set={s}" for s in [f"model.base={tiny_base}", *TEST_SETTINGS, "finetune.steps=40",
+    settings = [f"--set={s}" for s in [*TEST_SETTINGS, "finetune.steps=40",
                                          "finetune.checkpoint_every=5"]]
     command = [sys.executable, str(ROOT / "jobs/finetune.py"), "--method", "lora", "--run-dir", str(tmp_path), *settings]
     env = {**os.environ, "RAY_ADDRESS": ""}
@@ -307,8 +287,8 @@ def test_interrupted_job_resumes_the_experiment(tiny_base, tmp_path):
 
 
 @pytest.mark.slow
-def test_search_picks_a_learning_rate_and_step_count_per_unit(tiny_base, local_ray, tmp_path):
-    cfg = make_cfg(tiny_base, tmp_path, "finetune.num_samples=3")
+def test_search_picks_a_learning_rate_and_step_count_per_unit(local_ray, tmp_path):
+    cfg = make_cfg(tmp_path, "finetune.num_samples=3")
     run = prepared_run(cfg)
     run_finetune_stage(cfg, run, "lora")
     for unit in ("g0", "g3"):

@@ -154,6 +154,10 @@ def test_schedule_spreads_tasks_in_waves():
     # Four quarter-GPU actors share one GPU: as fast as one actor holding it.
     actors = schedule(StageCost("s", "cluster", "", 1e15, 40, 4, 0.25), device, 8)
     assert actors.devices == 1 and actors.wall_seconds == pytest.approx(2.0)
+    # On CPU cores a half-CPU task still runs one thread on a core of its own.
+    cores = Device("cpu", 1e10, "test", {"train": 0.5}, {"train": "t"}, cpus=2)
+    workers = schedule(StageCost("s", "train", "erm", 1e11, 2, 2, 0.5), cores, cores.units(1))
+    assert workers.devices == 2 and workers.wall_seconds == pytest.approx(1e11 / 2 / 0.5e10)
     # A task larger than the cluster is flagged.
     too_big = schedule(StageCost("s", "finetune", "lora", 1e15, 1, 1, 2.0), device, 1)
     assert too_big.notes and "asks for 2" in too_big.notes[0]
@@ -197,9 +201,13 @@ def test_benchmark_results_replace_config_mfu(tmp_path, tiny_cfg):
     (tmp_path / "plan_mfu.json").write_text(json.dumps(
         {"benchmark": "plan_mfu", "device": "NVIDIA H100 80GB HBM3", "achieved_tflops": {"train": 98.9}}
     ))
+    (tmp_path / "train_throughput.json").write_text(json.dumps(
+        {"benchmark": "train_throughput", "device": "cpu (2 threads)", "achieved_tflops": 0.5}
+    ))
     cpu = resolve_device(tiny_cfg, "cpu", peak_tflops=1.0, results_dir=tmp_path)
     assert cpu.mfu["generate"] == 0.4 and "sampling_throughput.json" in cpu.mfu_source["generate"]
-    assert cpu.mfu["train"] == tiny_cfg.plan.cpu_mfu.train
+    assert cpu.mfu["train"] == pytest.approx(0.25)  # two threads' throughput, per core
+    assert cpu.mfu["finetune"] == tiny_cfg.plan.cpu_mfu.finetune
     h100 = resolve_device(tiny_cfg, "h100", results_dir=tmp_path)
     assert h100.mfu["train"] == pytest.approx(0.1) and h100.mfu["generate"] == tiny_cfg.plan.gpu_mfu.generate
     assert device_kind("NVIDIA A10G") == "a10g" and device_kind("NVIDIA H100 PCIe") == "h100-pcie"

@@ -26,7 +26,13 @@ from engine.data.stage import run_data_stage
 from engine.errors import FairsynthError
 from engine.generate.shards import synthetic_dir, write_shard_table
 from engine.runs import RunDir
-from engine.train.data import augment_images, balanced_weights, resample_groups
+from engine.train.data import (
+    _reflect_pad,
+    augment_images,
+    balanced_weights,
+    block_count,
+    resample_groups,
+)
 from engine.train.losses import GroupDROLoss, supcon_per_sample
 from engine.train.methods import get_method
 from engine.train.stage import train_hash
@@ -110,6 +116,19 @@ def test_augmentation_keeps_shape_and_moves_pixels():
     out = augment_images({"image": images, "label": np.zeros(16)}, pad=2)["image"]
     assert out.shape == images.shape and out.dtype == np.uint8
     assert (out != images).any()
+
+
+def test_fast_reflect_padding_equals_numpys():
+    images = np.random.default_rng(0).integers(0, 255, (3, 9, 13, 3), dtype=np.uint8)
+    for pad in (1, 3, 4):
+        expected = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+        assert np.array_equal(_reflect_pad(images, pad), expected)
+
+
+def test_block_count_follows_bytes_and_workers():
+    assert block_count(1902, 32, min_blocks=2) == 2  # 5.8 MB: one block per worker
+    assert block_count(4795, 224, min_blocks=2) == 22  # 722 MB in ~32 MiB blocks
+    assert block_count(1, 32, min_blocks=4) == 1
 
 
 def test_stage2_modes_choose_what_trains():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -59,14 +60,18 @@ class Device:
     peak_source: str
     mfu: dict[str, float] = field(default_factory=dict)
     mfu_source: dict[str, str] = field(default_factory=dict)
-    cpus: int = 1  # CPUs of one machine, for sharing CPU-only tasks on the "cpu" device
+    cpus: int = 1  # cores of one machine: the units a "cpu" plan schedules on
 
     @property
     def is_gpu(self) -> bool:
         return self.kind != CPU
 
+    def units(self, machines: int) -> int:
+        """What tasks are placed on: GPUs, or the cores of ``machines`` CPU machines."""
+        return machines if self.is_gpu else machines * self.cpus
+
     def rate(self, stage: str) -> float:
-        """Achieved FLOP/s of one whole device on ``stage``'s work."""
+        """Achieved FLOP/s of one GPU (or one CPU core) on ``stage``'s work."""
         return self.peak_flops * self.mfu[stage]
 
 
@@ -84,20 +89,28 @@ def device_kind(name: str) -> str | None:
 
 
 @lru_cache(maxsize=1)
-def cpu_matmul_peak(size: int = 1024, seconds: float = 0.5) -> float:
-    """This machine's fp32 matmul throughput (FLOP/s) with PyTorch's default threads: the
-    "peak" CPU MFUs are measured against. Best of repeated products for ``seconds``."""
+def cpu_matmul_peak(size: int = 512, seconds: float = 1.0, min_reps: int = 20) -> float:
+    """One core's fp32 matmul throughput (FLOP/s): the "peak" that CPU MFUs are measured
+    against. CPU tasks run one PyTorch thread per whole CPU Ray gives them, so the planner
+    counts a CPU machine as cores. The best of many short products, so that time the process
+    spends descheduled on a busy machine does not count."""
     import torch
 
-    a = torch.randn(size, size)
-    b = torch.randn(size, size)
-    a @ b  # first call allocates and picks a kernel
-    best = float("inf")
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = torch.randn(size, size)
+        b = torch.randn(size, size)
+        a @ b  # first call allocates and picks a kernel
+        best, reps = float("inf"), 0
+        deadline = time.perf_counter() + seconds
+        while reps < min_reps or time.perf_counter() < deadline:
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+            reps += 1
+    finally:
+        torch.set_num_threads(threads)
     return 2.0 * size**3 / best
 
 
@@ -106,12 +119,21 @@ def _stage_of(result: dict, path: Path) -> str | None:
     return stage if stage in STAGES else None
 
 
+def _threads(result: dict) -> int:
+    """Threads a CPU result was measured with: its "threads" field or "cpu (N threads)"."""
+    if isinstance(result.get("threads"), int) and result["threads"] > 0:
+        return result["threads"]
+    match = re.search(r"(\d+) threads?", str(result.get("device", "")))
+    return int(match.group(1)) if match else 1
+
+
 def measured_mfu(kind: str, peak_flops: float, results_dir: Path | None = None) -> dict[str, tuple[float, str]]:
     """MFU per stage from benchmark results measured on ``kind``: stage -> (mfu, source).
 
     A result gives ``achieved_tflops`` (absolute, preferred: it does not depend on how the
-    benchmark defined peak) or ``mfu``; either may be a number for the benchmark's stage or a
-    mapping stage -> number (a whole-pipeline benchmark)."""
+    benchmark defined peak; on a CPU, per thread as "cpu (N threads)" or "threads" says) or
+    ``mfu`` (on a CPU, of one core's :func:`cpu_matmul_peak`); either may be a number for the
+    benchmark's stage or a mapping stage -> number (a whole-pipeline benchmark)."""
     folder = Path(results_dir) if results_dir is not None else RESULTS_DIR
     found: dict[str, tuple[float, str]] = {}
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
@@ -122,7 +144,10 @@ def measured_mfu(kind: str, peak_flops: float, results_dir: Path | None = None) 
             continue
         if not isinstance(result, dict) or device_kind(result.get("device", "")) != kind:
             continue
-        for key, scale in (("achieved_tflops", 1e12 / peak_flops), ("mfu", 1.0)):
+        # A CPU plan schedules on cores: a CPU result measured with several threads counts
+        # per thread.
+        threads = _threads(result) if kind == CPU else 1
+        for key, scale in (("achieved_tflops", 1e12 / peak_flops / threads), ("mfu", 1.0)):
             value = result.get(key)
             if isinstance(value, dict):
                 items = {s: v for s, v in value.items() if s in STAGES}
@@ -148,7 +173,7 @@ def resolve_device(
     if peak_tflops is not None:
         peak, source = peak_tflops * 1e12, "--peak-tflops"
     elif kind == CPU:
-        peak, source = cpu_matmul_peak(), "measured fp32 matmul on this machine"
+        peak, source = cpu_matmul_peak(), "one core's measured fp32 matmul"
     else:
         peak, source = GPU_PEAK_TFLOPS[kind] * 1e12, "datasheet, dense fp16/bf16"
     defaults = (cfg.plan.cpu_mfu if kind == CPU else cfg.plan.gpu_mfu).model_dump()

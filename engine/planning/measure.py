@@ -203,10 +203,21 @@ def measure_encoder(encoder: F.EncoderShapes, batch: int, bench: Bench) -> tuple
 
 def measure_stage_mfu(cfg: Config, quick: bool = False) -> dict:
     """Seconds, counted FLOPs, achieved TFLOP/s and MFU per stage on this machine's device,
-    as one JSON-ready result in the benchmarks' format."""
+    as one JSON-ready result in the benchmarks' format. On a CPU it measures one core (one
+    PyTorch thread), the unit a CPU plan schedules tasks on."""
     cuda = torch.cuda.is_available() and cfg.model.device != "cpu"
+    threads = torch.get_num_threads()
+    if not cuda:
+        torch.set_num_threads(1)
+    try:
+        return _measure(cfg, quick, cuda)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(cfg: Config, quick: bool, cuda: bool) -> dict:
     bench = Bench("cuda" if cuda else "cpu", torch.float16 if cuda else torch.float32, 0.5 if quick else 3.0, quick)
-    name = torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"
+    name = torch.cuda.get_device_name() if cuda else "cpu (1 thread)"
     kind = device_kind(name)
     peak = (GPU_PEAK_TFLOPS.get(kind or "", 0.0) * 1e12 or None) if cuda else cpu_matmul_peak()
     shapes, encoder = F.diffusion_shapes(cfg.model), F.encoder_shapes(cfg.model)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from engine.config import REPO_ROOT, Config
+from engine.config import REPO_ROOT, Config, PlanConfig
 from engine.errors import FairsynthError
 from engine.planning import flops as F
 from engine.planning.counts import GroupCounts, clusters_per_group, from_groups_json, group_counts
@@ -45,9 +45,14 @@ class JobPlan:
         return sum(r.device_seconds for r in self.rows) / 3600
 
     @property
+    def units(self) -> int:
+        """GPUs, or the cores of the CPU machines: what tasks are placed on."""
+        return self.device.units(self.n_devices)
+
+    @property
     def billed_device_hours(self) -> float:
-        """What holding all N devices for the whole job costs."""
-        return self.wall_seconds * self.n_devices / 3600
+        """What holding every GPU (or core) for the whole job costs."""
+        return self.wall_seconds * self.units / 3600
 
     @property
     def bottleneck(self) -> str:
@@ -60,6 +65,7 @@ class JobPlan:
             "device": {
                 "kind": self.device.kind,
                 "count": self.n_devices,
+                "units": self.units,
                 "peak_tflops": self.device.peak_flops / 1e12,
                 "peak_source": self.device.peak_source,
                 "mfu": self.device.mfu,
@@ -122,12 +128,12 @@ def plan_job(
         group = (counts or {}).get(key) or group_counts(sub, severity)
         used_counts[key] = group
         per_group = (clusters or {}).get(key) or clusters_per_group(sub, group)
-        ctx = PlanContext(sub, key, group, device, n_devices, shapes, encoder, per_group)
+        ctx = PlanContext(sub, key, group, device, device.units(n_devices), shapes, encoder, per_group)
         for stage in STAGES:
             rows.extend(STAGE_COSTS[stage].costs(ctx))
         notes.extend(group.notes + ctx.notes)
     for row in rows:
-        schedule(row, device, n_devices)
+        schedule(row, device, device.units(n_devices))
         notes.extend(row.notes)
     if cfg.cluster.k == "auto" and not clusters:
         notes.append(f"cluster.k = auto: counted k_max = {cfg.cluster.k_max} per group (capped by min_cluster_size), an upper bound")
@@ -170,10 +176,14 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def format_plan(plan: JobPlan, title: str = "") -> str:
     dev = plan.device
-    unit = "GPU" if dev.is_gpu else "machine"
+    unit = "GPU" if dev.is_gpu else "core"
+    cluster = (
+        f"{plan.n_devices} x {dev.kind}" if dev.is_gpu
+        else f"{plan.n_devices} x this machine ({plan.units} cores)"
+    )
     out = [
-        f"plan{' for ' + title if title else ''}: {plan.n_devices} x {dev.kind} "
-        f"({dev.peak_flops / 1e12:.4g} TFLOP/s peak, {dev.peak_source})",
+        f"plan{' for ' + title if title else ''}: {cluster}, {dev.peak_flops / 1e12:.4g} TFLOP/s peak per {unit} "
+        f"({dev.peak_source})",
         *(f"  {k}: {v}" for k, v in plan.models.items()),
     ]
     for sev, c in plan.counts.items():
@@ -188,21 +198,22 @@ def format_plan(plan: JobPlan, title: str = "") -> str:
     ]
     rows.append(["total", format_flops(sum(t["flops"] for t in totals.values())), "",
                  f"{plan.device_hours:.3g}", format_seconds(plan.wall_seconds), "100%"])
-    out += _table(["stage", "FLOPs", "MFU", f"{unit}-hours", f"wall on {plan.n_devices}", "of wall"], rows)
+    out += _table(["stage", "FLOPs", "MFU", f"{unit}-hours", "wall", "of wall"], rows)
     out += [
         "",
-        f"whole job: {format_seconds(plan.wall_seconds)} on {plan.n_devices} {dev.kind}; "
-        f"{plan.device_hours:.3g} {unit}-hours of compute, {plan.billed_device_hours:.3g} {unit}-hours held "
-        f"({plan.n_devices} x wall); bottleneck: {plan.bottleneck} ({100 * totals[plan.bottleneck]['wall_seconds'] / wall:.0f}% of wall)",
+        f"whole job: {format_seconds(plan.wall_seconds)} on {cluster}; {plan.device_hours:.3g} {unit}-hours "
+        f"of compute, {plan.billed_device_hours:.3g} {unit}-hours held ({plan.units} x wall); "
+        f"bottleneck: {plan.bottleneck} ({100 * totals[plan.bottleneck]['wall_seconds'] / wall:.0f}% of wall)",
         "",
     ]
     detail = [
         [r.severity, r.stage, r.method + (f" ({r.part})" if r.part else ""), str(r.tasks),
-         f"{r.concurrent}x{r.devices / max(r.concurrent, 1):.3g}" if r.tasks else "-", str(r.waves) if r.tasks else "-",
+         f"{r.concurrent} on {r.devices:g}" if r.tasks else "-", str(r.waves) if r.tasks else "-",
          format_flops(r.flops), f"{r.device_seconds / 3600:.3g}", format_seconds(r.wall_seconds)]
         for r in plan.rows
     ]
-    out += _table(["severity", "stage", "method", "tasks", "at once x dev", "waves", "FLOPs", f"{unit}-h", "wall"], detail)
+    out += _table(["severity", "stage", "method", "tasks", f"at once on {unit}s", "waves", "FLOPs",
+                   f"{unit}-h", "wall"], detail)
     sources = sorted({f"{s}: {plan.device.mfu_source[s]}" for s in STAGES})
     out += ["", "MFU from: " + "; ".join(sources)]
     out += [f"note: {n}" for n in plan.notes]
@@ -238,17 +249,20 @@ def _recorded_counts(run_dir: Path, cfg: Config) -> tuple[dict, dict]:
 
 
 def compare_with_run(run_dir: str | Path, device_kind: str = "cpu", n_devices: int = 1,
-                     peak_tflops: float | None = None, cfg: Config | None = None) -> tuple[JobPlan, list[dict]]:
+                     peak_tflops: float | None = None, plan_settings: PlanConfig | None = None,
+                     ) -> tuple[JobPlan, list[dict]]:
     """Plan the run's own config (with the group and cluster counts it recorded) and set each
     stage's predicted seconds beside RUN/stage_seconds.json; returns the plan and one row per
-    (severity, method, stage) plus per-stage totals (method "all")."""
+    (severity, method, stage) plus per-stage totals (method "all"). The planner's own settings
+    (MFU, results folder) are today's, ``plan_settings``, not those the run was written with."""
     from engine.runs import read_json
 
     run_dir = Path(run_dir)
     seconds_path = run_dir / "stage_seconds.json"
     if not seconds_path.is_file():
         raise FairsynthError(f"--compare {run_dir}: no stage_seconds.json; it is written when jobs/full.py finishes")
-    cfg = cfg or _run_config(run_dir)
+    cfg = _run_config(run_dir)
+    cfg.plan = plan_settings if plan_settings is not None else PlanConfig()
     counts, clusters = _recorded_counts(run_dir, cfg)
     plan = plan_job(cfg, device_kind, n_devices, peak_tflops, counts=counts, clusters=clusters)
     actual = read_json(seconds_path)

@@ -57,7 +57,7 @@ class StageCost:
 
 
 def schedule(cost: StageCost, device: Device, n_devices: int) -> StageCost:
-    """Fill in the row's time on ``n_devices`` devices like ``device``."""
+    """Fill in the row's time on ``n_devices`` units of ``device`` (GPUs, or CPU cores)."""
     cost.mfu = device.mfu[cost.stage]
     cost.mfu_source = device.mfu_source[cost.stage]
     rate = device.rate(cost.stage)
@@ -74,8 +74,12 @@ def schedule(cost: StageCost, device: Device, n_devices: int) -> StageCost:
     per_round = math.ceil(cost.tasks / cost.sequential)
     fit = max(1, math.floor(n_devices / share + 1e-9))
     cost.concurrent = max(1, min(cost.slots, per_round, fit))
-    # Fractional tasks pack onto whole devices; a lone quarter-GPU actor still has the GPU.
-    held = math.ceil(cost.concurrent * share - 1e-9) if share < 1 else cost.concurrent * share
+    if device.is_gpu:
+        # Fractional GPUs pack onto whole ones; a lone quarter-GPU actor still has the GPU.
+        held = math.ceil(cost.concurrent * share - 1e-9) if share < 1 else cost.concurrent * share
+    else:
+        # A CPU task runs one thread per whole CPU it asks for, and at least one.
+        held = cost.concurrent * max(1, math.floor(share + 1e-9))
     cost.devices = min(float(n_devices), held)
     cost.waves = math.ceil(per_round / cost.concurrent)
     per_task_seconds = (cost.flops / cost.tasks) / (rate * cost.devices / cost.concurrent)
@@ -96,10 +100,10 @@ class PlanContext:
     notes: list[str] = field(default_factory=list)
 
     def share(self, what: str, gpus: float, cpus: float) -> float:
-        """Devices a task of ``what`` asks for: its GPUs on a GPU plan, its share of a
-        machine's CPUs on a CPU plan."""
+        """What a task of ``what`` asks Ray for: its GPUs on a GPU plan, its CPUs (cores)
+        on a CPU plan."""
         if not self.device.is_gpu:
-            return max(cpus, 1e-6) / self.device.cpus
+            return max(cpus, 1e-6)
         if gpus > 0:
             return gpus
         self.notes.append(f"{what} asks for no GPU; planned with one GPU per task (set it for GPU runs)")

@@ -102,10 +102,14 @@ def run_train_stage(cfg: Config, run: RunDir, method: str) -> dict:
         if phase.dataset in datasets:
             continue
         if phase.dataset == REAL:
-            base = train_data.real_images(records[records["split"] == "train"], t.image_size, t.cache_decoded)
+            base = train_data.real_images(
+                records[records["split"] == "train"], t.image_size, t.cache_decoded, min_blocks=t.num_workers
+            )
             counts = train_counts
         else:
-            base = train_data.synthetic_images(shards, t.image_size, t.cache_decoded, sum(synthetic_counts))
+            base = train_data.synthetic_images(
+                shards, t.image_size, t.cache_decoded, sum(synthetic_counts), min_blocks=t.num_workers
+            )
             counts = synthetic_counts
         weights = train_data.balanced_weights(counts) if phase.balanced else None
         datasets[phase.dataset] = train_data.training_view(
