@@ -94,7 +94,7 @@ def plot_per_group(rows: list[dict], path: Path, severity) -> None:
     n_groups = len(chosen[0]["test_per_group"])
     names = chosen[0].get("group_names") or [f"group {g}" for g in range(n_groups)]
     width = 0.8 / len(chosen)
-    fig, ax = plt.subplots(figsize=(max(6, 1.8 * n_groups), 3.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(max(7, 1.8 * n_groups), 4.0), dpi=110)
     x = np.arange(n_groups)
     for i, r in enumerate(chosen):
         values = [0 if (v is None or math.isnan(v)) else 100 * v for v in r["test_per_group"]]
@@ -103,7 +103,7 @@ def plot_per_group(rows: list[dict], path: Path, severity) -> None:
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"Per-group test accuracy, severity {severity_title(severity)}")
-    ax.legend(fontsize=7, ncol=3, loc="lower right")
+    ax.legend(fontsize=7, ncol=len(chosen), loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     buffer = io.BytesIO()

@@ -16,7 +16,7 @@ from PIL import Image
 from engine.config import load_config
 from engine.data import builtin
 from engine.data.datasets import load_image
-from engine.data.prepare import describe, load_dataset
+from engine.data.prepare import load_dataset
 from engine.data.severity import apply_severity, conflicting_to_keep, infer_aligned
 from engine.errors import FairsynthError
 from engine.metrics import group_accuracies, summarize

@@ -36,8 +36,8 @@ SYNTHETIC_COLUMNS = ("image", "label", "group", "kept")
 # small machine the fixed cost of a task, not the pixels, dominates: 1902 32-px images in 8
 # blocks took 0.26 s an epoch, in 2 blocks 0.14 s, beside 1.6 s of training.
 BLOCK_BYTES = 32 * 2**20
-# Decoding is CPU work, but on a small machine the train workers hold most CPUs; fractional
-# requests let a decode task run beside them instead of waiting for a whole core.
+# A whole CPU per decode or augmentation task: half-CPU tasks ran twice as many worker
+# processes on a 2-core machine, each costing seconds to start, for no faster epochs.
 DATA_TASK_CPUS = 1.0
 
 
