@@ -15,8 +15,6 @@ from engine.models.loading import load_pipeline
 from engine.models.tiny import tiny_clip_path, tiny_model_path
 from engine.models.tokenizer import build_clip_tokenizer
 
-torch.set_num_threads(2)
-
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]
 
 
