@@ -1,6 +1,6 @@
 # Two commands a newcomer needs: `make run` (the whole job on the embedded default) and
 # `make test` (the test suite). Both create the virtual environment on first use.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
