@@ -136,7 +136,7 @@ def main() -> None:
     t = cfg.train
     init_ray(cfg.ray)
 
-    base = train_data.real_images(train, t.image_size, cache=True, min_blocks=t.num_workers)
+    base = train_data.real_images(train, t.image_size, True, t.num_workers, t.seed)
     view = train_data.training_view(base, image_size=t.image_size, augment=t.augment, weights=None)
     decoded = train_data.decode_sources(train, t.image_size)
     arrays = ray.put((decoded["image"], decoded["label"], decoded["group"]))

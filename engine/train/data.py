@@ -132,13 +132,18 @@ def block_count(n_rows: int, image_size: int, min_blocks: int = 1) -> int:
     return max(1, min(n_rows, max(min_blocks, by_size)))
 
 
-def real_images(records: pd.DataFrame, image_size: int, cache: bool, min_blocks: int = 1):
-    """One split's records as a dataset of decoded images."""
+def real_images(records: pd.DataFrame, image_size: int, cache: bool, min_blocks: int = 1, seed: int = 0):
+    """One split's records as a dataset of decoded images, in a seeded random order.
+
+    Records come sorted by class and group, and each worker streams whole blocks: without
+    the shuffle a worker could see a single class, and its BatchNorm statistics with it.
+    """
     import ray
 
     if records.empty:
         raise FairsynthError("a split the train stage needs has no images; check the data stage's groups.json")
-    plan = records[["source", "label", "group"]].reset_index(drop=True)
+    order = np.random.default_rng(seed).permutation(len(records))
+    plan = records[["source", "label", "group"]].iloc[order].reset_index(drop=True)
     blocks = block_count(len(plan), image_size, min_blocks)
     bounds = np.linspace(0, len(plan), blocks + 1).astype(int)
     parts = [plan.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
@@ -174,18 +179,19 @@ def kept_synthetic_counts(files: list[Path], n_groups: int) -> list[int]:
     return [int(c) for c in counts]
 
 
-def synthetic_images(files: list[Path], image_size: int, cache: bool, n_rows: int, min_blocks: int = 1):
-    """The kept rows of a method's synthetic shards, decoded."""
+def synthetic_images(
+    files: list[Path], image_size: int, cache: bool, n_rows: int, min_blocks: int = 1, seed: int = 0
+):
+    """The kept rows of a method's synthetic shards, decoded, in a seeded random order."""
     import ray
 
     ds = ray.data.read_parquet([str(f) for f in files]).select_columns(list(SYNTHETIC_COLUMNS)).map_batches(
         decode_synthetic, fn_kwargs={"image_size": image_size}, batch_format="pandas", num_cpus=DATA_TASK_CPUS
     )
-    if not cache:
-        return ds
-    # Shards are small and hold one unit (group) each; re-blocking the decoded rows saves a
-    # task per shard every epoch, and the shuffle buffer mixes the groups.
-    return ds.repartition(block_count(n_rows, image_size, min_blocks)).materialize()
+    # Shards hold one unit (a group) each: shuffled once, every block mixes the groups (so
+    # every worker sees them all), and a few large blocks save a task per shard every epoch.
+    ds = ds.random_shuffle(seed=seed).repartition(block_count(n_rows, image_size, min_blocks))
+    return ds.materialize() if cache else ds
 
 
 def training_view(ds, *, image_size: int, augment: bool, weights: list[float] | None):

@@ -103,12 +103,12 @@ def run_train_stage(cfg: Config, run: RunDir, method: str) -> dict:
             continue
         if phase.dataset == REAL:
             base = train_data.real_images(
-                records[records["split"] == "train"], t.image_size, t.cache_decoded, min_blocks=t.num_workers
+                records[records["split"] == "train"], t.image_size, t.cache_decoded, t.num_workers, t.seed
             )
             counts = train_counts
         else:
             base = train_data.synthetic_images(
-                shards, t.image_size, t.cache_decoded, sum(synthetic_counts), min_blocks=t.num_workers
+                shards, t.image_size, t.cache_decoded, sum(synthetic_counts), t.num_workers, t.seed
             )
             counts = synthetic_counts
         weights = train_data.balanced_weights(counts) if phase.balanced else None
