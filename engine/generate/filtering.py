@@ -16,7 +16,6 @@ records per-group counts and mean scores of kept and dropped images.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import time
@@ -24,11 +23,11 @@ import time
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from PIL import Image
 
 from engine.config import Config
 from engine.data.stage import load_run_dataset
 from engine.errors import FairsynthError
+from engine.generate.sampler import decode_png
 from engine.generate.shards import read_shard, shard_paths, synthetic_dir, write_shard_table
 from engine.runs import RunDir, atomic_write_json, read_json
 
@@ -72,15 +71,6 @@ def load_group_means(run: RunDir, n_groups: int) -> np.ndarray:
         return means / norms
 
 
-def _pixels(png: bytes, size: int) -> np.ndarray:
-    """uint8 [size, size, 3], resized the way the data stage resizes real images."""
-    with Image.open(io.BytesIO(png)) as img:
-        img = img.convert("RGB")
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.BICUBIC)
-        return np.asarray(img, dtype=np.uint8)
-
-
 class SyntheticImageScorer:
     """Ray Data actor: PNG rows in, (unit, seed, group, score, two similarities) out."""
 
@@ -102,7 +92,7 @@ class SyntheticImageScorer:
         self.alpha = alpha
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        images = np.stack([_pixels(b, self.image_size) for b in batch["image"]])
+        images = np.stack([decode_png(b, self.image_size) for b in batch["image"]])
         embeddings = np.asarray(self.encoder.encode_images(images), dtype=np.float32)
         labels = batch["label"].to_numpy()
         groups = batch["group"].to_numpy()

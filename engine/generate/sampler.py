@@ -170,8 +170,13 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+def decode_png(data: bytes, size: int | None = None) -> np.ndarray:
+    """uint8 [H, W, 3]; with ``size``, resized the way the data stage resizes real images."""
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert("RGB")
+        if size is not None and img.size != (size, size):
+            img = img.resize((size, size), Image.BICUBIC)
+        return np.asarray(img, dtype=np.uint8)
 
 
 def resolve_device(model_device: str, num_gpus: float) -> str:

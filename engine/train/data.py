@@ -17,17 +17,16 @@ order is not reproducible anyway; model initialisation and the shuffle buffer ar
 
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-from PIL import Image
 
 from engine.data.datasets import load_image
 from engine.errors import FairsynthError
+from engine.generate.sampler import decode_png
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +52,11 @@ def decode_sources(batch: pd.DataFrame, image_size: int) -> dict:
     }
 
 
-def _decode_png(data: bytes, image_size: int) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as img:
-        img = img.convert("RGB")
-        if img.size != (image_size, image_size):
-            img = img.resize((image_size, image_size), Image.BICUBIC)
-        return np.asarray(img, dtype=np.uint8)
-
-
 def decode_synthetic(batch: pd.DataFrame, image_size: int) -> dict:
     """Synthetic rows -> decoded images, kept rows only (the filter stage's choice)."""
     batch = batch[batch["kept"].astype(bool)]
     images = (
-        np.stack([_decode_png(b, image_size) for b in batch["image"]])
+        np.stack([decode_png(b, image_size) for b in batch["image"]])
         if len(batch)
         else np.zeros((0, image_size, image_size, 3), np.uint8)
     )
