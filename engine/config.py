@@ -113,12 +113,15 @@ class ClusterConfig(Section):
 
 class FinetuneConfig(Section):
     steps: int = Field(60, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
+    learning_rate: float = Field(1e-3, gt=0, description="full-weight DreamBooth (and LoRA when lora_learning_rate is unset)")
+    lora_learning_rate: float | None = Field(1e-2, gt=0, description="LoRA adapters (lora, dreambooth_store=lora_delta)")
     batch_size: int = Field(16, ge=1)
     lora_rank: int = Field(4, ge=1)
     lora_alpha: float = Field(4.0, gt=0)
     identifier: str = Field("sks", description="rare token that stands for the paper's [V]")
-    prior_preservation: bool = True
+    prior_preservation: bool = Field(
+        False, description="off for the tiny model, whose base draws of the class words are off-domain"
+    )
     prior_loss_weight: float = Field(1.0, ge=0)
     num_class_images: int = Field(32, ge=1, description="prior-preservation images per class prompt")
     train_text_encoder: bool = False
@@ -134,6 +137,7 @@ class FinetuneConfig(Section):
     num_samples: int = Field(1, ge=1, description=">1 searches learning rate and steps with ASHA")
     search_lr_factor: float = Field(3.0, gt=1, description="the search draws learning rates in [lr / f, lr * f]")
     heldout_fraction: float = Field(0.2, gt=0, lt=1, description="share of a unit's images the search scores on")
+    caption_dropout: float = Field(0.1, ge=0, lt=1, description="share of captions trained as the empty prompt")
     inject_failure_at_step: int | None = Field(None, ge=1, description="test hook: every trial raises once here")
     seed: int = 0
 

@@ -48,9 +48,19 @@ class FinetuneStrategy:
     def artifact_kind(self, ft: FinetuneConfig) -> str:
         return "lora"
 
+    def trains_lora(self, ft: FinetuneConfig) -> bool:
+        return True
+
+    def learning_rate(self, ft: FinetuneConfig) -> float:
+        """LoRA adapters learn at ``lora_learning_rate``; full weights at ``learning_rate``."""
+        if self.trains_lora(ft) and ft.lora_learning_rate is not None:
+            return ft.lora_learning_rate
+        return ft.learning_rate
+
     def training_fields(self) -> tuple[str, ...]:
         """The finetune config keys a trained unit of this method depends on."""
-        return ("steps", "learning_rate", "batch_size", "seed", "num_samples", "search_lr_factor", "heldout_fraction")
+        return ("steps", "learning_rate", "lora_learning_rate", "batch_size", "seed", "num_samples", "search_lr_factor", "heldout_fraction",
+                "caption_dropout")
 
     def prepare(self, unet, text_encoder, ft: FinetuneConfig) -> list[torch.nn.Parameter]:
         """Freeze what stays, make trainable what learns; returns the trainable parameters."""
@@ -157,12 +167,15 @@ class DreamBooth(FinetuneStrategy):
     def artifact_kind(self, ft):
         return "unet" if ft.dreambooth_store == "unet" else "lora_delta"
 
+    def trains_lora(self, ft):
+        return ft.dreambooth_store == "lora_delta"
+
     def training_fields(self):
         return (*super().training_fields(), "identifier", "prior_preservation", "prior_loss_weight",
                 "num_class_images", "train_text_encoder", "dreambooth_store", "lora_rank", "lora_alpha")
 
     def prepare(self, unet, text_encoder, ft):
-        if ft.dreambooth_store == "lora_delta":
+        if self.trains_lora(ft):
             return _add_lora(unet, text_encoder, ft, with_text_encoder=ft.train_text_encoder)
         unet.requires_grad_(True)
         text_encoder.requires_grad_(ft.train_text_encoder)

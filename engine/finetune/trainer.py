@@ -133,7 +133,7 @@ class UnitTrainer:
         self.ft = job.finetune
         self.strategy = get_strategy(job.method)
         self.device = device
-        self.learning_rate = float(learning_rate or self.ft.learning_rate)
+        self.learning_rate = float(learning_rate or self.strategy.learning_rate(self.ft))
         self.steps = int(steps or self.ft.steps)
         self.score_heldout = score_heldout
         self.failure_marker = failure_marker
@@ -212,10 +212,12 @@ class UnitTrainer:
             self.prior = encode_latent_distribution(self.vae, self.job.class_images, self.device, frozen_dtype)
         self.instance_ids = self._token_ids(self.job.train_prompt)
         self.class_ids = self._token_ids(self.job.class_prompt)
+        self.empty_ids = self._token_ids("")
         if not self.strategy.trains_text_encoder(self.ft):
             with torch.no_grad(), self._autocast():
                 self.instance_text = self.text_encoder(self.instance_ids)[0]
                 self.class_text = self.text_encoder(self.class_ids)[0]
+                self.empty_text = self.text_encoder(self.empty_ids)[0]
 
     def _fixed_draws(self, latent_mean: torch.Tensor, generator: torch.Generator) -> dict:
         latents = (latent_mean * self.scaling_factor).repeat(HELDOUT_DRAWS, 1, 1, 1)
@@ -232,10 +234,20 @@ class UnitTrainer:
 
     def _text(self, which: str) -> torch.Tensor:
         if self.strategy.trains_text_encoder(self.ft):
-            ids = self.instance_ids if which == "instance" else self.class_ids
+            ids = {"instance": self.instance_ids, "class": self.class_ids, "empty": self.empty_ids}[which]
             with self._autocast():
                 return self.text_encoder(ids)[0]
-        return self.instance_text if which == "instance" else self.class_text
+        return {"instance": self.instance_text, "class": self.class_text, "empty": self.empty_text}[which]
+
+    def _captions(self, which: str, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """The caption embedding per sample, some replaced by the empty prompt
+        (``finetune.caption_dropout``): the unconditional prediction that classifier-free
+        guidance subtracts then moves with the fine-tuned model instead of drifting."""
+        text = self._text(which).expand(batch, -1, -1)
+        if self.ft.caption_dropout <= 0:
+            return text
+        dropped = (torch.rand(batch, generator=generator) < self.ft.caption_dropout).to(self.device)
+        return torch.where(dropped[:, None, None], self._text("empty").expand(batch, -1, -1), text)
 
     def _sample_latents(self, mean, std, generator) -> torch.Tensor:
         index = torch.randint(0, len(mean), (self.ft.batch_size,), generator=generator).to(mean.device)
@@ -256,11 +268,11 @@ class UnitTrainer:
 
     def _step_loss(self, generator: torch.Generator) -> torch.Tensor:
         latents = self._sample_latents(self.latent_mean, self.latent_std, generator)
-        loss = self._denoising_loss(latents, self._text("instance"), generator)
+        loss = self._denoising_loss(latents, self._captions("instance", len(latents), generator), generator)
         if self.prior is not None:
             prior_latents = self._sample_latents(*self.prior, generator)
             loss = loss + self.ft.prior_loss_weight * self._denoising_loss(
-                prior_latents, self._text("class"), generator
+                prior_latents, self._captions("class", len(prior_latents), generator), generator
             )
         return loss
 
@@ -324,7 +336,8 @@ class UnitTrainer:
             value = float(loss.detach())
             if not math.isfinite(value):
                 log.error("unit %s: loss is %s at step %d; stopping at the last checkpoint", self.job.unit, value, step + 1)
-                report({"step": step, "nan_at_step": step + 1, "finished": False, "resumed_at": resumed_at}, None)
+                report({"step": step, "nan_at_step": step + 1, "finished": False, "resumed_at": resumed_at,
+                        "learning_rate": self.learning_rate}, None)
                 return TrainOutcome(steps=step, final_loss=None, nan_at_step=step + 1)
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from engine.config import FinetuneConfig
 from engine.errors import FairsynthError
+from engine.finetune.strategies import get_strategy
 from engine.finetune.trainer import FAILURE_MARKER, UnitJob, UnitTrainer, resolve_device
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ def _fit(trainable, name: str, storage_path: str, ft: FinetuneConfig, param_spac
     return tuner.fit(), experiment
 
 
-def _collect(grid, experiment: str, ft: FinetuneConfig) -> dict[str, UnitResult]:
+def _collect(grid, experiment: str, ft: FinetuneConfig, lr_field: str) -> dict[str, UnitResult]:
     """The best finished trial per unit; a failed or diverged unit is a one-line error."""
     by_unit: dict[str, list] = {}
     for result in grid:
@@ -197,8 +198,8 @@ def _collect(grid, experiment: str, ft: FinetuneConfig) -> dict[str, UnitResult]
             if nan_at is not None:
                 raise FairsynthError(
                     f"fine-tuning unit {unit}: the loss became NaN at step {nan_at}; the last good checkpoint "
-                    f"(step {first.metrics.get('step')}) is kept in {where}; lower finetune.learning_rate "
-                    "(now {:g}) and re-run".format(first.metrics.get("learning_rate", ft.learning_rate))
+                    f"(step {first.metrics.get('step')}) is kept in {where}; lower {lr_field} "
+                    f"(now {first.metrics.get('learning_rate'):g}) and re-run"
                 )
             raise FairsynthError(
                 f"fine-tuning unit {unit} stopped before finishing (see {experiment}); re-run the same command"
@@ -209,7 +210,7 @@ def _collect(grid, experiment: str, ft: FinetuneConfig) -> dict[str, UnitResult]
             checkpoint=best.checkpoint,
             steps=int(best.metrics["step"]),
             final_loss=best.metrics.get("final_loss"),
-            learning_rate=float(best.metrics.get("learning_rate", ft.learning_rate)),
+            learning_rate=float(best.metrics["learning_rate"]),
             heldout_loss=best.metrics.get("heldout_loss"),
             started_at=best.metrics.get("started_at"),
             finished_at=best.metrics.get("reported_at"),
@@ -230,24 +231,28 @@ def run_unit_trials(jobs: list[UnitJob], ft: FinetuneConfig, storage_path: str, 
     if not jobs:
         return {}
     by_unit = {job.unit: job for job in jobs}
+    strategy = get_strategy(jobs[0].method)
+    uses_lora_rate = strategy.trains_lora(ft) and ft.lora_learning_rate is not None
+    lr_field = "finetune.lora_learning_rate" if uses_lora_rate else "finetune.learning_rate"
     trainable = tune.with_resources(
         tune.with_parameters(unit_trial, jobs=by_unit), tune.PlacementGroupFactory([trial_bundle(ft)])
     )
     if ft.num_samples <= 1:
         grid, experiment = _fit(trainable, experiment_name(prefix, jobs), storage_path, ft,
                                 {"unit": tune.grid_search(sorted(by_unit))}, None, ft.seed)
-        return _collect(grid, experiment, ft)
+        return _collect(grid, experiment, ft, lr_field)
     chosen = {}
+    center = strategy.learning_rate(ft)
     step_choices = sorted({max(1, int(round(ft.steps * f))) for f in SEARCH_STEP_FACTORS})
     for job in jobs:
         space = {
             "unit": job.unit,
-            "learning_rate": tune.loguniform(ft.learning_rate / ft.search_lr_factor, ft.learning_rate * ft.search_lr_factor),
+            "learning_rate": tune.loguniform(center / ft.search_lr_factor, center * ft.search_lr_factor),
             "steps": tune.choice(step_choices),
         }
         grid, experiment = _fit(trainable, experiment_name(prefix, [job], "search"), storage_path, ft,
                                 space, {"max_steps": max(step_choices)}, job.seed)
-        chosen.update(_collect(grid, experiment, ft))
+        chosen.update(_collect(grid, experiment, ft, lr_field))
         log.info("unit %s: search chose learning rate %.2e, %d steps", job.unit,
                  chosen[job.unit].learning_rate, chosen[job.unit].steps)
     return chosen
