@@ -3,7 +3,11 @@ distance (1 - cosine) from generated images to the unit's real-image centroid, d
 base model with the group's plain prompt (before) and by the unit's fine-tuned model with its
 manifest prompt (after), same seeds. Borrowing units (minority groups) are scored against
 their group's validation images, since they have (almost) no training images. The group's
-validation images against the same centroid give the distance real images sit at.
+validation images against the same centroid give the distance real images sit at. On the
+built-in benchmark it also reads each drawn image's background family from its border colour
+(``engine.data.builtin.read_background_attribute``) and reports the share that shows the
+unit's own attribute, before and after: the check that a borrowing minority unit draws its
+own background and not its lender's.
 
 Runs the data, (cluster,) and fine-tune stages through their own entry points on the
 embedded default (or a preset), then draws ``--images`` per unit. Prints a markdown table, then,
@@ -82,6 +86,13 @@ def main() -> None:
     def distance(images: np.ndarray, c: np.ndarray) -> float:
         return float(np.mean(1.0 - embed(images) @ c))
 
+    def background_match(images: np.ndarray, attribute: int) -> float | None:
+        if cfg.data.name != "builtin":
+            return None
+        from engine.data.builtin import read_background_attribute
+
+        return float(np.mean([read_background_attribute(im) == attribute for im in images]))
+
     def fresh_pipe():
         pipe = load_pipeline(cfg.model.base, device, attention=cfg.model.attention, allow_pickle=cfg.model.allow_pickle)
         pipe.scheduler = sampling_scheduler(cfg.generate.scheduler, pipe.scheduler.config)
@@ -115,25 +126,37 @@ def main() -> None:
             held_out = val[val["group"] == group]["source"].tolist()[: args.images]
             floor = distance(np.stack([load_image(x, cfg.data.image_size) for x in held_out]), c)
             seed = 1000 + group * 100 + max(int(unit["cluster"]), 0)
-            before = distance(draw(base, prompts.plain(int(unit["label"]), int(unit["attribute"])), "", seed), c)
+            attribute = int(unit["attribute"])
+            drawn_before = draw(base, prompts.plain(int(unit["label"]), attribute), "", seed)
+            before = distance(drawn_before, c)
             pipe = apply_unit_artifact(fresh_pipe(), run.root, unit)
-            after = distance(draw(pipe, unit["prompt"], unit["negative_prompt"], seed), c)
+            drawn_after = draw(pipe, unit["prompt"], unit["negative_prompt"], seed)
+            after = distance(drawn_after, c)
             rows.append({"method": method, "unit": unit["unit"], "borrowed_from": unit["borrowed_from"],
                          "n_real": unit["n_real"], "reference": reference, "real": round(floor, 4),
                          "before": round(before, 4),
-                         "after": round(after, 4), "reduction": round((before - after) / before, 4)})
+                         "after": round(after, 4), "reduction": round((before - after) / before, 4),
+                         "background_before": background_match(drawn_before, attribute),
+                         "background_after": background_match(drawn_after, attribute)})
 
-    print("| method | unit | borrows | n_real | centroid of | real val images | before | after | reduction |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    def share(x: float | None) -> str:
+        return "n/a" if x is None else f"{100 * x:.0f}%"
+
+    print("| method | unit | borrows | n_real | centroid of | real val images | before | after | reduction "
+          "| own background before | after |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['unit']} | {r['borrowed_from'] or '-'} | {r['n_real']} | {r['reference']} "
-              f"| {r['real']:.4f} | {r['before']:.4f} | {r['after']:.4f} | {100 * r['reduction']:+.1f}% |")
+              f"| {r['real']:.4f} | {r['before']:.4f} | {r['after']:.4f} | {100 * r['reduction']:+.1f}% "
+              f"| {share(r['background_before'])} | {share(r['background_after'])} |")
+    matches = [r["background_after"] for r in rows if r["background_after"] is not None]
     trained = [r for r in rows if r["borrowed_from"] is None]
     value = float(np.mean([r["reduction"] for r in trained])) if trained else float("nan")
     print(json.dumps({
         "benchmark": "finetune_fidelity", "metric": "mean_relative_distance_reduction", "value": round(value, 4),
         "target": 0.0, "device": device, "images_per_unit": args.images, "severity": cfg.data.severity,
         "units_closer": sum(r["after"] < r["before"] for r in trained), "units_trained": len(trained),
+        "own_background_after": round(float(np.mean(matches)), 4) if matches else None,
         "finetune_seconds": finetune_seconds, "rows": rows,
     }))
 

@@ -28,7 +28,7 @@ BENCHMARKS = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", default=None, help="benchmark names to run")
-    parser.add_argument("--quick", action="store_true", help="pass --quick to each benchmark")
+    parser.add_argument("--quick", action="store_true", help="pass --quick to each benchmark that has it")
     args = parser.parse_args()
     results_dir = HERE / "results"
     results_dir.mkdir(exist_ok=True)
@@ -39,7 +39,8 @@ def main() -> None:
             print(f"{name}: missing {script}", file=sys.stderr)
             continue
         start = time.perf_counter()
-        cmd = [sys.executable, str(script)] + (["--quick"] if args.quick else [])
+        takes_quick = "--quick" in script.read_text()
+        cmd = [sys.executable, str(script)] + (["--quick"] if args.quick and takes_quick else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         seconds = time.perf_counter() - start
         lines = [line for line in out.stdout.strip().splitlines() if line.strip()]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 
 import ray
 
 from engine.config import RayConfig
+from engine.errors import FairsynthError
 
 log = logging.getLogger(__name__)
 
@@ -16,20 +19,62 @@ def init_ray(cfg: RayConfig) -> None:
     """Join the configured cluster, or start a local Ray; a no-op when already connected."""
     if ray.is_initialized():
         return
+    previous_sigterm = signal.getsignal(signal.SIGTERM)
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    kwargs = {"ignore_reinit_error": True, "log_to_driver": True}
+    # Tune warns when trials checkpoint more often than every few seconds, which short CPU
+    # trials do by design; the checkpoints are what lets a crashed trial resume.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune, Train and Data log every trial report, epoch and dataset execution at INFO: at the
+    # default WARNING a run's console shows its own progress lines and what went wrong.
+    kwargs = {
+        "ignore_reinit_error": True,
+        "log_to_driver": True,
+        "logging_config": ray.LoggingConfig(log_level=cfg.log_level),
+    }
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)
     else:
         # "local" starts a fresh instance even when another Ray runs on this machine, so a
         # laptop run never lands on someone else's cluster and its busy CPUs.
-        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, **kwargs)
+        context = ray.init(
+            address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard,
+            dashboard_host="127.0.0.1", **kwargs,
+        )
+        if context.dashboard_url:
+            log.info("ray dashboard: http://%s", context.dashboard_url)
+    _quiet_driver_logs(cfg.log_level)
+    # Ray installs a native SIGTERM handler that aborts the process; the job's own handler
+    # (engine.cli) unwinds cleanly instead, so put it back.
+    if previous_sigterm is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, previous_sigterm)
     log.info("ray resources: %s", ray.cluster_resources())
 
 
-def device_for(num_gpus: float) -> str:
-    """'cuda' when the actor or trial was given a GPU, else 'cpu'."""
+def _quiet_driver_logs(level: str) -> None:
+    """The driver-side logs of Ray's libraries at ``level`` on the console, as LoggingConfig
+    does in workers. Ray Data keeps writing everything to its session log file."""
+    import ray.data  # noqa: F401  (configures the "ray.data" logger on import)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if "File" not in type(handler).__name__:  # the console handler, not SessionFileHandler
+            handler.setLevel(level)
+    for library in ("ray.tune", "ray.train"):
+        logging.getLogger(library).setLevel(level)
+
+
+def device_for(num_gpus: float, model_device: str = "auto") -> str:
+    """The device an actor, task or trial runs on: 'cuda' when Ray gave it a GPU (and
+    ``model.device`` is not 'cpu'), else 'cpu'; 'cuda' asked for without a GPU is an error."""
     import torch
 
-    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    if model_device == "cpu":
+        return "cpu"
+    if num_gpus > 0 and torch.cuda.is_available():
+        return "cuda"
+    if model_device == "cuda":
+        raise FairsynthError(
+            "model.device = 'cuda' but this worker sees no GPU; give it one (the stage's "
+            "actor_num_gpus or trial_resources GPU > 0) or set model.device=auto"
+        )
+    return "cpu"

@@ -184,7 +184,12 @@ def test_tiny_plan_multiplies_counted_flops_by_the_configs_counts(tiny_cfg, tiny
     lora = rows[("finetune", "lora", "")]
     assert lora.tasks == 2
     assert lora.flops == pytest.approx(2 * (ft.steps * step + text) + 1900 * encode)
-    assert ("finetune", "dreambooth", "class images") in rows
+    # Class images are planned only when DreamBooth preserves the prior (off on the tiny default).
+    assert ("finetune", "dreambooth", "class images") not in rows
+    cfg.finetune.prior_preservation = True
+    with_prior = {(r.stage, r.method, r.part) for r in plan_job(cfg, "cpu", 1, peak_tflops=1.0).rows}
+    assert ("finetune", "dreambooth", "class images") in with_prior
+    cfg.finetune.prior_preservation = False
     # ERM trains epochs x real images and evaluates; no synthetic stage for it.
     assert not any(r.method == "erm" and r.stage != "train" for r in plan.rows)
     totals = plan.stage_totals()

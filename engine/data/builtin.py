@@ -139,6 +139,16 @@ def render(
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def read_background_attribute(image: np.ndarray) -> int:
+    """The background family (0 land, 1 water) an image's border shows, from colour alone:
+    water is clearly bluer than red (ocean, lake), land is not (forest, desert). For judging
+    generated images of this world, e.g. whether a minority unit drew its own background."""
+    border = np.concatenate([image[:3].reshape(-1, 3), image[-3:].reshape(-1, 3),
+                             image[:, :3].reshape(-1, 3), image[:, -3:].reshape(-1, 3)]).astype(np.float32)
+    red, _, blue = border.mean(axis=0)
+    return int(blue - red > 40.0)
+
+
 @dataclass(frozen=True)
 class BaseCorpus:
     """Captioned images in the base style, for pretraining the tiny generator."""

@@ -121,10 +121,11 @@ def class_image_key(cfg: Config, prompt: str) -> str:
 def _draw_class_images_task(cfg: Config, prompt: str, seed: int, gpus: float, threads: int) -> np.ndarray:
     import torch
 
-    from engine.finetune.trainer import draw_class_images, resolve_device
+    from engine.finetune.trainer import draw_class_images
+    from engine.raylib import device_for
 
     torch.set_num_threads(max(1, threads))
-    device = resolve_device(cfg.model, gpus)
+    device = device_for(gpus, cfg.model.device)
     return draw_class_images(
         cfg.model, cfg.generate, prompt, cfg.finetune.num_class_images, seed, device, cfg.data.image_size
     )

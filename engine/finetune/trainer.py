@@ -80,18 +80,10 @@ def unit_seed(finetune_seed: int, unit: str) -> int:
 
 
 def load_base_pipeline(model: ModelConfig, device: str):
-    """The base Stable Diffusion pipeline in fp32 on ``device``."""
-    from engine.models.loading import load_pipeline
+    """The base Stable Diffusion pipeline with fp32 weights on ``device`` (autocast trains in half)."""
+    from engine.models.loading import load_base_pipeline as load
 
-    return load_pipeline(
-        model.base, device, dtype=torch.float32, attention=model.attention, allow_pickle=model.allow_pickle
-    )
-
-
-def resolve_device(model: ModelConfig, gpus: float) -> str:
-    if model.device == "cpu" or gpus <= 0 or not torch.cuda.is_available():
-        return "cpu"
-    return "cuda"
+    return load(model.base, device, attention=model.attention, allow_pickle=model.allow_pickle, dtype=torch.float32)
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:

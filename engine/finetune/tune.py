@@ -30,7 +30,8 @@ from pathlib import Path
 from engine.config import FinetuneConfig
 from engine.errors import FairsynthError
 from engine.finetune.strategies import get_strategy
-from engine.finetune.trainer import FAILURE_MARKER, UnitJob, UnitTrainer, resolve_device
+from engine.finetune.trainer import FAILURE_MARKER, UnitJob, UnitTrainer
+from engine.raylib import device_for
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def unit_trial(config: dict, jobs: dict[str, UnitJob]) -> None:
     allotted = context.get_trial_resources().required_resources
     # One torch thread per allotted CPU: two trials on two cores each take one.
     torch.set_num_threads(max(1, int(allotted.get("CPU", 1))))
-    device = resolve_device(job.model, float(allotted.get("GPU", 0)))
+    device = device_for(float(allotted.get("GPU", 0)), job.model.device)
 
     def report(metrics: dict, save) -> None:
         metrics = {**metrics, "unit": job.unit}

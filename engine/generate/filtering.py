@@ -76,10 +76,10 @@ class SyntheticImageScorer:
 
     def __init__(self, encoder: str, model_device: str, num_gpus: float, image_size: int,
                  class_prompts: list[str], group_means: np.ndarray, alpha: float):
-        from engine.generate.sampler import resolve_device
         from engine.models.encoders import load_encoder
+        from engine.raylib import device_for
 
-        self.encoder = load_encoder(encoder, device=resolve_device(model_device, num_gpus))
+        self.encoder = load_encoder(encoder, device=device_for(num_gpus, model_device))
         if group_means.shape[1] != self.encoder.dim:
             raise FairsynthError(
                 f"RUN/cluster/group_means.npy has {group_means.shape[1]}-d embeddings but encoder "

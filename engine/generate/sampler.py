@@ -19,6 +19,7 @@ import io
 import logging
 import re
 import time
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -27,6 +28,8 @@ import pandas as pd
 from PIL import Image
 
 from engine.errors import FairsynthError
+from engine.models.loading import load_base_pipeline
+from engine.raylib import device_for
 
 log = logging.getLogger(__name__)
 
@@ -179,38 +182,6 @@ def decode_png(data: bytes, size: int | None = None) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8)
 
 
-def resolve_device(model_device: str, num_gpus: float) -> str:
-    """The device a generation or scoring actor runs on, from ``model.device`` and its GPUs."""
-    import torch
-
-    if model_device == "cpu":
-        return "cpu"
-    if num_gpus > 0 and torch.cuda.is_available():
-        return "cuda"
-    if model_device == "cuda":
-        raise FairsynthError(
-            "model.device = 'cuda' but this actor sees no GPU; give it one "
-            "(generate.actor_num_gpus / filter.actor_num_gpus > 0) or set model.device=auto"
-        )
-    return "cpu"
-
-
-def load_base_pipeline(base: str, device: str, attention: str, allow_pickle: bool):
-    """The base pipeline in the dtype the device wants: fp16 on CUDA, fp32 on CPU."""
-    import torch
-
-    from engine.models.loading import load_pipeline
-
-    if device == "cuda":
-        # Ampere+ runs any fp32 leftovers (schedulers, casts) on tensor cores.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    pipe = load_pipeline(base, device, dtype=dtype, attention=attention, allow_pickle=allow_pickle)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 class UnitModels:
     """The UNet and prompt encoder of each unit, switched cheaply on one loaded base pipeline.
 
@@ -281,14 +252,22 @@ class UnitModels:
             enable_lora_for_text_encoder,
             set_adapters_for_text_encoder,
         )
+        from diffusers.utils import logging as diffusers_logging
 
         name = re.sub(r"[^0-9A-Za-z_]", "_", artifact)
         if name not in self._adapters:
             path = self._path(artifact)
-            if path.is_file():
-                self.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
-            else:
-                self.pipe.load_lora_weights(str(path), adapter_name=name)
+            folder, weight_name = (path.parent, path.name) if path.is_file() else (path, None)
+            # Quiet about what is expected here: a UNet-only file has no text-encoder keys, and
+            # a second adapter on the same UNet is the point of keeping several.
+            verbosity = diffusers_logging.get_verbosity()
+            diffusers_logging.set_verbosity_error()
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                    self.pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
+            finally:
+                diffusers_logging.set_verbosity(verbosity)
             # A LoRA that also changed the text encoder gets its own prompt cache.
             prompts = (
                 PromptEncoder(self.pipe.tokenizer, self.pipe.text_encoder, self.pipe.device)
@@ -339,7 +318,7 @@ class UnitModels:
 
 class SyntheticImageSampler:
     """Ray Data actor: plan rows in, PNG rows out (the synthetic Parquet schema plus ``shard`` and
-    ``sampling_started``, which the shard writer consumes)."""
+    the timing columns in ``engine.generate.shards.TIMING_COLUMNS``, which the shard writer consumes)."""
 
     def __init__(self, config: dict, run_root: str, method: str, base_model: str):
         import torch
@@ -350,7 +329,7 @@ class SyntheticImageSampler:
         self.gen = cfg.generate
         self.method = method
         self.base_model = base_model
-        self.device = resolve_device(cfg.model.device, self.gen.actor_num_gpus)
+        self.device = device_for(self.gen.actor_num_gpus, cfg.model.device)
         started = time.perf_counter()
         pipe = load_base_pipeline(cfg.model.base, self.device, cfg.model.attention, cfg.model.allow_pickle)
         self.scheduler = make_scheduler(self.gen.scheduler, pipe.scheduler.config)
@@ -372,25 +351,37 @@ class SyntheticImageSampler:
         # may differ row by row.
         model = batch["artifact_kind"] + ":" + batch["artifact"]
         model_runs = (model != model.shift()).cumsum()
+        # Where the call's time goes, for benchmarks/pipeline_breakdown.py: model switches,
+        # sampling (text encoding, denoising, VAE decoding) and PNG encoding.
+        seconds = {"switch_seconds": 0.0, "sampling_seconds": 0.0, "png_seconds": 0.0}
         for _, run_rows in batch.groupby(model_runs, sort=False):
             first = run_rows.iloc[0]
+            tick = time.perf_counter()
             unet, prompts = self.models.activate(first["artifact"], first["artifact_kind"])
+            seconds["switch_seconds"] += time.perf_counter() - tick
             for start in range(0, len(run_rows), self.gen.batch_size):
                 chunk = run_rows.iloc[start : start + self.gen.batch_size]
+                tick = time.perf_counter()
                 pixels = sample_images(
                     unet, self.vae, self.scheduler, prompts,
                     chunk["prompt"].tolist(), chunk["negative_prompt"].tolist(),
                     chunk["seed"].tolist(), self.gen.steps, self.gen.guidance_scale,
                 )
+                tock = time.perf_counter()
                 for position, image in zip(chunk.index, pixels, strict=True):
                     images[position] = encode_png(image)
+                seconds["sampling_seconds"] += tock - tick
+                seconds["png_seconds"] += time.perf_counter() - tock
         out = batch[["shard", "label", "attribute", "group", "unit", "cluster", "seed", "prompt", "negative_prompt"]].copy()
         out.insert(1, "image", images)
         out["method"] = self.method
         out["base_model"] = self.base_model
         out["score"] = np.nan  # filled in by the filter stage
         out["kept"] = True
-        out["sampling_started"] = started  # for the stage's throughput; not stored in the shard
+        # Timing columns for the stage's throughput figures; the writer drops them from the shard.
+        out["sampling_started"] = started
+        for name, value in seconds.items():
+            out[name] = value / max(len(out), 1)  # spread over the rows, so shards sum them back
         log.debug("sampled %d images in %.1fs (%d model switches so far)", len(out), time.time() - started,
                   self.models.switches)
         return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -38,6 +39,9 @@ SYNTHETIC_SCHEMA = pa.schema([
     pa.field("kept", pa.bool_(), nullable=False),  # True until the filter stage decides
 ])
 SHARD_GLOB = "part-*.parquet"
+# Seconds a sampler spent on a shard's rows, by kind; they travel with the rows to the writer
+# and into the stage summary, never into a shard.
+TIMING_COLUMNS = ("switch_seconds", "sampling_seconds", "png_seconds")
 
 
 def synthetic_dir(run: RunDir, method: str) -> Path:
@@ -69,10 +73,18 @@ def write_shards(batch: pd.DataFrame, out_dir: str, expected_rows: dict[str, int
                 f"shard {name} arrived with {len(rows)} of its {expected_rows[name]} rows; "
                 "the generation pipeline split a shard"
             )
-        table = pa.Table.from_pandas(rows.drop(columns=["shard", "sampling_started"]), preserve_index=False)
+        tick = time.perf_counter()
+        timing = [c for c in TIMING_COLUMNS if c in rows]
+        table = pa.Table.from_pandas(rows.drop(columns=["shard", "sampling_started", *timing]), preserve_index=False)
         write_shard_table(Path(out_dir) / name, table)
-        written.append({"shard": name, "rows": len(rows), "sampling_started": float(rows["sampling_started"].min())})
-    return pd.DataFrame(written, columns=["shard", "rows", "sampling_started"])
+        written.append({
+            "shard": name,
+            "rows": len(rows),
+            "sampling_started": float(rows["sampling_started"].min()),
+            **{c: float(rows[c].sum()) for c in timing},
+            "write_seconds": time.perf_counter() - tick,
+        })
+    return pd.DataFrame(written, columns=["shard", "rows", "sampling_started", *TIMING_COLUMNS, "write_seconds"])
 
 
 def read_shard(path: Path, columns: list[str] | None = None) -> pd.DataFrame:

@@ -20,6 +20,7 @@ from engine.data.stage import load_run_dataset
 from engine.errors import FairsynthError
 from engine.generate.plan import GroupBalancedPlan
 from engine.generate.shards import (
+    TIMING_COLUMNS,
     remove_stale_shards,
     shard_row_counts,
     synthetic_dir,
@@ -164,13 +165,18 @@ def _generate_shards(cfg: Config, run: RunDir, plan: GroupBalancedPlan, missing:
         )
         started = time.time()
         landed = []  # (wall clock when written, when its sampling started, rows) per shard
+        worker_seconds = dict.fromkeys((*TIMING_COLUMNS, "write_seconds"), 0.0)
         with tqdm(total=total, unit="img", desc=f"generate {plan.method}", smoothing=0.1) as bar:
             for row in ds.iter_rows():
                 landed.append((time.time(), float(row["sampling_started"]), int(row["rows"])))
+                for name in worker_seconds:
+                    worker_seconds[name] += float(row[name])
                 bar.update(int(row["rows"]))
     finally:
         context.target_max_block_size, context.enable_progress_bars = saved
-    return sampling_timing(started, landed)
+    timing = sampling_timing(started, landed)
+    timing.update({name: round(value, 3) for name, value in worker_seconds.items()})
+    return timing
 
 
 def sampling_timing(started: float, landed: list[tuple[float, float, int]]) -> dict:

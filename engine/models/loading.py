@@ -104,6 +104,31 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def load_base_pipeline(base: str, device: str, attention: str = "sdpa", allow_pickle: bool = False,
+                       dtype: torch.dtype | None = None):
+    """The base pipeline with its progress bars off: fp16 on CUDA and fp32 on CPU for
+    sampling, or ``dtype`` (fine-tuning keeps fp32 weights and autocasts)."""
+    if str(device).startswith("cuda"):
+        # Ampere+ runs any fp32 leftovers (schedulers, casts) on tensor cores.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if dtype is None:
+        dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+    pipe = load_pipeline(base, device, dtype=dtype, attention=attention, allow_pickle=allow_pickle)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _quiet_loading_bars() -> None:
+    """No per-component loading bars: every sampler actor and trial loads a pipeline, and
+    their bars would bury the stage's own progress bar."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def load_pipeline(base: str, device: str | None = None, dtype: torch.dtype | None = None,
                   attention: str = "sdpa", allow_pickle: bool = False):
     """A diffusers ``StableDiffusionPipeline`` (no safety checker) on ``device``.
@@ -130,6 +155,7 @@ def load_pipeline(base: str, device: str | None = None, dtype: torch.dtype | Non
         source, local_only = resolve_pretrained(base, "Stable Diffusion model", "model_index.json")
     if local_only and Path(source).is_dir():
         _check_local_sd_folder(Path(source), allow_pickle)
+    _quiet_loading_bars()
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             source,

@@ -1,0 +1,211 @@
+"""Faults across stages.
+
+- A worker node of a local multi-node Ray (``ray.cluster_utils.Cluster``) dies in the middle
+  of the generate stage: the stage still writes every planned (unit, seed) row exactly once.
+- ``jobs/full.py`` gets SIGTERM in the middle of the generate stage: it exits 130 without
+  marking the stage complete, and the same command resumes, draws only the missing shards,
+  and ends with the same fine-tuned weights, synthetic images and filter choices as an
+  uninterrupted run. (Classifier training is not compared bit for bit: Ray Data hands
+  blocks to DDP workers in the order they finish, so two uninterrupted runs differ too.)
+  Nothing the job writes is world-writable, even under a umask of 0.
+- A run directory written by another config is refused, in one line, unless ``--force``.
+
+A crashed fine-tuning trial, a lost training worker, a NaN loss and bad input are tested
+beside their stages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from engine.config import load_config
+from engine.runs import RunDir
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGES_PER_GROUP = 10
+
+
+def _node_hosting_most_work(cluster, candidates):
+    """The worker node with the fewest free CPUs: the one a sampler actor sits on."""
+    from ray._private.state import available_resources_per_node
+
+    free = available_resources_per_node()
+    return min(candidates, key=lambda node: free.get(node.node_id, {}).get("CPU", 0.0))
+
+
+def test_a_worker_node_lost_during_generation_loses_and_repeats_no_row(tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from engine.data.stage import run_data_stage
+    from engine.finetune import run_finetune_stage
+    from engine.generate import run_generate_stage
+    from engine.generate.stage import build_plan
+
+    if ray.is_initialized():
+        ray.shutdown()
+    # The head only runs the driver; two 2-CPU workers run the sampler actors (one whole CPU
+    # each) and the writers, so losing a worker always takes a sampler with it.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    cfg = load_config(None, [
+        f"run_dir={tmp_path}",
+        "data.severity=0.9", "data.builtin.n_train=200", "data.builtin.n_val=8", "data.builtin.n_test=8",
+        f"generate.images_per_group={IMAGES_PER_GROUP}", "generate.steps=4", "generate.batch_size=2",
+        "generate.rows_per_shard=2", "generate.num_actors=2", "generate.actor_num_cpus=1",
+    ])
+    run = RunDir(tmp_path)
+    run.prepare(cfg)
+    folder = tmp_path / "synthetic" / "vanilla"
+    killed = {}
+
+    def kill_a_worker_once_shards_land():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            landed = list(folder.glob("part-*.parquet")) if folder.exists() else []
+            if landed:
+                victim = _node_hosting_most_work(cluster, workers)
+                cluster.remove_node(victim, allow_graceful=False)
+                killed["shards_before"] = len(landed)
+                return
+            time.sleep(0.05)
+
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
+        run_data_stage(cfg, run)
+        run_finetune_stage(cfg, run, "vanilla")  # base-model units: nothing to train
+        plan = build_plan(cfg, run, "vanilla")
+        killer = threading.Thread(target=kill_a_worker_once_shards_land, daemon=True)
+        killer.start()
+        summary = run_generate_stage(cfg, run, "vanilla")
+        killer.join(timeout=5)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+    assert killed, "no shard landed, so no node was removed"
+    assert 0 < killed["shards_before"] < plan.n_shards, "the node must die mid-way through the stage"
+    table = pq.read_table(folder).to_pandas()
+    assert summary["images"] == len(plan.rows) == 4 * IMAGES_PER_GROUP
+    assert len(table) == len(plan.rows)  # nothing lost, nothing written twice
+    assert not table.duplicated(["unit", "seed"]).any()
+    planned = set(zip(plan.rows["unit"], plan.rows["seed"], strict=True))
+    assert set(zip(table["unit"], table["seed"], strict=True)) == planned
+    assert sorted(p.name for p in folder.glob("part-*.parquet")) == sorted(plan.shard_names)
+    assert not list(folder.glob("*.tmp*")), "a half-written shard was left behind"
+
+
+# A whole job small enough to run three times: one LoRA method, short fine-tuning and training.
+SMALL_JOB = [
+    "methods=[lora]", "ray.num_cpus=2", "ray.dashboard=false",
+    "data.builtin.n_train=400", "data.builtin.n_val=40", "data.builtin.n_test=40", "severities=[0.95]",
+    "finetune.steps=12", "finetune.checkpoint_every=4",
+    "generate.images_per_group=12", "generate.steps=4", "generate.rows_per_shard=4", "generate.batch_size=4",
+    "train.epochs=1", "train.pretrain_epochs=1", "train.num_workers=1",
+]
+
+
+def _job(run_dir: Path) -> subprocess.Popen:
+    cmd = [sys.executable, str(ROOT / "jobs" / "full.py"), "--run-dir", str(run_dir)]
+    for override in SMALL_JOB:
+        cmd += ["--set", override]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    # A permissive umask, as on a careless shared machine: the job must still write nothing
+    # world-writable.
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: os.umask(0))
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _synthetic(run_dir: Path):
+    folder = run_dir / "severity-0.95" / "synthetic" / "lora"
+    table = pq.read_table(folder).to_pandas().sort_values(["unit", "seed"]).reset_index(drop=True)
+    return table[["unit", "seed", "prompt", "image", "score", "kept"]]
+
+
+def _weights(run_dir: Path) -> dict[str, dict]:
+    """Every fine-tuned tensor by file and name (the files' JSON metadata may order its keys
+    differently from run to run)."""
+    from safetensors.numpy import load_file
+
+    units = run_dir / "severity-0.95" / "finetune" / "lora" / "units"
+    return {str(p.relative_to(units)): load_file(p) for p in sorted(units.rglob("*.safetensors"))}
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        a[f].keys() == b[f].keys() and all(np.array_equal(a[f][k], b[f][k]) for k in a[f]) for f in a
+    )
+
+
+@pytest.mark.slow
+def test_sigterm_mid_generation_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    _finish(_job(tmp_path / "whole"))
+
+    interrupted = tmp_path / "interrupted"
+    shards = interrupted / "severity-0.95" / "synthetic" / "lora"
+    proc = _job(interrupted)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None and not list(shards.glob("part-*.parquet")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the job ended before any shard landed"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-4000:]
+    assert "interrupted: re-run the same command to resume" in out
+    landed = len(list(shards.glob("part-*.parquet")))
+    assert landed and not (shards / "_COMPLETE.json").exists()
+    assert not (interrupted / "results.json").exists()
+
+    _finish(_job(interrupted))
+    # Shards that landed before the signal were kept; only the missing ones were drawn.
+    summary = json.loads((shards / "_summary.json").read_text())
+    assert summary["shards_written"] == summary["shards"] - landed
+    assert _weights(interrupted) and _same_weights(_weights(interrupted), _weights(tmp_path / "whole"))
+    resumed, whole = _synthetic(interrupted), _synthetic(tmp_path / "whole")
+    assert len(resumed) == 4 * 12 and resumed.equals(whole)  # same pixels, scores and choices
+    assert (interrupted / "results.json").exists() and (interrupted / "plots").is_dir()
+    writable = [p for p in interrupted.rglob("*") if not p.is_symlink() and p.stat().st_mode & 0o002]
+    assert not writable, f"world-writable: {writable[:3]}"
+
+
+def test_a_run_directory_of_another_config_is_refused_in_one_line_unless_forced(tmp_path):
+    RunDir(tmp_path).prepare(load_config(None, ["data.builtin.n_train=400"]))
+    before = (tmp_path / "config.yaml").read_bytes()
+    out = subprocess.run(
+        [sys.executable, "jobs/cluster.py", "--run-dir", str(tmp_path), "--set", "data.builtin.n_train=300"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: run directory") and "(changed: data)" in last and "--force" in last
+    assert (tmp_path / "config.yaml").read_bytes() == before  # the earlier run's config is untouched
+    RunDir(tmp_path).prepare(load_config(None, ["data.builtin.n_train=300"]), force=True)
+    assert "n_train: 300" in (tmp_path / "config.yaml").read_text()
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_left_running():
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
