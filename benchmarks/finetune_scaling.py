@@ -7,7 +7,7 @@ trials, checkpoints, artifacts), in one Ray session, each in a fresh experiment 
 each trial gets one CPU and so one torch thread. Prints a markdown row, then, as the last
 line, one JSON object.
 
-    python benchmarks/finetune_scaling.py                 # 2 LoRA trials, CPU
+    python benchmarks/finetune_scaling.py                 # 2 LoRA trials, CPU, finetune.steps each
     python benchmarks/finetune_scaling.py --trials 4 --method dreambooth --gpu 0.25
 """
 
@@ -32,7 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=2, help="units trained, and trial slots in the parallel run")
     parser.add_argument("--method", default="lora", choices=["lora", "dreambooth", "clustered_dreambooth"])
-    parser.add_argument("--steps", type=int, default=120, help="training steps per unit")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per unit (default: finetune.steps)")
     parser.add_argument("--gpu", type=float, default=0.0, help="GPU share per trial (0: CPU trials)")
     parser.add_argument("--base", default="tiny", help="model.base")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -50,6 +50,8 @@ def main() -> None:
     from engine.runs import RunDir
 
     resources = f"{{CPU: 1, GPU: {args.gpu}}}" if args.gpu > 0 else "{CPU: 1}"
+    if args.steps is None:
+        args.steps = load_config().finetune.steps  # what the stage trains by default
     cfg = load_config(None, [
         f"model.base={args.base}", f"finetune.steps={args.steps}", f"finetune.trial_resources={resources}",
         "finetune.checkpoint_every=1000000", "model.device=" + ("cuda" if args.gpu > 0 else "cpu"),

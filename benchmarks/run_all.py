@@ -52,14 +52,15 @@ def main() -> None:
         result["seconds"] = round(seconds, 1)
         (results_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         rows.append(result)
-        print(f"{name}: {result['metric']} = {result['value']} (target {result.get('target')}) in {seconds:.0f}s", flush=True)
+        print(f"{name}: {result.get('metric')} = {result.get('value')} (target {result.get('target')}) in {seconds:.0f}s",
+              flush=True)
     print()
     print("| benchmark | metric | value | target | device | seconds |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        value = r["value"]
+        value = r.get("value")
         shown = f"{value:.3g}" if isinstance(value, float) else value
-        print(f"| {r['benchmark']} | {r['metric']} | {shown} | {r.get('target')} | {r.get('device')} | {r['seconds']} |")
+        print(f"| {r['benchmark']} | {r.get('metric')} | {shown} | {r.get('target')} | {r.get('device')} | {r['seconds']} |")
 
 
 if __name__ == "__main__":

@@ -141,6 +141,11 @@ def main(argv=None) -> None:
         "guidance": args.guidance,
         "batch": args.batch,
         "threads": args.threads,
+        # Headline: the weaker of the two readings; the shipped model should draw both.
+        "metric": "min_object_background_accuracy",
+        "value": round(min(obj_acc, bg_acc), 4),
+        "target": 0.9,
+        "device": f"cpu ({args.threads} threads)",
         "object_accuracy": round(obj_acc, 4),
         "background_accuracy": round(bg_acc, 4),
         "judge_real_object_accuracy": round(real_obj, 4),
