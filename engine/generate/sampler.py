@@ -29,7 +29,6 @@ from PIL import Image
 
 from engine.errors import FairsynthError
 from engine.models.loading import load_base_pipeline
-from engine.raylib import device_for
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +323,7 @@ class SyntheticImageSampler:
         import torch
 
         from engine.config import Config
+        from engine.raylib import device_for
 
         cfg = Config.model_validate(config)
         self.gen = cfg.generate
