@@ -325,11 +325,13 @@ def test_train_job_reports_missing_synthetic_images_with_exit_code_2(tmp_path):
 @pytest.mark.slow  # two full-size trainings (2000 images): minutes on 2 cores
 def test_group_dro_beats_erm_at_severity_095(tmp_path, ray_session):
     """With the default 8 epochs both reach 1.0 on this benchmark; on a short budget ERM
-    still leans on the background while Group-DRO already has the minority groups right
-    (val WGA after 2 epochs, two runs: ERM 0.33 and 0.55, Group-DRO 0.96 and 0.99)."""
+    still leans on the background while Group-DRO already has the minority groups right.
+    Test WGA after 1 epoch, two runs: ERM 0.10 and 0.295, Group-DRO 0.945 and 0.945. After
+    2 epochs ERM has mostly caught up (ERM 0.54, 0.905, 0.94; Group-DRO 1.0, 0.925, 0.96),
+    too close to assert on with training that is not bit-reproducible."""
     from engine.train import run_train_stage
 
-    cfg = load_config(None, ["data.severity=0.95", "ray.num_cpus=2", "train.epochs=2"])
+    cfg = load_config(None, ["data.severity=0.95", "ray.num_cpus=2", "train.epochs=1"])
     cfg.run_dir = str(tmp_path / "run")
     run = RunDir(cfg.run_dir)
     run.prepare(cfg)
