@@ -20,6 +20,11 @@ def init_ray(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
     previous_sigterm = signal.getsignal(signal.SIGTERM)
+    # LoggingConfig also reconfigures this process's root logger (level and a handler of its
+    # own); a job that set up its logging keeps it, or its INFO lines vanish and the rest
+    # print twice.
+    root = logging.getLogger()
+    job_logging = (root.level, list(root.handlers)) if root.handlers else None
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     # Tune warns when trials checkpoint more often than every few seconds, which short CPU
     # trials do by design; the checkpoints are what lets a crashed trial resume.
@@ -33,7 +38,7 @@ def init_ray(cfg: RayConfig) -> None:
     }
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, **kwargs)
+        context = ray.init(address=address, **kwargs)
     else:
         # "local" starts a fresh instance even when another Ray runs on this machine, so a
         # laptop run never lands on someone else's cluster and its busy CPUs.
@@ -41,9 +46,12 @@ def init_ray(cfg: RayConfig) -> None:
             address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard,
             dashboard_host="127.0.0.1", **kwargs,
         )
-        if context.dashboard_url:
-            log.info("ray dashboard: http://%s", context.dashboard_url)
+    if job_logging is not None:
+        root.setLevel(job_logging[0])
+        root.handlers[:] = job_logging[1]
     _quiet_driver_logs(cfg.log_level)
+    if not address and context.dashboard_url:
+        log.info("ray dashboard: http://%s", context.dashboard_url)
     # Ray installs a native SIGTERM handler that aborts the process; the job's own handler
     # (engine.cli) unwinds cleanly instead, so put it back.
     if previous_sigterm is not None and threading.current_thread() is threading.main_thread():
