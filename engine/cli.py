@@ -47,6 +47,9 @@ def run_job(main: Callable[[], object]) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # FAISS reports at INFO which CPU build it tried first, with a traceback-like line for the
+    # one it could not load; that is normal and not the job's news.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     os.umask(0o022)  # outputs are never world-writable
     signal.signal(signal.SIGTERM, _terminate)
     try:
