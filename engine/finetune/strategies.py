@@ -51,11 +51,15 @@ class FinetuneStrategy:
     def trains_lora(self, ft: FinetuneConfig) -> bool:
         return True
 
-    def learning_rate(self, ft: FinetuneConfig) -> float:
-        """LoRA adapters learn at ``lora_learning_rate``; full weights at ``learning_rate``."""
+    def learning_rate_field(self, ft: FinetuneConfig) -> str:
+        """The finetune key that sets this method's learning rate: LoRA adapters learn at
+        ``lora_learning_rate`` (when set), full weights at ``learning_rate``."""
         if self.trains_lora(ft) and ft.lora_learning_rate is not None:
-            return ft.lora_learning_rate
-        return ft.learning_rate
+            return "lora_learning_rate"
+        return "learning_rate"
+
+    def learning_rate(self, ft: FinetuneConfig) -> float:
+        return getattr(ft, self.learning_rate_field(ft))
 
     def training_fields(self) -> tuple[str, ...]:
         """The finetune config keys a trained unit of this method depends on."""

@@ -79,7 +79,7 @@ def unit_seed(finetune_seed: int, unit: str) -> int:
     return int(hashlib.sha256(f"{finetune_seed}/{unit}".encode()).hexdigest()[:8], 16)
 
 
-def load_base_pipeline(model: ModelConfig, device: str):
+def load_trainable_pipeline(model: ModelConfig, device: str):
     """The base Stable Diffusion pipeline with fp32 weights on ``device`` (autocast trains in half)."""
     from engine.models.loading import load_base_pipeline as load
 
@@ -137,7 +137,7 @@ class UnitTrainer:
     # --- setup -------------------------------------------------------------------------------
 
     def _build(self) -> None:
-        pipe = load_base_pipeline(self.job.model, self.device)
+        pipe = load_trainable_pipeline(self.job.model, self.device)
         self.vae, self.unet, self.text_encoder, self.tokenizer = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
         from diffusers import DDPMScheduler
 
@@ -397,11 +397,7 @@ def draw_class_images(
     model: ModelConfig, generate: GenerateConfig, prompt: str, count: int, seed: int, device: str, size: int
 ) -> np.ndarray:
     """uint8 [count, H, W, 3]: what the base model draws for ``prompt``, seeded."""
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.disable_progress_bar()
-    pipe = load_base_pipeline(model, device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_trainable_pipeline(model, device)  # loading and sampling bars are off
     pipe.scheduler = sampling_scheduler(generate.scheduler, pipe.scheduler.config)
     images = []
     generator = torch.Generator().manual_seed(seed)

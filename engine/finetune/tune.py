@@ -77,13 +77,9 @@ def unit_trial(config: dict, jobs: dict[str, UnitJob]) -> None:
     """The Tune function trainable: train ``config['unit']`` with the trial's resources."""
     import ray.tune
     import torch
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    # Every checkpoint would log a line; the stage logs what matters.
+    # Every checkpoint would log a line; the stage logs what matters. (Pipeline loading
+    # bars are turned off by engine.models.loading.)
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
     job = jobs[config["unit"]]
     context = ray.tune.get_context()
     allotted = context.get_trial_resources().required_resources
@@ -233,8 +229,7 @@ def run_unit_trials(jobs: list[UnitJob], ft: FinetuneConfig, storage_path: str, 
         return {}
     by_unit = {job.unit: job for job in jobs}
     strategy = get_strategy(jobs[0].method)
-    uses_lora_rate = strategy.trains_lora(ft) and ft.lora_learning_rate is not None
-    lr_field = "finetune.lora_learning_rate" if uses_lora_rate else "finetune.learning_rate"
+    lr_field = f"finetune.{strategy.learning_rate_field(ft)}"
     trainable = tune.with_resources(
         tune.with_parameters(unit_trial, jobs=by_unit), tune.PlacementGroupFactory([trial_bundle(ft)])
     )
