@@ -43,7 +43,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from engine.generate.sampler import PromptEncoder, encode_png, make_scheduler, sample_images  # noqa: E402
+from engine.generate.sampler import PromptEncoder, make_scheduler, sample_images  # noqa: E402
+from engine.generate.shards import encode_png  # noqa: E402
 
 TARGET_SPEEDUP = 3.0
 PROMPTS = [

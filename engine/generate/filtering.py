@@ -27,8 +27,13 @@ import pyarrow as pa
 from engine.config import Config
 from engine.data.stage import load_run_dataset
 from engine.errors import FairsynthError
-from engine.generate.sampler import decode_png
-from engine.generate.shards import read_shard, shard_paths, synthetic_dir, write_shard_table
+from engine.generate.shards import (
+    decode_png,
+    read_shard,
+    shard_paths,
+    synthetic_dir,
+    write_shard_table,
+)
 from engine.runs import RunDir, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)

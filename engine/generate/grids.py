@@ -76,7 +76,7 @@ def _first_images(run: RunDir, method: str, per_unit: int) -> pd.DataFrame:
 
 def write_sample_grid(run: RunDir, method: str, per_unit: int = 8) -> None:
     """Draw ``RUN/grids/<method>.png`` from the method's shards."""
-    from engine.generate.sampler import decode_png
+    from engine.generate.shards import decode_png
 
     frame = _first_images(run, method, per_unit)
     dataset = load_run_dataset(run)

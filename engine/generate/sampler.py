@@ -15,7 +15,6 @@ a small LRU cache), and returns PNG bytes, never float arrays, so the object sto
 
 from __future__ import annotations
 
-import io
 import logging
 import re
 import time
@@ -25,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from engine.errors import FairsynthError
+from engine.generate.shards import encode_png
 from engine.models.loading import load_base_pipeline
 
 log = logging.getLogger(__name__)
@@ -42,8 +41,6 @@ SCHEDULERS = {
 }
 # VAE decodes in chunks: at 512 px the decoder's activations dominate memory, not the UNet's.
 DECODE_CHUNK = 16
-# PNG level 1 is lossless like the default level 6 and several times faster to encode.
-PNG_COMPRESS_LEVEL = 1
 
 
 def make_scheduler(name: str, base_scheduler_config):
@@ -164,21 +161,6 @@ def sample_images(
             image = ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
             pixels.append(image.permute(0, 2, 3, 1).cpu())
         return torch.cat(pixels).numpy()
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buffer.getvalue()
-
-
-def decode_png(data: bytes, size: int | None = None) -> np.ndarray:
-    """uint8 [H, W, 3]; with ``size``, resized the way the data stage resizes real images."""
-    with Image.open(io.BytesIO(data)) as img:
-        img = img.convert("RGB")
-        if size is not None and img.size != (size, size):
-            img = img.resize((size, size), Image.BICUBIC)
-        return np.asarray(img, dtype=np.uint8)
 
 
 class UnitModels:

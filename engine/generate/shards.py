@@ -14,9 +14,11 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from engine.errors import FairsynthError
 from engine.runs import RunDir, atomic_write_bytes
@@ -42,6 +44,26 @@ SHARD_GLOB = "part-*.parquet"
 # Seconds a sampler spent on a shard's rows, by kind; they travel with the rows to the writer
 # and into the stage summary, never into a shard.
 TIMING_COLUMNS = ("switch_seconds", "sampling_seconds", "png_seconds")
+
+
+# PNG level 1 is lossless like the default level 6 and several times faster to encode.
+PNG_COMPRESS_LEVEL = 1
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 [H, W, 3] -> the PNG bytes a shard's ``image`` column holds."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes, size: int | None = None) -> np.ndarray:
+    """uint8 [H, W, 3]; with ``size``, resized the way the data stage resizes real images."""
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert("RGB")
+        if size is not None and img.size != (size, size):
+            img = img.resize((size, size), Image.BICUBIC)
+        return np.asarray(img, dtype=np.uint8)
 
 
 def synthetic_dir(run: RunDir, method: str) -> Path:

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from engine.data.datasets import load_image
 from engine.errors import FairsynthError
-from engine.generate.sampler import decode_png
+from engine.generate.shards import decode_png
 
 log = logging.getLogger(__name__)
 
