@@ -3,15 +3,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,22 +23,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_until_started(log: Path, proc: subprocess.Popen, timeout: float) -> None:
-    """Until ``ray start`` says the runtime is up: the point where it returns without --block."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"ray start exited with {proc.returncode}: {log.read_text()[-2000:]}"
-        if "Ray runtime started" in log.read_text():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"ray start did not finish within {timeout:.0f} s: {log.read_text()[-2000:]}")
-
-
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A token-authenticated head on loopback, stopped afterwards. It runs under
-    ``ray start --block`` in a process group of its own, so teardown stops exactly this head;
-    ``ray stop`` would stop every Ray on the machine, a user's running job included."""
+def ray_head():
+    """A token-authenticated head on loopback; stopped (by its own temp dir) afterwards."""
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "token",
@@ -51,27 +35,20 @@ def ray_head(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     gcs_port, dashboard_port = _free_port(), _free_port()
     temp_dir = Path("/tmp") / f"fsray{secrets.token_hex(3)}"  # short: socket paths are limited
-    log = tmp_path_factory.mktemp("ray_head") / "ray_start.log"
-    head = subprocess.Popen(
+    start = subprocess.run(
         [
-            RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+            RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=2",
             "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats",
         ],
-        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        env=env, capture_output=True, text=True, timeout=180,
     )
-    address = f"http://127.0.0.1:{dashboard_port}"
+    assert start.returncode == 0, start.stdout + start.stderr
     try:
-        _wait_until_started(log, head, timeout=180)
-        yield env, address
+        yield env, f"http://127.0.0.1:{dashboard_port}"
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # ray start --block stops what it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGKILL)  # anything of this head still in its group
+        subprocess.run([RAY, "stop", "--force"], env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"},
+                       capture_output=True, timeout=120)
 
 
 def test_full_job_through_ray_job_submit(ray_head, tmp_path):
