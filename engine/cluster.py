@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from engine import storage
 from engine.config import ClusterConfig, Config
 from engine.data.datasets import GroupedDataset, load_image
 from engine.data.stage import run_data_stage
@@ -206,7 +207,7 @@ def _cached_embeddings(cfg: Config, run: RunDir, n_rows: int) -> np.ndarray | No
         meta = read_json(meta_path)
         if meta.get("hash") != embeddings_hash(cfg):
             return None
-        array = np.load(run / "cluster/embeddings.npy")
+        array = storage.load_numpy(run / "cluster/embeddings.npy")
     except (FairsynthError, OSError, ValueError):
         return None
     return array if array.ndim == 2 and len(array) == n_rows else None
@@ -567,7 +568,7 @@ def load_assignments(run: RunDir) -> pd.DataFrame:
     path = run / "cluster/assignments.parquet"
     if not path.exists():
         raise FairsynthError(f"missing {path}: run jobs/cluster.py --run-dir {run.root} first")
-    return pd.read_parquet(path)
+    return storage.read_parquet(path).to_pandas()
 
 
 def load_embeddings(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
@@ -575,7 +576,7 @@ def load_embeddings(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
     path = run / "cluster/embeddings.npy"
     if not path.exists():
         raise FairsynthError(f"missing {path}: run jobs/cluster.py --run-dir {run.root} first")
-    return load_assignments(run)["image_id"].to_numpy(), np.load(path)
+    return load_assignments(run)["image_id"].to_numpy(), storage.load_numpy(path)
 
 
 def load_group_means(run: RunDir) -> np.ndarray:
@@ -583,7 +584,7 @@ def load_group_means(run: RunDir) -> np.ndarray:
     path = run / "cluster/group_means.npy"
     if not path.exists():
         raise FairsynthError(f"missing {path}: run jobs/cluster.py --run-dir {run.root} first")
-    return np.load(path)
+    return storage.load_numpy(path)
 
 
 def load_centroids(run: RunDir) -> dict[int, np.ndarray]:
@@ -591,5 +592,5 @@ def load_centroids(run: RunDir) -> dict[int, np.ndarray]:
     path = run / "cluster/centroids.npz"
     if not path.exists():
         raise FairsynthError(f"missing {path}: run jobs/cluster.py --run-dir {run.root} first")
-    with np.load(path) as arrays:
+    with storage.load_numpy(path) as arrays:
         return {int(key.removeprefix("group_")): arrays[key] for key in arrays.files}

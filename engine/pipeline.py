@@ -9,11 +9,10 @@ after a failure resumes and adding a method reuses what exists.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Callable
-from pathlib import Path
 
+from engine import storage
 from engine.config import GENERATIVE_METHODS, Config
 from engine.report import collect_rows, severity_tag, write_results
 from engine.runs import RunDir, atomic_write_json
@@ -24,7 +23,7 @@ log = logging.getLogger(__name__)
 def severity_config(cfg: Config, severity) -> Config:
     sub = cfg.model_copy(deep=True)
     sub.data.severity = severity
-    sub.run_dir = str(Path(cfg.run_dir) / severity_tag(severity))
+    sub.run_dir = str(storage.as_path(cfg.run_dir) / severity_tag(severity))
     return sub
 
 
@@ -64,17 +63,15 @@ def run_severity(cfg: Config, force: bool, on_stage: Callable[[str], None]) -> d
 
 def run_full(cfg: Config, force: bool = False, on_stage: Callable[[str], None] = log.info) -> str:
     """Run every severity and method, then write RUN/results.{json,md}, plots and grids."""
-    root = Path(cfg.run_dir)
+    root = storage.as_path(cfg.run_dir)
     RunDir(root).prepare(cfg, force=force)
     timings: dict[str, dict] = {}
     for severity in cfg.severities:
         sub = severity_config(cfg, severity)
         timings[str(severity)] = run_severity(sub, force, on_stage)
-        grids = Path(sub.run_dir) / "grids"
+        grids = storage.as_path(sub.run_dir) / "grids"
         for png in sorted(grids.glob("*.png")) if grids.exists() else []:
-            target = root / "grids" / f"{severity_tag(severity)}_{png.name}"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(png, target)
+            storage.copy_file(png, root / "grids" / f"{severity_tag(severity)}_{png.name}")
     atomic_write_json(root / "stage_seconds.json", timings)
     on_stage("report")
     rows = collect_rows(root, cfg.severities, cfg.methods, timings)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from engine import storage
 from engine.config import METHODS
 from engine.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
@@ -32,7 +33,7 @@ def collect_rows(run_root: Path, severities: list, methods: list[str], stage_sec
     """One row per (method, severity) from each run's train/<method>/metrics.json."""
     rows = []
     for severity in severities:
-        sub = Path(run_root) / severity_tag(severity)
+        sub = storage.as_path(run_root) / severity_tag(severity)
         for method in methods:
             metrics = read_json(sub / "train" / method / "metrics.json")
             test = metrics["test"]
@@ -113,7 +114,7 @@ def plot_per_group(rows: list[dict], path: Path, severity) -> None:
 
 
 def write_results(run_root: Path, rows: list[dict], dataset_title: str) -> str:
-    run_root = Path(run_root)
+    run_root = storage.as_path(run_root)
     atomic_write_json(run_root / "results.json", rows)
     table = results_markdown(rows, dataset_title)
     atomic_write_text(run_root / "results.md", table)

@@ -1,6 +1,9 @@
 """The run directory: where every stage reads its inputs and writes its outputs.
 
-Writes are atomic (temporary name, then rename), so a reader never sees half a file. Each
+The run directory is a local folder (on a cluster, a mount every node shares) or an object
+store prefix such as ``s3://bucket/run`` (engine.storage says which variables pick the
+endpoint and credentials). Writes are atomic (a temporary name then a rename locally, one
+upload on object storage), so a reader never sees half a file. Each
 stage ends by writing a completion marker that holds the hash of the config slice its
 outputs depend on; a stage whose marker matches is skipped, so a re-run after a crash redoes
 only what is missing.
@@ -10,17 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from engine import storage
 from engine.config import Config
 from engine.errors import FairsynthError
+from engine.storage import RemotePath, RunPath
 
 # Sections that define a run's identity: a run directory written with other values holds
 # outputs of a different experiment, and mixing them would corrupt results.
@@ -28,55 +30,26 @@ IDENTITY_SECTIONS = ("data", "model", "seed")
 MARKER_NAME = "_COMPLETE.json"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+def atomic_write_bytes(path: RunPath | str, data: bytes) -> None:
+    """Temporary name then rename locally; one upload on object storage."""
+    storage.write_bytes(path, data)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: RunPath | str, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
+def atomic_write_json(path: RunPath | str, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-@contextlib.contextmanager
-def atomic_directory(path: Path):
-    """Yield a temporary sibling folder; on success it replaces ``path`` in one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+# A folder filled locally that appears whole at its run path (engine.storage).
+atomic_directory = storage.atomic_directory
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: RunPath | str) -> Any:
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(storage.as_path(path).read_text())
     except FileNotFoundError:
         raise FairsynthError(f"missing {path}: run the stage that writes it first") from None
     except json.JSONDecodeError as exc:
@@ -84,18 +57,32 @@ def read_json(path: Path) -> Any:
 
 
 class RunDir:
-    """Paths of one run, plus stage completion markers."""
+    """Paths of one run, plus stage completion markers.
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
+    ``root`` is a ``pathlib.Path`` for a local run directory and an
+    :class:`engine.storage.RemotePath` for ``s3://bucket/prefix``; ``run / "a/b"`` gives the
+    same kind, so stage code reads and writes both alike. Remote processes get :attr:`uri`.
+    """
 
-    def __truediv__(self, other: str) -> Path:
+    def __init__(self, root: str | Path | RemotePath):
+        self.root: RunPath = storage.as_path(root)
+
+    @property
+    def uri(self) -> str:
+        """The run as remote actors, tasks and workers are given it (never a relative path)."""
+        return storage.uri(self.root)
+
+    @property
+    def is_remote(self) -> bool:
+        return isinstance(self.root, RemotePath)
+
+    def __truediv__(self, other: str) -> RunPath:
         return self.root / other
 
-    def stage_dir(self, stage: str) -> Path:
+    def stage_dir(self, stage: str) -> RunPath:
         return self.root / stage
 
-    def marker(self, stage: str) -> Path:
+    def marker(self, stage: str) -> RunPath:
         return self.root / stage / MARKER_NAME
 
     def is_complete(self, stage: str, slice_hash: str) -> bool:
@@ -115,9 +102,31 @@ class RunDir:
         with contextlib.suppress(FileNotFoundError):
             self.marker(stage).unlink()
 
+    def check_writable(self) -> None:
+        """Write and delete a probe file, so an unreachable or read-only run directory fails
+        before any stage runs rather than after the first hour of work."""
+        problem = storage.check_writable(self.root)
+        if problem is None:
+            return
+        if self.is_remote:
+            fix = ("create the bucket, and give every node credentials that may write it "
+                   "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an instance profile; "
+                   "AWS_ENDPOINT_URL for an S3-compatible server)")
+        else:
+            fix = "use a folder this user can write (on a cluster, a mount every node shares)"
+        raise FairsynthError(f"run_dir = {self.uri!r} cannot be written ({problem}); {fix}, or set --run-dir")
+
     def prepare(self, cfg: Config, force: bool = False) -> None:
         """Create the run directory and write the resolved config, refusing to mix runs."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        if not self.is_remote:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise FairsynthError(
+                    f"run_dir = {self.uri!r} cannot be created ({exc.strerror}); "
+                    "use a folder this user can write, or set --run-dir"
+                ) from None
+        self.check_writable()
         path = self.root / "config.yaml"
         if path.exists() and not force:
             try:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import io
 
-import pandas as pd
-
+from engine import storage
 from engine.config import Config
 from engine.data.datasets import GroupedDataset
 from engine.data.prepare import describe, load_dataset
@@ -36,6 +35,6 @@ def run_data_stage(cfg: Config, run: RunDir) -> GroupedDataset:
 def load_run_dataset(run: RunDir) -> GroupedDataset:
     """The dataset exactly as the data stage wrote it (after severity and image checks)."""
     summary = read_json(run / "data/groups.json")
-    records = pd.read_parquet(run / "data/records.parquet")
+    records = storage.read_parquet(run / "data/records.parquet").to_pandas()
     info = {"aligned": {int(k): v for k, v in summary["aligned"].items()}, "severity": summary.get("severity")}
     return GroupedDataset(summary["dataset"], records, summary["class_names"], summary["attribute_names"], info)

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from engine import storage
 from engine.config import Config
 from engine.data.stage import load_run_dataset
 from engine.errors import FairsynthError
@@ -66,7 +67,7 @@ def load_group_means(run: RunDir, n_groups: int) -> np.ndarray:
         raise FairsynthError(
             f"missing {path}: run `python jobs/cluster.py --run-dir {run.root}` before filtering"
         )
-    means = np.load(path).astype(np.float32)
+    means = storage.load_numpy(path).astype(np.float32)
     if means.ndim != 2 or means.shape[0] != n_groups:
         raise FairsynthError(
             f"{path} has shape {means.shape}, expected ({n_groups}, d); re-run the cluster stage"

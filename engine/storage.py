@@ -1,0 +1,437 @@
+"""Where a run's files live: a local folder (on a cluster, a mount every node shares) or
+object storage (``s3://bucket/prefix``), behind one small interface built on pyarrow.fs.
+
+A local run directory is handled with pathlib exactly as before (``pathlib.Path``); a URI
+becomes a :class:`RemotePath`, which offers the pathlib methods the stages use (``/``,
+``name``, ``parent``, ``exists``, ``glob``, ``read_bytes``, ``write_bytes`` ...) on the
+pyarrow filesystem. The functions here take either, so stage code is the same for both.
+
+- S3 uses the standard AWS variables: ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (or
+  an instance profile), ``AWS_DEFAULT_REGION`` / ``AWS_REGION``, and ``AWS_ENDPOINT_URL``
+  (or ``AWS_ENDPOINT_URL_S3``) for an S3-compatible server; the endpoint is passed to
+  pyarrow explicitly, so it does not depend on the pyarrow version honouring the variable.
+  Every process that touches the run (driver, actors, tasks, Train workers) builds its own
+  filesystem from the URI and its own environment: remote processes get URI strings, never
+  a driver's local path.
+- Writes are atomic: locally a temporary name in the same folder, then a rename; on S3 one
+  upload, whose object readers see whole (once the upload completes) or not at all.
+- Diffusers and TensorBoard need local files: :func:`local_copy` downloads a remote file or
+  folder into a per-node cache, :func:`upload_folder` puts a local folder under a URI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import functools
+import hashlib
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path, PurePosixPath
+
+import pyarrow.fs as pafs
+
+# Where remote artifacts are downloaded on each node (one folder per artifact URI).
+CACHE_ENV = "FAIRSYNTH_CACHE"
+
+
+def is_remote(location: str | os.PathLike) -> bool:
+    """True for a URI with a scheme other than file:// (s3://, gs://, ...)."""
+    if isinstance(location, RemotePath):
+        return True
+    text = str(location)
+    return "://" in text and not text.startswith("file://")
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem(scheme: str, bucket: str, endpoint: str | None, region: str | None) -> pafs.FileSystem:
+    if scheme in ("s3", "s3a") and (endpoint or region):
+        kwargs = {"endpoint_override": endpoint} if endpoint else {}
+        if region:
+            kwargs["region"] = region
+        # A short connect timeout: an unreachable endpoint fails the run at start in seconds.
+        return pafs.S3FileSystem(connect_timeout=10, request_timeout=60, **kwargs)
+    # No endpoint or region given: pyarrow finds the bucket's region (and its own defaults).
+    return pafs.FileSystem.from_uri(f"{scheme}://{bucket}")[0]
+
+
+def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path within it) of a URI or local path."""
+    if not is_remote(uri):
+        text = str(uri).removeprefix("file://")
+        return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
+    scheme, _, rest = str(uri).partition("://")
+    rest = "/".join(p for p in rest.split("/") if p)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    return _filesystem(scheme, rest.split("/")[0], endpoint, region), rest
+
+
+class RemotePath:
+    """A file or folder under a URI, with the pathlib methods the stages use."""
+
+    def __init__(self, uri: str):
+        scheme, _, rest = str(uri).partition("://")
+        self.scheme = scheme
+        self.key = "/".join(p for p in rest.split("/") if p)  # bucket/a/b, no empty parts
+
+    # --- names -------------------------------------------------------------------------------
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.key}"
+
+    def __repr__(self) -> str:
+        return f"RemotePath({str(self)!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RemotePath) and str(self) == str(other)
+
+    def __lt__(self, other: RemotePath) -> bool:
+        return str(self) < str(other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    def __truediv__(self, other: str | os.PathLike) -> RemotePath:
+        return RemotePath(f"{self}/{str(other).strip('/')}")
+
+    @property
+    def name(self) -> str:
+        return self.key.rsplit("/", 1)[-1]
+
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(self.name).suffix
+
+    @property
+    def stem(self) -> str:
+        return PurePosixPath(self.name).stem
+
+    @property
+    def parent(self) -> RemotePath:
+        head = self.key.rsplit("/", 1)[0] if "/" in self.key else self.key
+        return RemotePath(f"{self.scheme}://{head}")
+
+    def with_name(self, name: str) -> RemotePath:
+        return self.parent / name
+
+    def relative_to(self, other: RemotePath | str) -> PurePosixPath:
+        return PurePosixPath(self.key).relative_to(RemotePath(str(other)).key)
+
+    def resolve(self) -> RemotePath:
+        return self
+
+    # --- the filesystem ----------------------------------------------------------------------
+    @property
+    def fs(self) -> pafs.FileSystem:
+        return filesystem_for(str(self))[0]
+
+    @property
+    def fs_path(self) -> str:
+        return filesystem_for(str(self))[1]
+
+    def _info(self) -> pafs.FileInfo:
+        return self.fs.get_file_info(self.fs_path)
+
+    def exists(self) -> bool:
+        return self._info().type != pafs.FileType.NotFound
+
+    def is_file(self) -> bool:
+        return self._info().type == pafs.FileType.File
+
+    def is_dir(self) -> bool:
+        return self._info().type == pafs.FileType.Directory
+
+    def _children(self, recursive: bool) -> list[tuple[str, pafs.FileInfo]]:
+        selector = pafs.FileSelector(self.fs_path, allow_not_found=True, recursive=recursive)
+        base = self.fs_path.rstrip("/") + "/"
+        return [(info.path[len(base):], info) for info in self.fs.get_file_info(selector)]
+
+    def iterdir(self) -> list[RemotePath]:
+        return sorted(self / rel for rel, _ in self._children(recursive=False))
+
+    def glob(self, pattern: str) -> list[RemotePath]:
+        """Files and folders matching ``pattern`` (``*.parquet``; ``**/x`` searches below)."""
+        recursive = "/" in pattern
+        found = []
+        for rel, _ in self._children(recursive):
+            name = rel if recursive else rel.rsplit("/", 1)[-1]
+            if fnmatch.fnmatchcase(name, pattern.removeprefix("**/")) or (
+                recursive and fnmatch.fnmatchcase(rel.rsplit("/", 1)[-1], pattern.removeprefix("**/"))
+            ):
+                found.append(self / rel)
+        return sorted(found)
+
+    def rglob(self, pattern: str) -> list[RemotePath]:
+        return sorted(self / rel for rel, _ in self._children(True)
+                      if fnmatch.fnmatchcase(rel.rsplit("/", 1)[-1], pattern))
+
+    def read_bytes(self) -> bytes:
+        with self.fs.open_input_stream(self.fs_path) as stream:
+            return stream.read()
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def write_bytes(self, data: bytes) -> int:
+        # One upload: the object appears whole when it completes, or not at all.
+        with self.fs.open_output_stream(self.fs_path) as stream:
+            stream.write(data)
+        return len(data)
+
+    def write_text(self, text: str) -> int:
+        return self.write_bytes(text.encode())
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        try:
+            self.fs.delete_file(self.fs_path)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+
+    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:  # noqa: ARG002
+        """Object stores have no folders: a key's prefix exists once a file is under it."""
+
+    def rmtree(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_dir(self.fs_path)
+
+
+RunPath = Path | RemotePath
+
+
+def as_path(location: str | os.PathLike | RemotePath) -> RunPath:
+    """A local path as ``pathlib.Path`` (unchanged), a URI as :class:`RemotePath`."""
+    if isinstance(location, RemotePath):
+        return location
+    text = str(location)
+    if is_remote(text):
+        return RemotePath(text)
+    return Path(text.removeprefix("file://"))
+
+
+def uri(path: RunPath | str) -> str:
+    """What a remote process is given: the URI, or a local path made absolute (on a cluster
+    it must name a mount every node shares)."""
+    path = as_path(path)
+    return str(path) if isinstance(path, RemotePath) else str(path.resolve())
+
+
+def fs_path(path: RunPath | str) -> tuple[pafs.FileSystem | None, str]:
+    """(filesystem, path) for pyarrow and Ray Data readers: (None, absolute path) locally, so
+    local reads stay what they were."""
+    path = as_path(path)
+    if isinstance(path, RemotePath):
+        return path.fs, path.fs_path
+    return None, str(path.resolve())
+
+
+# --- reading and writing -----------------------------------------------------------------------
+
+
+def read_bytes(path: RunPath | str) -> bytes:
+    return as_path(path).read_bytes()
+
+
+def exists(path: RunPath | str) -> bool:
+    return as_path(path).exists()
+
+
+def _atomic_write_local(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(path: RunPath | str, data: bytes) -> None:
+    """Atomic: a temporary name then a rename locally, one upload on object storage."""
+    path = as_path(path)
+    if isinstance(path, RemotePath):
+        path.write_bytes(data)
+    else:
+        _atomic_write_local(path, data)
+
+
+def delete(path: RunPath | str, missing_ok: bool = True) -> None:
+    """Remove a file, or a folder with everything under it."""
+    path = as_path(path)
+    if isinstance(path, RemotePath):
+        if path.is_dir():
+            path.rmtree()
+        else:
+            path.unlink(missing_ok=missing_ok)
+    elif path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=missing_ok)
+
+
+def copy_file(source: RunPath | str, target: RunPath | str) -> None:
+    source, target = as_path(source), as_path(target)
+    if isinstance(source, Path) and isinstance(target, Path):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    else:
+        write_bytes(target, read_bytes(source))
+
+
+def read_parquet(path: RunPath | str, columns: list[str] | None = None):
+    """A Parquet file as a pyarrow Table (only ``columns`` read, when given)."""
+    import pyarrow.parquet as pq
+
+    fs, where = fs_path(path)
+    return pq.read_table(where, columns=columns, filesystem=fs)
+
+
+def parquet_file(path: RunPath | str):
+    """``pyarrow.parquet.ParquetFile`` (footer and schema without reading the data)."""
+    import pyarrow.parquet as pq
+
+    fs, where = fs_path(path)
+    return pq.ParquetFile(where, filesystem=fs)
+
+
+def load_numpy(path: RunPath | str):
+    """``numpy.load`` of a .npy or .npz file (no pickles)."""
+    import io
+
+    import numpy as np
+
+    return np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
+
+
+# --- folders for libraries that need local files ------------------------------------------------
+
+
+def upload_folder(local: str | os.PathLike, target: RunPath | str) -> None:
+    """Put every file under ``local`` below ``target``, replacing what was there. Locally the
+    folder appears in one rename; on object storage files go up one upload each, so a folder's
+    own completion record (written last by the caller) is what says it is whole."""
+    local, target = Path(local), as_path(target)
+    if isinstance(target, Path):
+        with atomic_local_directory(target) as tmp:
+            shutil.copytree(local, tmp, dirs_exist_ok=True)
+        return
+    target.rmtree()
+    for file in sorted(p for p in local.rglob("*") if p.is_file()):
+        (target / file.relative_to(local).as_posix()).write_bytes(file.read_bytes())
+
+
+def download_folder(source: RunPath | str, local: str | os.PathLike) -> Path:
+    """Copy a remote file or folder to ``local`` (a file keeps its name inside ``local``)."""
+    source, local = as_path(source), Path(local)
+    local.mkdir(parents=True, exist_ok=True)
+    if isinstance(source, Path):
+        if source.is_dir():
+            shutil.copytree(source, local, dirs_exist_ok=True)
+        else:
+            shutil.copy2(source, local / source.name)
+        return local
+    if source.is_file():
+        (local / source.name).write_bytes(source.read_bytes())
+        return local
+    for child in source.rglob("*"):
+        if child.is_file():
+            target = local / child.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(child.read_bytes())
+    return local
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "fairsynth-cache")
+
+
+def _listing(path: RemotePath) -> list[tuple[str, int, int]]:
+    """(relative name, size, modification time) of every file at or under ``path``."""
+    info = path._info()
+    if info.type == pafs.FileType.File:
+        return [(path.name, info.size, info.mtime_ns or 0)]
+    return sorted((rel, i.size, i.mtime_ns or 0) for rel, i in path._children(True) if i.type == pafs.FileType.File)
+
+
+def local_copy(path: RunPath | str) -> Path:
+    """A local path holding ``path``: itself when local, else a download into this node's
+    cache. The cache key covers the URI and every file's size and modification time, so a
+    unit re-trained at the same path is fetched again; the folder appears in one rename, so
+    a concurrent or interrupted download is never read half-done."""
+    path = as_path(path)
+    if isinstance(path, Path):
+        return path
+    listing = _listing(path)
+    if not listing:
+        raise FileNotFoundError(str(path))
+    is_file = listing == [(path.name, *listing[0][1:])] and path.is_file()
+    digest = hashlib.sha256(repr((str(path), listing)).encode()).hexdigest()[:16]
+    folder = cache_dir() / f"{digest}-{path.name}"
+    if not folder.exists():
+        tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}")
+        download_folder(path, tmp)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process on this node won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder / path.name if is_file else folder
+
+
+@contextlib.contextmanager
+def atomic_local_directory(path: Path):
+    """Yield a temporary sibling folder; on success it replaces ``path`` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: RunPath | str):
+    """Yield a local folder to fill; on success it becomes ``path`` (one rename locally, an
+    upload to object storage)."""
+    path = as_path(path)
+    if isinstance(path, Path):
+        with atomic_local_directory(path) as tmp:
+            yield tmp
+        return
+    with tempfile.TemporaryDirectory(prefix="fairsynth-upload-") as tmp:
+        yield Path(tmp)
+        upload_folder(tmp, path)
+
+
+# --- checking a run directory at start ---------------------------------------------------------
+
+
+def check_writable(root: RunPath | str) -> str | None:
+    """Write and delete a probe object under ``root``; None when that worked, else why not."""
+    probe = as_path(root) / f"_probe-{uuid.uuid4().hex}"
+    try:
+        write_bytes(probe, b"fairsynth probe\n")
+        if read_bytes(probe) != b"fairsynth probe\n":
+            return "a probe file read back different bytes"
+        delete(probe)
+    except Exception as exc:  # noqa: BLE001 (any failure means the run cannot use it)
+        text = " ".join(str(exc).split()) or exc.__class__.__name__
+        return text[:300]
+    return None

@@ -1,0 +1,143 @@
+"""The run directory on object storage: the storage layer against an S3 server the test starts
+on 127.0.0.1 (moto's, which speaks the real S3 protocol), the bad run_dir error line, and
+the tiny job end to end on a two-node Ray cluster whose run directory is s3://."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine import storage
+from engine.errors import FairsynthError
+from engine.runs import RunDir, atomic_write_json, read_json
+from engine.storage import RemotePath
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "fairsynth-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    """A moto S3 server on a free local port with one bucket; yields the AWS variables."""
+    moto_server = pytest.importorskip("moto.server")
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        import pyarrow.fs as pafs
+
+        pafs.S3FileSystem(
+            endpoint_override=env["AWS_ENDPOINT_URL"], region="us-east-1", allow_bucket_creation=True
+        ).create_dir(BUCKET)
+        yield env
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+def test_remote_path_names():
+    path = RemotePath("s3://bucket//run/") / "synthetic/lora" / "part-1.parquet"
+    assert str(path) == "s3://bucket/run/synthetic/lora/part-1.parquet"
+    assert (path.name, path.stem, path.suffix) == ("part-1.parquet", "part-1", ".parquet")
+    assert str(path.parent) == "s3://bucket/run/synthetic/lora"
+    assert str(path.relative_to("s3://bucket/run")) == "synthetic/lora/part-1.parquet"
+    assert storage.as_path("runs/x") == Path("runs/x")  # local runs keep pathlib
+    assert isinstance(storage.as_path("s3://b/k"), RemotePath)
+
+
+def test_s3_files_and_folders(s3_env, tmp_path):
+    root = RemotePath(f"s3://{BUCKET}/unit")
+    atomic_write_json(root / "a/b.json", {"x": 1})
+    assert read_json(root / "a/b.json") == {"x": 1}
+    assert (root / "a").is_dir() and (root / "a/b.json").is_file() and not (root / "nope").exists()
+    storage.write_bytes(root / "a/part-1.parquet", b"1")
+    storage.write_bytes(root / "a/part-0.parquet", b"0")
+    storage.write_bytes(root / "a/_summary.json", b"{}")
+    assert [p.name for p in (root / "a").glob("part-*.parquet")] == ["part-0.parquet", "part-1.parquet"]
+    assert [p.name for p in root.iterdir()] == ["a"]
+    (root / "a/part-1.parquet").unlink()
+    (root / "a/part-1.parquet").unlink(missing_ok=True)
+    assert [p.name for p in (root / "a").glob("part-*")] == ["part-0.parquet"]
+
+    # A folder goes up and comes back byte for byte (a LoRA or UNet folder of a unit).
+    local = tmp_path / "artifact"
+    (local / "unet").mkdir(parents=True)
+    (local / "unet/weights.safetensors").write_bytes(os.urandom(1000))
+    (local / "unit.json").write_text("{}")
+    storage.upload_folder(local, root / "units/g0")
+    assert sorted(str(p.relative_to(root / "units/g0")) for p in (root / "units/g0").rglob("*")) == [
+        "unet", "unet/weights.safetensors", "unit.json"
+    ]
+    copy = storage.local_copy(root / "units/g0")
+    assert (copy / "unet/weights.safetensors").read_bytes() == (local / "unet/weights.safetensors").read_bytes()
+    assert storage.local_copy(root / "units/g0") == copy  # cached on this node
+    single = storage.local_copy(root / "units/g0/unit.json")
+    assert single.name == "unit.json" and single.read_text() == "{}"
+
+    with storage.atomic_directory(root / "units/g1") as folder:
+        (folder / "x.txt").write_text("x")
+    assert (root / "units/g1/x.txt").read_text() == "x"
+    storage.delete(root / "units")
+    assert not (root / "units").exists()
+
+
+def test_run_dir_on_s3(s3_env):
+    from engine.config import load_config
+
+    run = RunDir(f"s3://{BUCKET}/prepared")
+    assert run.is_remote and run.uri == f"s3://{BUCKET}/prepared"
+    run.prepare(load_config(None, []))
+    assert "run_dir" in (run / "config.yaml").read_text()
+    run.mark_complete("data", "abc")
+    assert run.is_complete("data", "abc") and not run.is_complete("data", "other")
+    run.clear_marker("data")
+    assert not run.is_complete("data", "abc")
+    assert not [p for p in run.root.iterdir() if p.name.startswith("_probe")]  # the probe is gone
+
+
+def test_bad_run_dir_fails_at_start_in_one_line(s3_env, tmp_path):
+    from engine.config import load_config
+
+    cfg = load_config(None, [])
+    with pytest.raises(FairsynthError, match=r"run_dir = 's3://no-such-bucket/run' cannot be written .*create the bucket"):
+        RunDir("s3://no-such-bucket/run").prepare(cfg)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(FairsynthError, match="run_dir = .* cannot be created"):
+        RunDir(blocker / "run").prepare(cfg)
+
+
+def test_bad_run_dir_exit_code(s3_env):
+    """The job exits with code 2 and one line naming run_dir before any stage starts."""
+    env = {**os.environ, **s3_env, "RAY_ADDRESS": ""}
+    proc = subprocess.run(
+        [sys.executable, "jobs/full.py", "--run-dir", "s3://no-such-bucket/run"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "run_dir = 's3://no-such-bucket/run'" in lines[0]
+    assert "] data" not in proc.stdout  # no stage ran
