@@ -73,7 +73,7 @@ def main() -> None:
         jobs.append(UnitJob(
             method=args.method, unit=name, sources=unit.sources, train_prompt=unit.train_prompt,
             class_prompt=unit.class_prompt, class_images=class_images.get(unit.class_prompt),
-            image_size=cfg.data.image_size, model=cfg.model, finetune=cfg.finetune, seed=unit_seed(0, unit.unit),
+            model=cfg.model, finetune=cfg.finetune, seed=unit_seed(0, unit.unit),
         ))
 
     def timed(slots: int, tag: str) -> tuple[float, list[float]]:

@@ -80,11 +80,30 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    base: str = Field("tiny", description="'tiny' (shipped), a local diffusers folder, or a hub id")
-    encoder: str = Field("tiny", description="image/text encoder: 'tiny' or a CLIP path / hub id")
+    base: str = Field(
+        "tiny",
+        description="'tiny' (shipped), a local diffusers folder, a hub id, or "
+        "'random:sd15[:width=<w>][:size=<px>][:seed=<n>]': Stable Diffusion 1.5's shapes (configs/sd15) with "
+        "seeded random weights, no download; width (default 1) scales every channel width and hidden size, "
+        "keeping depths and heads; size (default 512) is the side it draws and fine-tunes at (engine/models/shapes.py)",
+    )
+    encoder: str = Field(
+        "tiny",
+        description="image/text encoder: 'tiny', a CLIP path / hub id, or 'random:clip-vit-l14[:width=<w>][:seed=<n>]' "
+        "(CLIP ViT-L/14's shapes with seeded random weights, width as for base)",
+    )
     attention: Literal["sdpa", "xformers"] = "sdpa"
     allow_pickle: bool = Field(False, description="allow non-safetensors weights (unsafe)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("base", "encoder")
+    @classmethod
+    def _random_spec(cls, v: str, info) -> str:
+        from engine.models.shapes import RANDOM_BASES, RANDOM_ENCODERS, is_random_spec, random_spec
+
+        if is_random_spec(v):
+            random_spec(v, RANDOM_BASES if info.field_name == "base" else RANDOM_ENCODERS)
+        return v
 
 
 class ClusterConfig(Section):

@@ -168,7 +168,7 @@ def test_crashed_trial_resumes_from_its_checkpoint_and_matches_an_uninterrupted_
     assert unit_record(run, "lora", "g0")["resumed_at"] == 2  # the checkpoint before the crash
     # The same unit trained in one go, in this process, ends with the very same weights.
     job = UnitJob(method="lora", unit="g0", sources=unit.sources, train_prompt=unit.train_prompt,
-                  class_prompt=unit.class_prompt, class_images=None, image_size=cfg.data.image_size, model=cfg.model,
+                  class_prompt=unit.class_prompt, class_images=None, model=cfg.model,
                   finetune=cfg.finetune.model_copy(update={"inject_failure_at_step": None}),
                   seed=unit_seed(cfg.finetune.seed, "g0"))
     threads = torch.get_num_threads()

@@ -178,8 +178,9 @@ def test_tiny_plan_multiplies_counted_flops_by_the_configs_counts(tiny_cfg, tiny
     assert rows[("filter", "lora", "")].flops == 4 * gen.images_per_group * F.image_encoder_forward(encoder)
     # Two groups have under finetune.min_real_images and borrow: two LoRA trials.
     ft = cfg.finetune
-    step = ft.batch_size * F.unet_train_step(tiny_shapes, cfg.data.image_size // tiny_shapes.vae_scale, ft.lora_rank, False)
-    encode = F.vae_encode(tiny_shapes, cfg.data.image_size)
+    # Fine-tuning runs at the generator's native side, whatever data.image_size is.
+    step = ft.batch_size * F.unet_train_step(tiny_shapes, latent, ft.lora_rank, False)
+    encode = F.vae_encode(tiny_shapes, tiny_shapes.native_size)
     text = 2 * F.text_encoder_forward(tiny_shapes)
     lora = rows[("finetune", "lora", "")]
     assert lora.tasks == 2

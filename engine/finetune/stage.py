@@ -87,7 +87,6 @@ def training_hash(cfg: Config, strategy: FinetuneStrategy) -> str:
         "method": strategy.name,
         "finetune": {k: getattr(ft, k) for k in strategy.training_fields()},
         "model": model_fingerprint(cfg),
-        "image_size": cfg.data.image_size,
     }
     if strategy.uses_prior(ft):
         payload["class_images"] = {k: getattr(cfg.generate, k) for k in CLASS_IMAGE_SAMPLING}
@@ -112,7 +111,6 @@ def class_image_key(cfg: Config, prompt: str) -> str:
         "model": model_fingerprint(cfg),
         "count": cfg.finetune.num_class_images,
         "seed": cfg.finetune.seed,
-        "size": cfg.data.image_size,
         "sampling": {k: getattr(cfg.generate, k) for k in CLASS_IMAGE_SAMPLING},
     }
     return _digest(payload)
@@ -126,9 +124,7 @@ def _draw_class_images_task(cfg: Config, prompt: str, seed: int, gpus: float, th
 
     torch.set_num_threads(max(1, threads))
     device = device_for(gpus, cfg.model.device)
-    return draw_class_images(
-        cfg.model, cfg.generate, prompt, cfg.finetune.num_class_images, seed, device, cfg.data.image_size
-    )
+    return draw_class_images(cfg.model, cfg.generate, prompt, cfg.finetune.num_class_images, seed, device)
 
 
 def ensure_class_images(cfg: Config, run: RunDir, prompts: list[str]) -> dict[str, np.ndarray]:
@@ -245,7 +241,7 @@ def train_units(cfg: Config, run: RunDir, strategy: FinetuneStrategy, units: lis
     jobs = [
         UnitJob(
             method=method, unit=u.unit, sources=u.sources, train_prompt=u.train_prompt, class_prompt=u.class_prompt,
-            class_images=class_images.get(u.class_prompt), image_size=cfg.data.image_size, model=cfg.model,
+            class_images=class_images.get(u.class_prompt), model=cfg.model,
             finetune=ft, seed=unit_seed(ft.seed, u.unit),
         )
         for u in pending

@@ -37,6 +37,7 @@ from engine.config import FinetuneConfig, GenerateConfig, ModelConfig
 from engine.data.datasets import load_image
 from engine.errors import FairsynthError
 from engine.finetune.strategies import get_strategy
+from engine.models.loading import native_size
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,6 @@ class UnitJob:
     train_prompt: str
     class_prompt: str
     class_images: np.ndarray | None
-    image_size: int
     model: ModelConfig
     finetune: FinetuneConfig
     seed: int
@@ -149,6 +149,9 @@ class UnitTrainer:
                 "'epsilon' and 'v_prediction' models"
             )
         self.scaling_factor = float(self.vae.config.scaling_factor)
+        # Real images are trained on at the side the model draws (512 px for SD 1.5), never
+        # data.image_size: training at a smaller side teaches the UNet latents it never samples.
+        self.image_size = native_size(self.unet, self.vae)
         self.vae.requires_grad_(False).eval()
         # Adapters draw their initial weights from torch's global generator: seed it per unit.
         torch.manual_seed(self.job.seed)
@@ -187,7 +190,7 @@ class UnitTrainer:
 
     def _prepare_data(self) -> None:
         frozen_dtype = self.autocast_dtype or torch.float32
-        images = load_unit_images(self.job.sources, self.job.image_size)
+        images = load_unit_images(self.job.sources, self.image_size)
         mean, std = encode_latent_distribution(self.vae, images, self.device, frozen_dtype)
         generator = torch.Generator().manual_seed(self.job.seed + 1)
         self.heldout = None
@@ -394,10 +397,12 @@ class UnitTrainer:
 
 
 def draw_class_images(
-    model: ModelConfig, generate: GenerateConfig, prompt: str, count: int, seed: int, device: str, size: int
+    model: ModelConfig, generate: GenerateConfig, prompt: str, count: int, seed: int, device: str
 ) -> np.ndarray:
-    """uint8 [count, H, W, 3]: what the base model draws for ``prompt``, seeded."""
+    """uint8 [count, H, W, 3]: what the base model draws for ``prompt``, seeded, at its native
+    side (the side fine-tuning trains its real images at)."""
     pipe = load_trainable_pipeline(model, device)  # loading and sampling bars are off
+    size = native_size(pipe.unet, pipe.vae)
     pipe.scheduler = sampling_scheduler(generate.scheduler, pipe.scheduler.config)
     images = []
     generator = torch.Generator().manual_seed(seed)

@@ -5,7 +5,8 @@
 - ``"tiny"`` (or the shipped folder): :class:`TinyClipEncoder`, a small contrastive CNN/bag-of-
   words model trained by ``jobs/pretrain_tiny.py`` on the built-in base corpus; offline, CPU.
 - anything else: :class:`ClipEncoder`, a transformers ``CLIPModel`` from a local folder or a
-  hub id (safetensors only, fp16 on CUDA).
+  hub id (safetensors only, fp16 on CUDA), or ``random:clip-vit-l14[:width=<w>]``: CLIP
+  ViT-L/14's shapes with seeded random weights (``engine.models.shapes``).
 
 Both return L2-normalised float32 numpy embeddings, so cosine similarity is a dot product.
 This module also owns the tiny model's definition and training step, so that the job that
@@ -362,30 +363,40 @@ def subtype_nmi(encoder: ImageTextEncoder, per_pair: int = 40, seed: int = 12345
 
 
 class ClipEncoder:
-    """A transformers ``CLIPModel`` and its ``CLIPProcessor``, from a local folder or a hub id."""
+    """A transformers ``CLIPModel`` and its ``CLIPProcessor``, from a local folder or a hub id,
+    or with seeded random weights (``random:clip-vit-l14[:width=<w>]``)."""
 
     def __init__(self, spec: str, device: str | None = None, dtype: torch.dtype | None = None):
+        self.device = device or default_device()
+        self.dtype = dtype or (torch.float16 if self.device.startswith("cuda") else torch.float32)
+        self.model, self.processor = self._load(spec)
+        self.model.to(self.device, self.dtype).eval()
+        self.dim = int(self.model.config.projection_dim)
+
+    def _load(self, spec: str):
+        """(CLIPModel, CLIPProcessor) of ``spec``: a random one (``engine.models.shapes``), or
+        from a local folder or a hub id."""
         from transformers import CLIPModel, CLIPProcessor
 
         from engine.models.loading import resolve_pretrained
+        from engine.models.shapes import is_random_spec, random_clip
 
+        if is_random_spec(spec):
+            return random_clip(spec)
         source, local_only = resolve_pretrained(spec, what="CLIP model")
-        self.device = device or default_device()
-        self.dtype = dtype or (torch.float16 if self.device.startswith("cuda") else torch.float32)
         try:
-            self.model = CLIPModel.from_pretrained(
+            model = CLIPModel.from_pretrained(
                 source, dtype=self.dtype, use_safetensors=True, local_files_only=local_only,
                 trust_remote_code=False,
             )
-            self.processor = CLIPProcessor.from_pretrained(source, local_files_only=local_only)
+            processor = CLIPProcessor.from_pretrained(source, local_files_only=local_only)
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise FairsynthError(
                 f"cannot load CLIP model {spec!r}: {first}; expected a transformers CLIPModel "
                 "folder or hub id with safetensors weights and a CLIPProcessor"
             ) from exc
-        self.model.to(self.device).eval()
-        self.dim = int(self.model.config.projection_dim)
+        return model, processor
 
     @staticmethod
     def _features(out) -> torch.Tensor:
@@ -420,8 +431,8 @@ ENCODERS: dict[str, Callable[..., ImageTextEncoder]] = {"tiny": TinyClipEncoder}
 
 
 def load_encoder(spec: str, device: str | None = None) -> ImageTextEncoder:
-    """``"tiny"`` or a tiny-CLIP folder -> :class:`TinyClipEncoder`; a CLIP folder or hub id ->
-    :class:`ClipEncoder`."""
+    """``"tiny"`` or a tiny-CLIP folder -> :class:`TinyClipEncoder`; a CLIP folder, hub id or
+    ``random:clip-vit-l14[:width=<w>]`` -> :class:`ClipEncoder`."""
     if not isinstance(spec, str) or not spec.strip():
         raise FairsynthError(
             f"encoder spec {spec!r} is empty; expected 'tiny', a CLIP folder or a hub id"

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from engine.errors import FairsynthError
+from engine.models.shapes import is_random_spec, random_pipeline
 from engine.models.tiny import tiny_model_path
 
 logger = logging.getLogger(__name__)
@@ -119,32 +120,10 @@ def load_base_pipeline(base: str, device: str, attention: str = "sdpa", allow_pi
     return pipe
 
 
-def _quiet_loading_bars() -> None:
-    """No per-component loading bars: every sampler actor and trial loads a pipeline, and
-    their bars would bury the stage's own progress bar."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-
-
-def load_pipeline(base: str, device: str | None = None, dtype: torch.dtype | None = None,
-                  attention: str = "sdpa", allow_pickle: bool = False):
-    """A diffusers ``StableDiffusionPipeline`` (no safety checker) on ``device``.
-
-    ``base``: ``"tiny"`` (the shipped model), a local diffusers folder, or a hub id.
-    """
+def _from_pretrained(base: str, dtype: torch.dtype, allow_pickle: bool):
+    """(where it came from, the pipeline on the CPU) for the shipped tiny model, a folder or a hub id."""
     from diffusers import StableDiffusionPipeline
 
-    if attention not in ATTENTION_BACKENDS:
-        raise FairsynthError(f"attention backend {attention!r} is unknown; expected one of "
-                             f"{', '.join(ATTENTION_BACKENDS)}")
-    if attention == "xformers" and importlib.util.find_spec("xformers") is None:
-        raise FairsynthError("attention='xformers' but xformers is not installed; expected "
-                             "`pip install xformers` (a CUDA build) or attention='sdpa'")
-    device = str(device or default_device())
-    dtype = dtype or default_dtype(device)
     if base == "tiny":
         path = tiny_model_path()
         if not (path / "model_index.json").is_file():
@@ -171,6 +150,52 @@ def load_pipeline(base: str, device: str | None = None, dtype: torch.dtype | Non
         raise FairsynthError(f"cannot load Stable Diffusion model {base!r} from {source}: "
                              f"{_one_line(exc)}; expected a diffusers StableDiffusionPipeline "
                              "with safetensors weights") from exc
+    return source, pipe
+
+
+def _cast(pipe, dtype: torch.dtype):
+    """``pipe`` in ``dtype``, without diffusers' warning that casting with ``to()`` skips the
+    modules a checkpoint keeps in fp32 (a model built from its config keeps none)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return pipe.to(dtype=dtype)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
+def _quiet_loading_bars() -> None:
+    """No per-component loading bars: every sampler actor and trial loads a pipeline, and
+    their bars would bury the stage's own progress bar."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_pipeline(base: str, device: str | None = None, dtype: torch.dtype | None = None,
+                  attention: str = "sdpa", allow_pickle: bool = False):
+    """A diffusers ``StableDiffusionPipeline`` (no safety checker) on ``device``.
+
+    ``base``: ``"tiny"`` (the shipped model), ``"random:sd15[:width=<w>]"`` (Stable Diffusion
+    1.5's shapes with seeded random weights, ``engine.models.shapes``), a local diffusers
+    folder, or a hub id.
+    """
+    if attention not in ATTENTION_BACKENDS:
+        raise FairsynthError(f"attention backend {attention!r} is unknown; expected one of "
+                             f"{', '.join(ATTENTION_BACKENDS)}")
+    if attention == "xformers" and importlib.util.find_spec("xformers") is None:
+        raise FairsynthError("attention='xformers' but xformers is not installed; expected "
+                             "`pip install xformers` (a CUDA build) or attention='sdpa'")
+    device = str(device or default_device())
+    dtype = dtype or default_dtype(device)
+    if is_random_spec(base):
+        source, pipe = "configs/sd15 (seeded random weights)", _cast(random_pipeline(base), dtype)
+    else:
+        source, pipe = _from_pretrained(base, dtype, allow_pickle)
     try:
         pipe = pipe.to(device)
     except (RuntimeError, AssertionError) as exc:
@@ -191,3 +216,9 @@ def load_pipeline(base: str, device: str | None = None, dtype: torch.dtype | Non
                 model.set_attn_processor(AttnProcessor2_0())
     logger.info("loaded %s from %s on %s (%s, %s attention)", base, source, device, dtype, attention)
     return pipe
+
+
+def native_size(unet, vae) -> int:
+    """The image side a Stable Diffusion model draws and trains at: the UNet's latent sample
+    size times the VAE's downsampling (512 px for SD 1.5, 32 px for the tiny model)."""
+    return int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)

@@ -25,6 +25,14 @@ import torch
 from torch import nn
 
 from engine.config import PRESET_DIR, ModelConfig
+from engine.models.shapes import (  # noqa: F401 - the builders are part of this module's API
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    is_random_spec,
+    random_base_configs,
+    random_encoder_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +116,9 @@ def diffusion_shapes(model: ModelConfig) -> DiffusionShapes:
             shipped = folder / part / "config.json"
             parts[part] = _read(shipped) if shipped.is_file() else builder()
         return DiffusionShapes(**{k: _dumps(v) for k, v in parts.items()}, source="tiny (shipped)")
+    if is_random_spec(model.base):
+        configs = random_base_configs(model.base)
+        return DiffusionShapes(**{p: _dumps(configs[p]) for p in SD15_FILES}, source=f"{model.base} (configs/sd15)")
     folder = Path(model.base).expanduser()
     if folder.is_dir() and all((folder / p / "config.json").is_file() for p in SD15_FILES):
         return DiffusionShapes(**{p: _dumps(_read(folder / p / "config.json")) for p in SD15_FILES}, source=str(folder))
@@ -126,6 +137,8 @@ def encoder_shapes(model: ModelConfig) -> EncoderShapes:
     from engine.models.tiny import tiny_clip_path
 
     spec = model.encoder
+    if is_random_spec(spec):
+        return EncoderShapes("clip", _dumps(random_encoder_config(spec)), f"{spec} (configs/sd15/{CLIP_FILE})")
     folder = tiny_clip_path() if spec == "tiny" else Path(spec).expanduser()
     config_file = folder / TINY_CLIP_CONFIG
     if config_file.is_file() and _read(config_file).get("architecture") == "tiny_clip":
@@ -158,27 +171,6 @@ def count_flops(fn) -> int:
 
 def _on(device: str = "meta") -> torch.device:
     return torch.device(device)
-
-
-def build_unet(config: str, device: str = "meta"):
-    from diffusers import UNet2DConditionModel
-
-    with _on(device):
-        return UNet2DConditionModel.from_config(json.loads(config))
-
-
-def build_vae(config: str, device: str = "meta"):
-    from diffusers import AutoencoderKL
-
-    with _on(device):
-        return AutoencoderKL.from_config(json.loads(config))
-
-
-def build_text_encoder(config: str, device: str = "meta"):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    with _on(device):
-        return CLIPTextModel(CLIPTextConfig.from_dict(json.loads(config)))
 
 
 def _empty(*shape):

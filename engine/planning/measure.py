@@ -98,7 +98,7 @@ def measure_generate(cfg: Config, shapes: F.DiffusionShapes, bench: Bench) -> tu
 def _finetune_step(cfg: Config, shapes: F.DiffusionShapes, bench: Bench, lora_rank: int | None,
                    unet_calls: int, checkpointing: bool, context: torch.Tensor) -> float:
     ft = cfg.finetune
-    latent = cfg.data.image_size // shapes.vae_scale
+    latent = shapes.native_size // shapes.vae_scale  # fine-tuning runs at the native resolution
     unet = F.build_unet(shapes.unet, bench.device)
     unet.train()
     if lora_rank:
@@ -145,7 +145,7 @@ def _finetune_step(cfg: Config, shapes: F.DiffusionShapes, bench: Bench, lora_ra
 def measure_finetune(cfg: Config, shapes: F.DiffusionShapes, bench: Bench) -> tuple[float, float, dict]:
     """One step of each configured method family (LoRA; DreamBooth with its prior term)."""
     ft = cfg.finetune
-    latent = cfg.data.image_size // shapes.vae_scale
+    latent = shapes.native_size // shapes.vae_scale  # fine-tuning runs at the native resolution
     checkpointing = ft.gradient_checkpointing and bench.cuda
     methods = {m for m in cfg.methods if m in GENERATIVE_METHODS and m != "vanilla"} or {"lora"}
     recipes = {}

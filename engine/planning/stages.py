@@ -164,7 +164,8 @@ class FinetuneCost(StageCostModel):
         cfg, ft = ctx.cfg, ctx.cfg.finetune
         rows = []
         prior_paid = False
-        latent = cfg.data.image_size // ctx.shapes.vae_scale
+        # Fine-tuning runs at the generator's native resolution, whatever data.image_size is.
+        latent = ctx.shapes.native_size // ctx.shapes.vae_scale
         share = ctx.share("finetune.trial_resources", float(_resource(ft.trial_resources, "GPU")),
                           float(_resource(ft.trial_resources, "CPU", 1.0)))
         # The trainer checkpoints gradients on GPUs only (engine/finetune/trainer.py).
@@ -185,7 +186,7 @@ class FinetuneCost(StageCostModel):
             step = ft.batch_size * F.unet_train_step(ctx.shapes, latent, lora_rank, checkpointing) * (2 if prior else 1)
             if dreambooth and ft.train_text_encoder:
                 step += (2 if prior else 1) * F.text_encoder_forward(ctx.shapes, train=True)
-            encode = F.vae_encode(ctx.shapes, cfg.data.image_size)
+            encode = F.vae_encode(ctx.shapes, ctx.shapes.native_size)
             total = sum(
                 ft.steps * step + (n_real + (ft.num_class_images if prior else 0)) * encode
                 + 2 * F.text_encoder_forward(ctx.shapes)
