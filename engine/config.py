@@ -146,7 +146,11 @@ class FinetuneConfig(Section):
     prior_loss_weight: float = Field(1.0, ge=0)
     num_class_images: int = Field(32, ge=1, description="prior-preservation images per class prompt")
     train_text_encoder: bool = False
-    dreambooth_store: Literal["unet", "lora_delta"] = "unet"
+    # svd_delta: full weights trained, stored as a rank-delta_rank SVD of each layer's change
+    # (engine/finetune/delta.py; ~271 MB per SD 1.5 unit at rank 128); unet: the whole UNet in
+    # fp16 (1.7 GB); lora_delta: LoRA adapters trained instead of the full weights.
+    dreambooth_store: Literal["svd_delta", "unet", "lora_delta"] = "svd_delta"
+    delta_rank: int = Field(128, ge=1, description="rank per layer of dreambooth_store=svd_delta")
     min_real_images: int = Field(4, ge=1, description="below this a unit borrows its class's aligned model")
     trial_resources: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
     max_concurrent_trials: int = Field(2, ge=1)

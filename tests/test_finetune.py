@@ -184,18 +184,21 @@ def test_crashed_trial_resumes_from_its_checkpoint_and_matches_an_uninterrupted_
     assert manifest["units"][0]["final_loss"] == pytest.approx(outcome.final_loss, rel=1e-6)
 
 
-def test_lost_unit_folders_come_back_from_the_experiment_untrained(lora_run):
+def test_finished_experiment_is_removed_and_a_lost_unit_trains_again_to_the_same_weights(lora_run):
     cfg, run, manifest = lora_run
     tune_dir = run / "finetune/lora/tune"
-    checkpoints = sorted(str(p) for p in tune_dir.rglob("checkpoint_*"))
+    # Once the manifest lists the units, their trial checkpoints would be a second copy.
+    assert not list(tune_dir.rglob("checkpoint_*")) and not list(tune_dir.rglob("tuner.pkl"))
+    weights = lora_tensors(run, "g0")
     records = {u: unit_record(run, "lora", u) for u in ("g0", "g3")}
-    for unit in ("g0", "g3"):
-        shutil.rmtree(run / f"finetune/lora/units/{unit}")
+    shutil.rmtree(run / "finetune/lora/units/g0")
     run.clear_marker("finetune/lora")
-    # Tuner.restore finds every trial finished and hands back their last checkpoints.
     assert run_finetune_stage(cfg, run, "lora") == manifest
-    assert sorted(str(p) for p in tune_dir.rglob("checkpoint_*")) == checkpoints
-    assert {u: unit_record(run, "lora", u) for u in ("g0", "g3")} == records
+    again = lora_tensors(run, "g0")
+    assert again.keys() == weights.keys() and all(torch.equal(again[k], weights[k]) for k in weights)
+    assert unit_record(run, "lora", "g3") == records["g3"]  # untouched
+    assert unit_record(run, "lora", "g0")["final_loss"] == records["g0"]["final_loss"]
+    assert not list(tune_dir.rglob("checkpoint_*"))
 
 
 def test_nan_loss_stops_the_trial_keeps_its_checkpoint_and_marks_nothing(local_ray, tmp_path):
@@ -227,19 +230,127 @@ def write_subtype_clusters(cfg, run: RunDir) -> None:
     run.mark_complete("cluster", cluster_hash(cfg))
 
 
-def test_dreambooth_and_clustered_dreambooth_share_cached_class_images(local_ray, tmp_path):
-    from diffusers import StableDiffusionPipeline
-    from safetensors import safe_open
-
-    cfg = make_cfg(tmp_path, "finetune.prior_preservation=true")
+@pytest.fixture(scope="module")
+def dreambooth_run(local_ray, tmp_path_factory):
+    """DreamBooth (full weights, stored as rank-delta_rank weight changes) through the stage,
+    every trial crashing once at step 3 (after its step-2 checkpoint)."""
+    cfg = make_cfg(tmp_path_factory.mktemp("dreambooth"), "finetune.prior_preservation=true",
+                   "finetune.inject_failure_at_step=3")
     run = prepared_run(cfg)
-    manifest = run_finetune_stage(cfg, run, "dreambooth")
+    return cfg, run, run_finetune_stage(cfg, run, "dreambooth")
+
+
+def train_in_process(cfg, run, method: str, unit_name: str, folder: Path):
+    """The unit trained in one go in this process, each checkpoint written to
+    ``folder/step<N>``; returns its trainer, which holds the fine-tuned models."""
+    from engine.finetune.stage import ensure_class_images
+    from engine.finetune.strategies import get_strategy
+    from engine.finetune.trainer import UnitJob, UnitTrainer, unit_seed
+
+    strategy = get_strategy(method)
+    unit = next(u for u in plan_units(cfg, run_data_stage(cfg, run), True, strategy.uses_identifier, False)
+                if u.unit == unit_name)
+    class_images = None
+    if strategy.uses_prior(cfg.finetune):
+        class_images = ensure_class_images(cfg, run, [unit.class_prompt])[unit.class_prompt]
+    job = UnitJob(method=method, unit=unit_name, sources=unit.sources, train_prompt=unit.train_prompt,
+                  class_prompt=unit.class_prompt, class_images=class_images, model=cfg.model,
+                  finetune=cfg.finetune.model_copy(update={"inject_failure_at_step": None}),
+                  seed=unit_seed(cfg.finetune.seed, unit_name))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = UnitTrainer(job, "cpu")
+
+        def report(metrics, save):
+            if save is not None:
+                (folder / f"step{metrics['step']}").mkdir()
+                save(folder / f"step{metrics['step']}")
+
+        trainer.run(report)
+    finally:
+        torch.set_num_threads(threads)
+    return trainer
+
+
+def test_dreambooth_resumes_exactly_and_its_compact_artifact_draws_as_the_fine_tuned_unet(dreambooth_run, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from engine.finetune.delta import DELTA_FILES
+    from engine.finetune.trainer import ARTIFACT_DIR, OUTCOME_FILE, STATE_FILE
+    from engine.generate.sampler import UnitModels
+    from engine.models.loading import load_base_pipeline
+
+    cfg, run, manifest = dreambooth_run
+    unit = next(u for u in manifest["units"] if u["unit"] == "g0")
+    assert unit["artifact_kind"] == "svd_delta" and unit_record(run, "dreambooth", "g0")["resumed_at"] == 2
+    folder = run.root / unit["artifact"]
+    stored = folder / DELTA_FILES["unet"]
+    assert sorted(p.name for p in folder.iterdir()) == [DELTA_FILES["unet"], "unit.json"]
+    with safe_open(stored, "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert {d for k, d in dtypes.items() if k.endswith((".up", ".down"))} == {"F16"}
+    assert {d for k, d in dtypes.items() if not k.endswith((".up", ".down"))} == {"F32"}
+
+    trainer = train_in_process(cfg, run, "dreambooth", "g0", tmp_path)
+    # The step-2 checkpoint can resume training; the last one holds the artifact only, no fp32
+    # weights or optimizer state.
+    assert (tmp_path / "step2" / STATE_FILE).is_file()
+    assert sorted(p.name for p in (tmp_path / "step4").iterdir()) == [ARTIFACT_DIR, OUTCOME_FILE]
+    # Resumed after a crash at step 3, the unit stores the very same weight changes.
+    resumed, uninterrupted = load_file(stored), load_file(tmp_path / "step4" / ARTIFACT_DIR / DELTA_FILES["unet"])
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+    # The generate stage's loader rebuilds the fine-tuned UNet from the base and the stored
+    # changes: its noise predictions match the fp32 fine-tuned UNet's to 1e-3 of their scale.
+    pipe = load_base_pipeline(cfg.model.base, "cpu")
+    models = UnitModels(pipe, run.root, cfg.model.attention, cfg.model.allow_pickle)
+    unet, _ = models.activate(unit["artifact"], "svd_delta")
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn((4, 4, 8, 8), generator=generator)
+    text = torch.randn((4, 77, pipe.text_encoder.config.hidden_size), generator=generator)
+    steps = torch.tensor([10, 300, 600, 900])
+    with torch.no_grad():
+        fine_tuned = trainer.unet.eval()(latents, steps, text).sample
+        rebuilt = unet(latents, steps, text).sample
+        base = pipe.unet(latents, steps, text).sample
+    error, scale = (rebuilt - fine_tuned).abs().max(), fine_tuned.abs().mean()
+    assert error < 1e-3 * scale
+    assert (base - fine_tuned).abs().max() > 100 * error  # the unit did change the UNet
+
+
+def test_weight_changes_keep_the_best_rank_r_approximation():
+    from engine.finetune import delta
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(48, 40), torch.nn.Conv2d(8, 24, 3))
+    base = delta.snapshot(module)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(torch.randn_like(param) * 1e-3)
+    changed = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    stored = delta.extract(module, base, rank=4)
+    assert stored["0.weight.up"].shape == (40, 4) and stored["1.weight.down"].shape == (4, 72)
+    assert stored["0.bias"].dtype == torch.float32  # vectors are kept whole
+    module.load_state_dict(base)
+    delta.apply(module, stored)
+    for name in ("0.weight", "1.weight"):
+        change = (changed[name] - base[name]).reshape(changed[name].shape[0], -1)
+        tail = torch.linalg.svdvals(change)[4:].square().sum().sqrt()
+        error = torch.linalg.norm((module.state_dict()[name] - changed[name]).reshape_as(change))
+        assert float(error) == pytest.approx(float(tail), rel=1e-2)  # Eckart-Young, up to fp16 storage
+    assert torch.allclose(module.state_dict()["0.bias"], changed["0.bias"], atol=1e-7)
+
+
+def test_dreambooth_and_clustered_dreambooth_share_cached_class_images(dreambooth_run):
+    from diffusers import StableDiffusionPipeline
+
+    cfg, run, manifest = dreambooth_run
     units = {u["unit"]: u for u in manifest["units"]}
-    assert units["g0"]["artifact_kind"] == "unet" and units["g0"]["prompt"] == "a photo of a sks landbird on land"
+    assert units["g0"]["artifact_kind"] == "svd_delta" and units["g0"]["prompt"] == "a photo of a sks landbird on land"
     assert units["g1"]["prompt"] == "a photo of a landbird on water" and units["g1"]["borrowed_from"] == "g0"
-    weights = run / "finetune/dreambooth/units/g0/unet/diffusion_pytorch_model.safetensors"
-    with safe_open(weights, "pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
     class_images = sorted((run / "finetune/class_images").glob("*.npy"))
     assert len(class_images) == 2  # one per trained group's class prompt
     assert np.load(class_images[0]).shape == (4, 32, 32, 3)

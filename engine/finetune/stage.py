@@ -5,15 +5,19 @@ Owns ``RUN/finetune/``:
 
 - ``<method>/manifest.json``: the method, the base model and one entry per unit (unit id,
   group, cluster, label, attribute, n_real, artifact (relative to RUN; null = the base
-  model), artifact_kind (base | lora | unet | lora_delta), prompt, negative_prompt,
+  model), artifact_kind (base | lora | svd_delta | unet | lora_delta), prompt, negative_prompt,
   borrowed_from, steps, final_loss). A borrowing unit carries its lender's artifact, steps
   and loss.
-- ``<method>/units/<unit>/``: a trained unit's artifact (a diffusers LoRA folder, or a
-  partial pipeline folder with ``unet/`` and, when trained, ``text_encoder/``) and
+- ``<method>/units/<unit>/``: a trained unit's artifact (a diffusers LoRA folder; for full
+  DreamBooth ``unet_delta.safetensors`` (and ``text_encoder_delta.safetensors``), each
+  layer's change at rank ``finetune.delta_rank`` (engine/finetune/delta.py), or with
+  ``dreambooth_store: unet`` a partial pipeline folder with ``unet/`` and ``text_encoder/``) and
   ``unit.json`` (the hashes it was trained under, steps, loss). Written in one rename, so a
   unit folder is complete or absent; a unit whose hashes match is not trained again.
 - ``<method>/tune/``: the Ray Tune experiments (trial checkpoints), unless
-  ``ray.storage_path`` puts them on shared storage.
+  ``ray.storage_path`` puts them on shared storage. An experiment is deleted once the
+  manifest lists every unit it trained (their artifacts are in ``units/`` by then), so a
+  finished method keeps no second copy; a unit folder lost after that is trained again.
 - ``class_images/<key>.npy``: prior-preservation images the base model drew, keyed by the
   prompt, the base model and the sampler settings, shared by every DreamBooth method.
 """
@@ -196,6 +200,7 @@ def _materialize(run: RunDir, method: str, unit: Unit, result: UnitResult, train
         "steps": result.steps, "final_loss": result.final_loss, "learning_rate": result.learning_rate,
         "heldout_loss": result.heldout_loss, "started_at": result.started_at,
         "finished_at": result.finished_at, "resumed_at": result.resumed_at,
+        "experiment": result.experiment,
     }
     with result.checkpoint.as_directory() as folder, atomic_directory(unit_dir(run, method, unit.unit)) as tmp:
         source = Path(folder) / ARTIFACT_DIR
@@ -302,7 +307,18 @@ def run_finetune_stage(cfg: Config, run: RunDir, method: str) -> dict:
     manifest = build_manifest(cfg, run, strategy, units, records)
     atomic_write_json(manifest_path(run, method), manifest)
     run.mark_complete(stage, expected, units=len(units), trained=sum(u.trains for u in units))
+    _remove_experiments(records)
     return manifest
+
+
+def _remove_experiments(records: dict) -> None:
+    """Delete the Tune experiments of units the manifest now lists: each unit's artifact is in
+    the run directory, so their checkpoints are a second copy."""
+    from engine.finetune.tune import remove_experiment
+
+    for experiment in sorted({r["experiment"] for r in records.values() if r and r.get("experiment")}):
+        if remove_experiment(experiment):
+            log.info("removed the finished fine-tuning experiment %s", experiment)
 
 
 # --- for the generate stage ---------------------------------------------------------------------
@@ -312,8 +328,9 @@ def apply_unit_artifact(pipe, run_root: str | Path, unit: dict):
     """Make ``pipe`` (a base-model pipeline) draw as manifest ``unit`` does; returns it.
 
     ``base``: nothing to load. ``lora`` / ``lora_delta``: the unit's LoRA replaces any loaded
-    one. ``unet``: the unit's UNet (and text encoder, when it trained one) replaces the
-    pipeline's, so switching back to the base model needs a fresh pipeline.
+    one. ``svd_delta``: the unit's weight changes are added to the pipeline's UNet (and text
+    encoder); ``unet``: the unit's UNet (and text encoder, when it trained one) replaces the
+    pipeline's. After either, switching back to the base model needs a fresh pipeline.
     """
     kind = unit["artifact_kind"]
     if kind == "base" or not unit.get("artifact"):
@@ -324,6 +341,13 @@ def apply_unit_artifact(pipe, run_root: str | Path, unit: dict):
     if kind in ("lora", "lora_delta"):
         pipe.unload_lora_weights()
         pipe.load_lora_weights(str(folder))
+        return pipe
+    if kind == "svd_delta":
+        from engine.finetune import delta
+
+        for part in ("unet", "text_encoder"):
+            if part == "unet" or delta.has_part(folder, part):
+                delta.apply(getattr(pipe, part), delta.load(folder, part), where=f"unit {unit['unit']}")
         return pipe
     if kind == "unet":
         from diffusers import UNet2DConditionModel

@@ -11,10 +11,12 @@ Real GPUs: trainable weights stay fp32 under fp16/bf16 autocast, frozen models a
 the autocast dtype, gradient checkpointing and 8-bit Adam (bitsandbytes) are used when
 configured. On CPU everything runs in fp32.
 
-A checkpoint is a folder: ``training_state.pt`` (trainable tensors, optimizer, random state,
-losses; every draw comes from one CPU generator, so a resumed unit continues exactly where
-it left off), plus, on the last step, ``artifact/`` (what the strategy saved) and
-``outcome.json``.
+A checkpoint is a folder. Before the last step it holds ``training_state.pt`` (the fp32
+trainable tensors, optimizer, random state, losses; every draw comes from one CPU generator,
+so a resumed unit continues exactly where it left off). The last step's holds only what the
+stage keeps: ``artifact/`` (what the strategy saved, compact) and ``outcome.json``; a full
+DreamBooth unit's weights and optimizer state (over 10 GB at SD 1.5 shapes) are not written
+once training is over. A trial resumed from that checkpoint reports it again and stops.
 """
 
 from __future__ import annotations
@@ -315,6 +317,8 @@ class UnitTrainer:
         resume_from: Path | None = None,
     ) -> TrainOutcome:
         """Train to ``steps``; ``report(metrics, save)`` gets a writer for the checkpoint folder."""
+        if resume_from and (Path(resume_from) / OUTCOME_FILE).is_file():
+            return self._report_finished(Path(resume_from), report)
         start_time = time.perf_counter()
         started_at = time.time()
         self._build()
@@ -366,22 +370,39 @@ class UnitTrainer:
                     metrics["heldout_loss"] = heldout
                 if last:
                     metrics["final_loss"] = self._final_loss(losses)
-                report(metrics, self._writer(step, generator, losses, last))
+                report(metrics, self._writer(step, generator, losses, metrics if last else None))
                 since_report = []
         return TrainOutcome(steps=step, final_loss=self._final_loss(losses), heldout_loss=self.heldout_loss())
 
-    def _writer(self, step: int, generator: torch.Generator, losses: list[float], last: bool) -> Callable[[Path], None]:
+    def _writer(self, step: int, generator: torch.Generator, losses: list[float],
+                final_metrics: dict | None) -> Callable[[Path], None]:
+        """Writes a checkpoint: the training state to resume from, or, on the last step
+        (``final_metrics`` given), the artifact and outcome only."""
         def write(folder: Path) -> None:
             folder = Path(folder)
-            torch.save(self._state(step, generator, losses), folder / STATE_FILE)
-            if last:
-                (folder / ARTIFACT_DIR).mkdir(exist_ok=True)
-                self.strategy.save_artifact(self.unet, self.text_encoder, folder / ARTIFACT_DIR, self.ft)
-                outcome = {"steps": step, "final_loss": self._final_loss(losses),
-                           "heldout_loss": self.heldout_loss(), "learning_rate": self.learning_rate}
-                (folder / OUTCOME_FILE).write_text(json.dumps(outcome))
+            if final_metrics is None:
+                torch.save(self._state(step, generator, losses), folder / STATE_FILE)
+                return
+            (folder / ARTIFACT_DIR).mkdir(exist_ok=True)
+            self.strategy.save_artifact(self.unet, self.text_encoder, folder / ARTIFACT_DIR, self.ft)
+            outcome = {"steps": step, "final_loss": self._final_loss(losses),
+                       "heldout_loss": self.heldout_loss(), "learning_rate": self.learning_rate,
+                       "metrics": final_metrics}
+            (folder / OUTCOME_FILE).write_text(json.dumps(outcome))
 
         return write
+
+    def _report_finished(self, folder: Path, report) -> TrainOutcome:
+        """A trial restarted after its last checkpoint (the job stopped before Tune recorded
+        the trial as done): report that checkpoint again instead of training."""
+        import shutil
+
+        outcome = json.loads((folder / OUTCOME_FILE).read_text())
+        log.info("unit %s had finished; reporting its last checkpoint again", self.job.unit)
+        report({**outcome["metrics"], "resumed_at": outcome["steps"]},
+               lambda target: shutil.copytree(folder, target, dirs_exist_ok=True))
+        return TrainOutcome(steps=outcome["steps"], final_loss=outcome["final_loss"],
+                            heldout_loss=outcome["heldout_loss"])
 
     def _maybe_inject_failure(self, step: int) -> None:
         if self.ft.inject_failure_at_step != step or self.failure_marker is None:

@@ -170,8 +170,10 @@ class UnitModels:
     - ``lora`` / ``lora_delta``: a diffusers LoRA file loaded once as a named adapter on the
       base UNet (and text encoder when the file has weights for it), then swapped by name;
       the least recently used adapters are deleted past ``max_adapters``.
-    - ``unet``: a DreamBooth UNet folder (plus its text encoder when it was trained), kept in
-      an LRU cache of ``max_unets`` so units sharing a model are not reloaded.
+    - ``svd_delta``: a DreamBooth unit's weight changes (engine/finetune/delta.py) added to a
+      copy of the base UNet (and text encoder, when it was trained); ``unet``: a DreamBooth
+      UNet folder (plus its text encoder). Either is kept in an LRU cache of ``max_unets`` so
+      units sharing a model are not rebuilt.
     """
 
     def __init__(self, pipe, run_root: str | Path, attention: str, allow_pickle: bool,
@@ -208,12 +210,15 @@ class UnitModels:
             return self.base_unet, self.base_prompts
         if kind in ("lora", "lora_delta"):
             return self.base_unet, self._activate_adapter(artifact)
+        if kind == "svd_delta":
+            self._disable_adapters()
+            return self._load_unet(artifact, self._unet_from_delta)
         if kind == "unet":
             self._disable_adapters()
             return self._load_unet(artifact)
         raise FairsynthError(
             f"finetune manifest artifact_kind {kind!r} for {artifact} is unknown; "
-            "valid: base, lora, unet, lora_delta"
+            "valid: base, lora, svd_delta, unet, lora_delta"
         )
 
     def _text_adapters(self) -> set[str]:
@@ -270,7 +275,29 @@ class UnitModels:
             disable_lora_for_text_encoder(self.pipe.text_encoder)
         return self._adapters[name]
 
-    def _load_unet(self, artifact: str) -> tuple[object, PromptEncoder]:
+    def _unet_from_delta(self, path: Path) -> tuple[object, PromptEncoder]:
+        """The base UNet (and text encoder) with a unit's stored weight changes added."""
+        import copy
+
+        from engine.finetune import delta
+
+        where = f"fine-tuned model {path}"
+        unet = delta.apply(copy.deepcopy(self.base_unet), delta.load(path, "unet"), where).eval()
+        prompts = self.base_prompts
+        if delta.has_part(path, "text_encoder"):
+            text_encoder = delta.apply(copy.deepcopy(self.pipe.text_encoder), delta.load(path, "text_encoder"), where)
+            prompts = PromptEncoder(self.pipe.tokenizer, text_encoder.eval(), self.pipe.device)
+        return unet, prompts
+
+    def _load_unet(self, artifact: str, build=None) -> tuple[object, PromptEncoder]:
+        if artifact in self._unets:
+            self._unets.move_to_end(artifact)
+            return self._unets[artifact]
+        if build is not None:
+            self._unets[artifact] = build(self._path(artifact))
+            while len(self._unets) > self.max_unets:
+                self._unets.popitem(last=False)
+            return self._unets[artifact]
         if artifact not in self._unets:
             from diffusers import UNet2DConditionModel
 
