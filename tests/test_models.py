@@ -202,3 +202,130 @@ def test_clip_encoder_from_local_folder(tmp_path, tokenizer, monkeypatch):
     np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(txt, axis=1), 1.0, atol=1e-5)
     assert np.abs(txt[0] - txt[1]).max() > 1e-4
+
+
+# --------------------------------------------------------------------------- random paper shapes
+
+
+def _count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_random_specs_have_the_real_models_shapes():
+    from engine.models.shapes import (
+        build_clip,
+        build_text_encoder,
+        build_unet,
+        build_vae,
+        random_base_configs,
+        random_encoder_config,
+    )
+
+    sd = random_base_configs("random:sd15")
+    # Stable Diffusion 1.5's and CLIP ViT-L/14's published parameter counts, built on the meta device.
+    assert _count(build_unet(sd["unet"])) == 859_520_964
+    assert _count(build_vae(sd["vae"])) == 83_653_863
+    assert _count(build_text_encoder(sd["text_encoder"])) == 123_060_480
+    assert _count(build_clip(random_encoder_config("random:clip-vit-l14"))) == 427_616_513
+    assert sd["unet"]["sample_size"] * 8 == 512
+
+
+@pytest.mark.parametrize("width", [0.125, 0.3, 0.5])
+def test_width_keeps_the_shapes_consistent(width):
+    from engine.models.shapes import random_base_configs, random_encoder_config
+
+    sd = random_base_configs(f"random:sd15:width={width}:size=64")
+    unet, vae, text = sd["unet"], sd["vae"], sd["text_encoder"]
+    assert unet["sample_size"] == 8 and vae["sample_size"] == 64
+    assert all(c % unet["norm_num_groups"] == 0 and c % unet["attention_head_dim"] == 0 for c in unet["block_out_channels"])
+    assert all(c % vae["norm_num_groups"] == 0 for c in vae["block_out_channels"])
+    assert unet["cross_attention_dim"] == text["hidden_size"] and text["hidden_size"] % text["num_attention_heads"] == 0
+    assert unet["layers_per_block"] == 2 and text["num_hidden_layers"] == 12  # depth stays
+    clip = random_encoder_config(f"random:clip-vit-l14:width={width}")
+    for tower in ("text_config", "vision_config"):
+        cfg = clip[tower]
+        assert cfg["hidden_size"] % cfg["num_attention_heads"] == 0 and cfg["projection_dim"] == clip["projection_dim"]
+
+
+def test_random_sd15_samples_at_its_native_side_with_the_same_weights_everywhere():
+    from engine.generate.sampler import PromptEncoder, make_scheduler, sample_images
+    from engine.models.loading import native_size
+
+    spec = "random:sd15:width=0.125:size=64"
+    before = torch.random.get_rng_state()
+    pipe = load_pipeline(spec, device="cpu")
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's random state is untouched
+    assert native_size(pipe.unet, pipe.vae) == 64 and len(pipe.tokenizer) == pipe.text_encoder.config.vocab_size
+    again = load_pipeline(spec, device="cpu")
+    other = load_pipeline(spec + ":seed=1", device="cpu")
+    for part in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(pipe, part).state_dict(), getattr(again, part).state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert not torch.equal(pipe.unet.conv_in.weight, other.unet.conv_in.weight)
+    scheduler = make_scheduler("dpm_solver_multistep", pipe.scheduler.config)
+    images = sample_images(pipe.unet, pipe.vae, scheduler, PromptEncoder(pipe.tokenizer, pipe.text_encoder, "cpu"),
+                           ["a photo of a landbird on land"], [""], [0], 2, 7.5)
+    assert images.shape == (1, 64, 64, 3) and images.dtype == np.uint8
+
+
+def test_random_clip_encoder_embeds_images_and_texts():
+    enc = load_encoder("random:clip-vit-l14:width=0.125", device="cpu")
+    assert isinstance(enc, ClipEncoder) and enc.dim == 96
+    img = enc.encode_images(np.stack([render("duck", "ocean", s, "benchmark", 48) for s in range(2)]))
+    txt = enc.encode_texts([caption("duck", "ocean"), caption("crow", "desert")])
+    assert img.shape == (2, 96) and txt.shape == (2, 96)
+    np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1.0, atol=1e-5)
+    again = load_encoder("random:clip-vit-l14:width=0.125", device="cpu")
+    np.testing.assert_allclose(again.encode_texts([caption("duck", "ocean")]), txt[:1], atol=1e-6)
+
+
+def test_bad_random_specs_fail_in_one_line():
+    from engine.config import load_config
+
+    with pytest.raises(FairsynthError, match=r"model.base = 'random:sd14': unknown random model"):
+        load_config(None, ["model.base=random:sd14"])
+    with pytest.raises(FairsynthError, match=r"model.encoder = .*bad option 'size=64'"):
+        load_config(None, ["model.encoder=random:clip-vit-l14:size=64"])
+    with pytest.raises(FairsynthError, match=r"bad option 'width=0'"):
+        load_config(None, ["model.base=random:sd15:width=0"])
+    with pytest.raises(FairsynthError, match=r"bad option 'size=100'"):
+        load_pipeline("random:sd15:size=100", device="cpu")
+    assert load_config(None, ["model.base=random:sd15:width=0.25:size=128:seed=3"]).model.base.endswith("seed=3")
+
+
+# --------------------------------------------------------------------------- one resolution
+
+
+def test_finetuning_and_sampling_use_the_native_side_not_data_image_size():
+    """The tiny model draws 32 px images (8x8 latents); data.image_size=48 must change neither
+    what fine-tuning trains on, nor the prior-preservation images, nor what the sampler draws."""
+    import pandas as pd
+
+    from engine.config import load_config
+    from engine.data.builtin import OBJECTS
+    from engine.finetune.trainer import UnitJob, UnitTrainer, draw_class_images
+    from engine.generate.sampler import SyntheticImageSampler
+    from engine.generate.shards import decode_png
+
+    cfg = load_config(None, ["data.image_size=48", "model.device=cpu", "finetune.batch_size=3",
+                             "generate.steps=2", "generate.batch_size=2"])
+    sources = [f"builtin://{OBJECTS[0]}/ocean/{s}" for s in range(3)]
+    job = UnitJob(method="lora", unit="g0", sources=sources, train_prompt="a photo of a landbird on land",
+                  class_prompt="a photo of a landbird", class_images=None, model=cfg.model,
+                  finetune=cfg.finetune, seed=0)
+    trainer = UnitTrainer(job, "cpu")
+    trainer._build()
+    trainer._prepare_data()
+    assert trainer.image_size == 32
+    batch = trainer._sample_latents(trainer.latent_mean, trainer.latent_std, torch.Generator().manual_seed(0))
+    assert tuple(batch.shape) == (3, 4, 8, 8)  # 32 px through the VAE; 48 px would give 12x12
+    class_images = draw_class_images(cfg.model, cfg.generate, "a photo of a landbird", 2, 0, "cpu")
+    assert class_images.shape == (2, 32, 32, 3)
+    sampler = SyntheticImageSampler(cfg.model_dump(mode="json"), "/nonexistent", "vanilla", "tiny")
+    rows = pd.DataFrame({
+        "shard": ["part-0"] * 2, "label": [0, 0], "attribute": [0, 0], "group": [0, 0], "unit": ["g0"] * 2,
+        "cluster": [-1, -1], "seed": [1, 2], "prompt": ["a photo of a landbird on land"] * 2,
+        "negative_prompt": [""] * 2, "artifact_kind": ["base"] * 2, "artifact": [""] * 2,
+    })
+    drawn = sampler(rows)
+    assert [decode_png(png).shape for png in drawn["image"]] == [(32, 32, 3)] * 2
