@@ -1,4 +1,4 @@
-"""Plan a job before paying for it: FLOPs, GPU-hours and wall time of every stage on N GPUs.
+"""Plan a job before paying for it: FLOPs, GPU-hours, wall time and disk of every stage on N GPUs.
 
     python jobs/plan.py [--config PRESET] [--set key=value ...] --gpus N --gpu-type h100 [--json]
     python jobs/plan.py --compare RUN [--gpu-type cpu --gpus 1]   # predicted vs RUN/stage_seconds.json
@@ -7,7 +7,9 @@
 FLOPs are counted with PyTorch's FLOP counter over the configured models built on the meta
 device (no weights, no GPU); wall time divides them by the device's peak times each stage's
 achieved fraction (config plan.gpu_mfu / plan.cpu_mfu, or a benchmark's measurement) and
-spreads trials, shards and workers over the GPUs as the stages do. --gpu-type cpu plans this
+spreads trials, shards and workers over the GPUs as the stages do. Disk per stage: bytes its
+outputs keep in the run directory (fine-tuned units from the models' shapes, synthetic PNGs)
+and the peak its running tasks hold besides (fine-tuning checkpoints in flight). --gpu-type cpu plans this
 machine, at its measured matmul peak.
 """
 

@@ -280,3 +280,29 @@ def test_every_preset_plans_on_eight_gpus():
             per_image = 25 * 2 * F.unet_forward(shapes, 64) + F.vae_decode(shapes, 64)
             generate = [r for r in plan.rows if r.stage == "generate"]
             assert all(r.flops == 4 * 2000 * per_image for r in generate)
+
+
+def test_plan_reports_disk_per_stage_and_the_dreambooth_units_of_waterbirds_0999_fit_in_30_gb():
+    from engine.finetune import delta
+    from engine.planning.disk import png_bytes
+
+    cfg = load_config("waterbirds_0999")
+    plan = plan_job(cfg, "h100", 8)
+    disk = plan.disk()
+    rows = {(r.method, r.part): r for r in plan.rows if r.stage == "finetune"}
+    dreambooth, clustered = rows[("dreambooth", "")], rows[("clustered_dreambooth", "")]
+    # Each unit keeps its layers' changes at rank finetune.delta_rank, counted on SD 1.5's shapes.
+    per_unit = delta.artifact_bytes(F.build_unet(F.diffusion_shapes(cfg.model).unet), cfg.finetune.delta_rank)
+    assert 250e6 < per_unit < 300e6
+    assert dreambooth.disk_bytes % per_unit == 0 and clustered.disk_bytes % per_unit == 0
+    assert 0 < dreambooth.disk_bytes + clustered.disk_bytes <= 30e9
+    # Resumable checkpoints (fp32 UNet, 8-bit Adam moments) of the trials running at once.
+    assert clustered.scratch_bytes == clustered.concurrent * 3 * 859_520_964 * (4 + 2)
+    assert disk["finetune"]["in_flight_bytes"] == clustered.scratch_bytes
+    assert disk["generate"]["kept_bytes"] == 4 * 4 * 2000 * png_bytes(512)
+    text = format_plan(plan, "waterbirds_0999")
+    assert "kept in run_dir" in text and "in flight (peak)" in text
+    # Stored whole in fp16, the same units would not fit.
+    whole = plan_job(load_config("waterbirds_0999", ["finetune.dreambooth_store=unet"]), "h100", 8)
+    assert sum(r.disk_bytes for r in whole.rows if r.stage == "finetune" and "dreambooth" in r.method
+               and not r.part) > 30e9

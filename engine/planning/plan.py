@@ -36,6 +36,15 @@ class JobPlan:
             t["wall_seconds"] += row.wall_seconds
         return totals
 
+    def disk(self) -> dict[str, dict[str, float]]:
+        """Per stage: bytes its outputs keep in the run directory, and the most its running
+        tasks hold at once besides (stages run one after another, so the peak is one row's)."""
+        disk = {s: {"kept_bytes": 0.0, "in_flight_bytes": 0.0} for s in STAGES}
+        for row in self.rows:
+            disk[row.stage]["kept_bytes"] += row.disk_bytes
+            disk[row.stage]["in_flight_bytes"] = max(disk[row.stage]["in_flight_bytes"], row.scratch_bytes)
+        return disk
+
     @property
     def wall_seconds(self) -> float:
         return sum(r.wall_seconds for r in self.rows)
@@ -85,7 +94,8 @@ class JobPlan:
                     "severity": r.severity, "stage": r.stage, "method": r.method, "part": r.part,
                     "flops": r.flops, "tasks": r.tasks, "concurrent": r.concurrent, "waves": r.waves,
                     "devices": r.devices, "device_hours": r.device_seconds / 3600, "wall_seconds": r.wall_seconds,
-                    "mfu": r.mfu, "mfu_source": r.mfu_source,
+                    "mfu": r.mfu, "mfu_source": r.mfu_source, "disk_bytes": r.disk_bytes,
+                    "in_flight_bytes": r.scratch_bytes,
                 }
                 for r in self.rows
             ],
@@ -96,6 +106,7 @@ class JobPlan:
                 "billed_device_hours": self.billed_device_hours,
             },
             "bottleneck": self.bottleneck,
+            "disk": {**self.disk(), "total": {"kept_bytes": sum(r.disk_bytes for r in self.rows)}},
             "notes": self.notes,
         }
 
@@ -214,10 +225,30 @@ def format_plan(plan: JobPlan, title: str = "") -> str:
     ]
     out += _table(["severity", "stage", "method", "tasks", f"at once on {unit}s", "waves", "FLOPs",
                    f"{unit}-h", "wall"], detail)
+    out += ["", *format_disk(plan)]
     sources = sorted({f"{s}: {plan.device.mfu_source[s]}" for s in STAGES})
     out += ["", "MFU from: " + "; ".join(sources)]
     out += [f"note: {n}" for n in plan.notes]
     return "\n".join(out)
+
+
+def format_bytes(x: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x:.0f} B" if x else "0"
+
+
+def format_disk(plan: JobPlan) -> list[str]:
+    """Disk per stage: kept in the run directory, and held in flight (fine-tuning checkpoints)."""
+    disk = plan.disk()
+    rows = [[s, format_bytes(d["kept_bytes"]), format_bytes(d["in_flight_bytes"])] for s, d in disk.items()]
+    rows.append(["total", format_bytes(sum(d["kept_bytes"] for d in disk.values())),
+                 format_bytes(max(d["in_flight_bytes"] for d in disk.values()))])
+    by_method = [[r.severity, r.label, format_bytes(r.disk_bytes), format_bytes(r.scratch_bytes)]
+                 for r in plan.rows if r.disk_bytes or r.scratch_bytes]
+    return [*_table(["disk", "kept in run_dir", "in flight (peak)"], rows), "",
+            *_table(["severity", "stage", "kept", "in flight"], by_method)]
 
 
 # --- checking a plan against a finished run ------------------------------------------------

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from engine.config import GENERATIVE_METHODS, Config
+from engine.planning import disk
 from engine.planning import flops as F
 from engine.planning.counts import GroupCounts, trained_groups
 from engine.planning.hardware import Device
@@ -42,6 +43,10 @@ class StageCost:
     part: str = ""  # a named piece of a stage (prior-preservation class images)
     sequential: int = 1  # independent rounds run one after another (one ASHA search per unit)
     notes: list[str] = field(default_factory=list)
+    # Disk (engine/planning/disk.py): bytes the row leaves in the run directory, and bytes one
+    # running task holds besides while it runs (fine-tuning checkpoints in flight).
+    disk_bytes: float = 0.0
+    task_scratch_bytes: float = 0.0
     # Filled in by schedule():
     mfu: float = 0.0
     mfu_source: str = ""
@@ -50,6 +55,7 @@ class StageCost:
     waves: int = 0
     device_seconds: float = 0.0
     wall_seconds: float = 0.0
+    scratch_bytes: float = 0.0  # task_scratch_bytes times the tasks running at once
 
     @property
     def label(self) -> str:
@@ -82,6 +88,7 @@ def schedule(cost: StageCost, device: Device, n_devices: int) -> StageCost:
         held = cost.concurrent * max(1, math.floor(share + 1e-9))
     cost.devices = min(float(n_devices), held)
     cost.waves = math.ceil(per_round / cost.concurrent)
+    cost.scratch_bytes = cost.concurrent * cost.task_scratch_bytes
     per_task_seconds = (cost.flops / cost.tasks) / (rate * cost.devices / cost.concurrent)
     cost.wall_seconds = cost.sequential * cost.waves * per_task_seconds
     return cost
@@ -194,6 +201,7 @@ class FinetuneCost(StageCostModel):
             ) * ft.num_samples
             row = StageCost(ctx.severity, "finetune", method, total, len(units) * ft.num_samples,
                             ft.max_concurrent_trials, share, sequential=len(units) if ft.num_samples > 1 else 1)
+            _finetune_disk(ctx, method, row, len(units))
             if ft.num_samples > 1:
                 row.notes.append(f"finetune {method}: ASHA stops lagging trials early; full trials counted (an upper bound)")
             borrowed = ctx.counts.n_groups - len(groups)
@@ -205,9 +213,27 @@ class FinetuneCost(StageCostModel):
                 prior_paid = True
                 images = len(groups) * ft.num_class_images
                 rows.append(StageCost(ctx.severity, "finetune", method, images * ctx.sample_flops(latent), len(groups),
-                                      len(groups), share, part="class images"))
+                                      len(groups), share, part="class images",
+                                      disk_bytes=len(groups) * disk.class_image_bytes(ctx.shapes.native_size,
+                                                                                      ft.num_class_images)))
             rows.append(row)
         return rows
+
+
+def _finetune_disk(ctx: PlanContext, method: str, row: StageCost, units: int) -> None:
+    """What a method's trained units keep, and what a running trial's checkpoints hold."""
+    ft = ctx.cfg.finetune
+    per_unit = disk.unit_artifact_bytes(ctx.shapes, ft, method)
+    row.disk_bytes = units * per_unit
+    # A resumable checkpoint is written every checkpoint_every steps before the last; the
+    # last step's holds only the artifact.
+    resumable = ft.steps > ft.checkpoint_every
+    per_checkpoint = disk.checkpoint_bytes(ctx.shapes, ft, method, ctx.device.is_gpu) if resumable else per_unit
+    row.task_scratch_bytes = disk.CHECKPOINT_COPIES * per_checkpoint
+    store = "LoRA" if disk.trains_lora(method, ft) else (
+        f"svd_delta rank {ft.delta_rank}" if ft.dreambooth_store == "svd_delta" else "whole UNet, fp16")
+    row.notes.append(f"finetune {method}: {units} unit(s) x {per_unit / 1e6:,.1f} MB ({store}); a resumable "
+                     f"checkpoint is {per_checkpoint / 1e9:.3g} GB")
 
 
 class GenerateCost(StageCostModel):
@@ -225,7 +251,8 @@ class GenerateCost(StageCostModel):
         share = ctx.share("generate.actor_num_gpus", gen.actor_num_gpus, gen.actor_num_cpus)
         return [
             StageCost(ctx.severity, "generate", method, total * ctx.sample_flops(latent),
-                      math.ceil(total / gen.rows_per_shard), gen.num_actors, share)
+                      math.ceil(total / gen.rows_per_shard), gen.num_actors, share,
+                      disk_bytes=total * disk.png_bytes(ctx.shapes.native_size))
             for method in ctx.generative_methods()
         ]
 
