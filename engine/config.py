@@ -201,6 +201,19 @@ class FilterConfig(Section):
     actor_num_gpus: float = Field(0.0, ge=0)
 
 
+class FidelityConfig(Section):
+    """Synthetic group fidelity (engine.generate.fidelity): how often a judge reads a unit's
+    generated images as the unit's group, before and after filtering."""
+
+    judge: Literal["auto", "renderer", "clip"] = Field(
+        "auto", description="'renderer' (the built-in benchmark's drawing rules), 'clip' (zero-shot model.encoder), or 'auto': renderer on builtin, clip elsewhere"
+    )
+    class_prompt_template: str = Field("a photo of a {class_name}", description="clip judge: one prompt per class")
+    attribute_prompt_template: str = Field(
+        "a photo of a {attribute_name}", description="clip judge: one prompt per attribute"
+    )
+
+
 class TrainConfig(Section):
     backbone: Literal["tiny_resnet", "resnet18", "resnet50"] = "tiny_resnet"
     pretrained_weights: str | None = Field(None, description="local ImageNet weights file for torchvision backbones")
@@ -226,6 +239,9 @@ class TrainConfig(Section):
     shuffle_buffer_rows: int = Field(2048, ge=1, description="rows each worker's shuffle buffer mixes")
     inject_failure_at_epoch: int | None = Field(
         None, ge=1, description="test hook: one worker process dies once after this epoch"
+    )
+    deterministic: bool = Field(
+        True, description="deterministic torch kernels (cuDNN included), so a seed repeats its metrics"
     )
     seed: int = 0
 
@@ -306,6 +322,7 @@ class Config(Section):
     finetune: FinetuneConfig = FinetuneConfig()
     generate: GenerateConfig = GenerateConfig()
     filter: FilterConfig = FilterConfig()
+    fidelity: FidelityConfig = FidelityConfig()
     train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
     plan: PlanConfig = PlanConfig()

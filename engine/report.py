@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from engine import storage
-from engine.config import METHODS
+from engine.config import GENERATIVE_METHODS, METHODS
 from engine.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
 METHOD_TITLES = {
@@ -47,10 +47,53 @@ def collect_rows(run_root: Path, severities: list, methods: list[str], stage_sec
                     "val_worst_group": metrics["val"]["worst_group"],
                     "synthetic_images": metrics.get("synthetic_images", 0),
                     "group_names": metrics.get("group_names"),
+                    "synthetic_fidelity": read_fidelity(sub, method),
                     "stage_seconds": stage_seconds.get(str(severity), {}).get(method, {}),
                 }
             )
     return rows
+
+
+def read_fidelity(run_root, method: str) -> dict | None:
+    """A generative method's synthetic group fidelity, as its filter stage measured it
+    (engine.generate.fidelity); None for other methods and for runs filtered before it existed."""
+    path = storage.as_path(run_root) / "filter" / method / "summary.json"
+    if method not in GENERATIVE_METHODS or not storage.exists(path):
+        return None
+    return read_json(path).get("fidelity")
+
+
+def _fidelity_cell(fidelity: dict | None) -> str:
+    """'kept (all), worst unit kept' in percent: the share read as the unit's group after and
+    before filtering, and the lowest unit's share after."""
+    if not fidelity:
+        return "-"
+    worst = fidelity.get("worst_unit_after")
+    tail = f", worst unit {_pct(worst['after'])}" if worst else ""
+    return f"{_pct(fidelity['after'])} ({_pct(fidelity['before'])}){tail}"
+
+
+def fidelity_markdown(rows: list[dict]) -> str:
+    """Per unit: the share of its kept (all) synthetic images the judge reads as its group."""
+    measured = [r for r in rows if r.get("synthetic_fidelity")]
+    if not measured:
+        return ""
+    judges = sorted({r["synthetic_fidelity"]["judge"] for r in measured})
+    lines = [
+        f"Synthetic group fidelity per unit (%): images the {' / '.join(judges)} judge reads as the unit's "
+        "class and attribute, kept by the filter (all generated); class and attribute alone, kept",
+        "",
+        "| Method | Severity | Unit | Group | Group fidelity | Class | Attribute | Kept / generated |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in measured:
+        for unit, u in r["synthetic_fidelity"]["per_unit"].items():
+            lines.append(
+                f"| {METHOD_TITLES[r['method']]} | {severity_title(r['severity'])} | {unit} | {u['name']} | "
+                f"{_pct(u['after'])} ({_pct(u['before'])}) | {_pct(u['class_after'])} | "
+                f"{_pct(u['attribute_after'])} | {u['kept']} / {u['images']} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def _pct(x: float) -> str:
@@ -62,21 +105,29 @@ def results_markdown(rows: list[dict], title: str) -> str:
     severities = list(dict.fromkeys(r["severity"] for r in rows))
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     by_key = {(r["method"], r["severity"]): r for r in rows}
-    head = "| Method | " + " | ".join(f"{title} {severity_title(s)}" for s in severities) + " | synthetic images |"
+    head = (
+        "| Method | " + " | ".join(f"{title} {severity_title(s)}" for s in severities)
+        + " | " + " | ".join(f"group fidelity {severity_title(s)}" for s in severities) + " | synthetic images |"
+    )
     lines = [
-        "Test worst-group / average-group accuracy (%)",
+        "Test worst-group / average-group accuracy (%); group fidelity: the share of kept (all generated) "
+        "synthetic images that an independent judge reads as their unit's group, and the lowest unit's (%)",
         "",
         head,
-        "|---" * (len(severities) + 2) + "|",
+        "|---" * (2 * len(severities) + 2) + "|",
     ]
     for method in methods:
         cells = []
         for s in severities:
             r = by_key.get((method, s))
             cells.append(f"{_pct(r['test_worst_group'])} / {_pct(r['test_average_group'])}" if r else "-")
+        for s in severities:
+            r = by_key.get((method, s))
+            cells.append(_fidelity_cell(r.get("synthetic_fidelity")) if r else "-")
         used = max(by_key[(method, s)]["synthetic_images"] for s in severities if (method, s) in by_key)
         lines.append(f"| {METHOD_TITLES[method]} | " + " | ".join(cells) + f" | {used} |")
-    return "\n".join(lines) + "\n"
+    units = fidelity_markdown(rows)
+    return "\n".join(lines) + "\n" + (f"\n{units}" if units else "")
 
 
 def plot_per_group(rows: list[dict], path: Path, severity) -> None:

@@ -11,7 +11,9 @@ same 32 px images, so its scores rank images by the same rule at a smaller scale
 Scoring is a Ray Data pass (``read_parquet`` -> ``map_batches(SyntheticImageScorer)``), the
 ranking happens on the driver (one float per image), and each shard is then rewritten
 atomically with its ``score`` and ``kept`` columns. ``RUN/filter/<method>/summary.json``
-records per-group counts and mean scores of kept and dropped images.
+records per-group counts and mean scores of kept and dropped images, and the synthetic group
+fidelity per unit before and after filtering (engine.generate.fidelity; its judge reads each
+image in the same scoring pass).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from engine import storage
 from engine.config import Config
 from engine.data.stage import load_run_dataset
 from engine.errors import FairsynthError
+from engine.generate import fidelity
 from engine.generate.shards import (
     decode_png,
     read_shard,
@@ -78,10 +81,12 @@ def load_group_means(run: RunDir, n_groups: int) -> np.ndarray:
 
 
 class SyntheticImageScorer:
-    """Ray Data actor: PNG rows in, (unit, seed, group, score, two similarities) out."""
+    """Ray Data actor: PNG rows in, (unit, seed, group, score, two similarities) out, plus
+    the fidelity judge's reading (judged_label, judged_attribute) when one is given."""
 
     def __init__(self, encoder: str, model_device: str, num_gpus: float, image_size: int,
-                 class_prompts: list[str], group_means: np.ndarray, alpha: float):
+                 class_prompts: list[str], group_means: np.ndarray, alpha: float,
+                 judge: str | None = None, judge_prompts: tuple[list[str], list[str]] | None = None):
         from engine.models.encoders import load_encoder
         from engine.raylib import device_for
 
@@ -96,6 +101,20 @@ class SyntheticImageScorer:
         self.class_embeddings = np.asarray(self.encoder.encode_texts(class_prompts), dtype=np.float32)
         self.group_means = group_means
         self.alpha = alpha
+        self.judge = None
+        if judge == "renderer":
+            self.judge = fidelity.RendererJudge()
+        elif judge == "clip":
+            self.judge = fidelity.ClipJudge(self.encoder, *judge_prompts)
+
+    def _judge(self, batch: pd.DataFrame, embeddings: np.ndarray) -> dict:
+        if self.judge is None:
+            return {}
+        if isinstance(self.judge, fidelity.ClipJudge):
+            labels, attributes = self.judge.read_embeddings(embeddings)
+        else:  # the renderer's rules read the image as it was drawn, at its own size
+            labels, attributes = self.judge.read([decode_png(b) for b in batch["image"]])
+        return {"judged_label": labels, "judged_attribute": attributes}
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         images = np.stack([decode_png(b, self.image_size) for b in batch["image"]])
@@ -117,12 +136,15 @@ class SyntheticImageScorer:
             "score": score.astype(np.float64),
             "sim_class": sim_class.astype(np.float64),
             "sim_centroid": sim_centroid.astype(np.float64),
+            **self._judge(batch, embeddings),
         })
 
 
 def score_images(cfg: Config, run: RunDir, method: str, class_prompts: list[str],
-                 group_means: np.ndarray) -> pd.DataFrame:
-    """One row per synthetic image: unit, seed, group, score, sim_class, sim_centroid."""
+                 group_means: np.ndarray, judge: str | None = None,
+                 judge_prompts: tuple[list[str], list[str]] | None = None) -> pd.DataFrame:
+    """One row per synthetic image: unit, seed, group, score, sim_class, sim_centroid (and,
+    with a judge, judged_label and judged_attribute)."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -146,6 +168,8 @@ def score_images(cfg: Config, run: RunDir, method: str, class_prompts: list[str]
                 "class_prompts": class_prompts,
                 "group_means": group_means,
                 "alpha": flt.alpha,
+                "judge": judge,
+                "judge_prompts": judge_prompts,
             },
             batch_size=flt.batch_size,
             batch_format="pandas",
@@ -196,7 +220,7 @@ def run_filter_stage(cfg: Config, run: RunDir, method: str) -> dict:
         )
     plan_hash = read_json(generated).get("hash")
     stage = filter_stage_name(method)
-    stage_hash = f"{plan_hash}-{cfg.slice_hash('filter.alpha', 'filter.keep_fraction', 'filter.class_prompt_template', 'model.encoder')}"
+    stage_hash = f"{plan_hash}-{cfg.slice_hash('filter.alpha', 'filter.keep_fraction', 'filter.class_prompt_template', 'model.encoder', 'fidelity')}"
     summary_path = run / stage / "summary.json"
     if run.is_complete(stage, stage_hash) and summary_path.exists():
         log.info("filter %s: complete, skipped", method)
@@ -206,12 +230,20 @@ def run_filter_stage(cfg: Config, run: RunDir, method: str) -> dict:
     dataset = load_run_dataset(run)
     group_means = load_group_means(run, dataset.n_groups)
     class_prompts = [cfg.filter.class_prompt_template.format(class_name=c) for c in dataset.class_names]
-    scores = score_images(cfg, run, method, class_prompts, group_means)
+    judge = fidelity.judge_kind(cfg)
+    judge_prompts = fidelity.judge_prompts(cfg, dataset.class_names, dataset.attribute_names)
+    scores = score_images(cfg, run, method, class_prompts, group_means, judge, judge_prompts)
     if scores.duplicated(["unit", "seed"]).any():
         raise FairsynthError(f"{synthetic_dir(run, method)} holds a (unit, seed) twice; delete it and re-run generate")
     scores["kept"] = select_top_fraction(scores, cfg.filter.keep_fraction)
     rewritten = _rewrite_shards(run, method, scores)
     write_sample_grid(run, method)
+    group_names = [dataset.group_name(g) for g in range(dataset.n_groups)]
+    synthetic_fidelity = fidelity.group_fidelity(scores, dataset.n_attributes, group_names, judge)
+    log.info(
+        "filter %s: group fidelity (%s judge) %.3f of all images, %.3f of kept ones; worst unit after filtering: %s",
+        method, judge, synthetic_fidelity["before"], synthetic_fidelity["after"], synthetic_fidelity["worst_unit_after"],
+    )
 
     per_group = {}
     for group, part in scores.groupby("group"):
@@ -235,6 +267,7 @@ def run_filter_stage(cfg: Config, run: RunDir, method: str) -> dict:
         "images": int(len(scores)),
         "kept": int(scores["kept"].sum()),
         "per_group": per_group,
+        "fidelity": synthetic_fidelity,
         "shards_rewritten": rewritten,
         "stage_seconds": round(time.perf_counter() - started, 2),
     }
