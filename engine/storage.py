@@ -286,6 +286,14 @@ def copy_file(source: RunPath | str, target: RunPath | str) -> None:
         write_bytes(target, read_bytes(source))
 
 
+def dataset_source(paths: list[RunPath]) -> dict:
+    """``paths`` and ``filesystem`` for ``ray.data.read_parquet``: absolute local paths as
+    before, or paths within the object store's filesystem, which read tasks on any node use."""
+    located = [fs_path(p) for p in paths]
+    filesystem = located[0][0] if located else None
+    return {"paths": [where for _, where in located], "filesystem": filesystem}
+
+
 def read_parquet(path: RunPath | str, columns: list[str] | None = None):
     """A Parquet file as a pyarrow Table (only ``columns`` read, when given)."""
     import pyarrow.parquet as pq
@@ -314,17 +322,22 @@ def load_numpy(path: RunPath | str):
 # --- folders for libraries that need local files ------------------------------------------------
 
 
-def upload_folder(local: str | os.PathLike, target: RunPath | str) -> None:
-    """Put every file under ``local`` below ``target``, replacing what was there. Locally the
-    folder appears in one rename; on object storage files go up one upload each, so a folder's
-    own completion record (written last by the caller) is what says it is whole."""
+def upload_folder(local: str | os.PathLike, target: RunPath | str, last: str | None = None,
+                  replace: bool = True) -> None:
+    """Put every file under ``local`` below ``target``, replacing what was there (with
+    ``replace=False`` on object storage: adding to it, as log folders want). Locally the
+    folder appears in one rename; on object storage files go up one upload each, ``last``
+    (the folder's completion record, e.g. ``unit.json``) after all others, so its presence
+    says the folder is whole."""
     local, target = Path(local), as_path(target)
     if isinstance(target, Path):
         with atomic_local_directory(target) as tmp:
             shutil.copytree(local, tmp, dirs_exist_ok=True)
         return
-    target.rmtree()
-    for file in sorted(p for p in local.rglob("*") if p.is_file()):
+    if replace:
+        target.rmtree()
+    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.relative_to(local).as_posix() == last, p))
+    for file in files:
         (target / file.relative_to(local).as_posix()).write_bytes(file.read_bytes())
 
 
@@ -407,9 +420,9 @@ def atomic_local_directory(path: Path):
 
 
 @contextlib.contextmanager
-def atomic_directory(path: RunPath | str):
+def atomic_directory(path: RunPath | str, last: str | None = None):
     """Yield a local folder to fill; on success it becomes ``path`` (one rename locally, an
-    upload to object storage)."""
+    upload to object storage with the file ``last`` uploaded last)."""
     path = as_path(path)
     if isinstance(path, Path):
         with atomic_local_directory(path) as tmp:
@@ -417,7 +430,7 @@ def atomic_directory(path: RunPath | str):
         return
     with tempfile.TemporaryDirectory(prefix="fairsynth-upload-") as tmp:
         yield Path(tmp)
-        upload_folder(tmp, path)
+        upload_folder(tmp, path, last=last)
 
 
 # --- checking a run directory at start ---------------------------------------------------------

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine import storage
 from engine.config import Config
 from engine.data.stage import run_data_stage
 from engine.errors import FairsynthError
@@ -140,7 +141,7 @@ def ensure_class_images(cfg: Config, run: RunDir, prompts: list[str]) -> dict[st
     for prompt in prompts:
         path = folder / f"{class_image_key(cfg, prompt)}.npy"
         if path.exists():
-            found[prompt] = np.load(path)
+            found[prompt] = storage.load_numpy(path)
         else:
             missing.append(prompt)
     if missing:
@@ -202,7 +203,8 @@ def _materialize(run: RunDir, method: str, unit: Unit, result: UnitResult, train
         "finished_at": result.finished_at, "resumed_at": result.resumed_at,
         "experiment": result.experiment,
     }
-    with result.checkpoint.as_directory() as folder, atomic_directory(unit_dir(run, method, unit.unit)) as tmp:
+    target = unit_dir(run, method, unit.unit)
+    with result.checkpoint.as_directory() as folder, atomic_directory(target, last=UNIT_FILE) as tmp:
         source = Path(folder) / ARTIFACT_DIR
         if not source.is_dir():
             raise FairsynthError(
@@ -251,8 +253,10 @@ def train_units(cfg: Config, run: RunDir, strategy: FinetuneStrategy, units: lis
         )
         for u in pending
     ]
-    storage = cfg.ray.storage_path or str((run / f"finetune/{method}/tune").resolve())
-    results = run_unit_trials(jobs, ft, storage, prefix=f"{method}-{train_hash}")
+    # Tune keeps experiments in the run directory unless ray.storage_path says otherwise; a
+    # URI (s3://...) goes to Tune as it is (Ray opens it with pyarrow.fs on every node).
+    tune_storage = cfg.ray.storage_path or storage.uri(run / f"finetune/{method}/tune")
+    results = run_unit_trials(jobs, ft, tune_storage, prefix=f"{method}-{train_hash}")
     kind = strategy.artifact_kind(ft)
     for unit in pending:
         records[unit.unit] = _materialize(run, method, unit, results[unit.unit], train_hash, kind)
@@ -335,9 +339,10 @@ def apply_unit_artifact(pipe, run_root: str | Path, unit: dict):
     kind = unit["artifact_kind"]
     if kind == "base" or not unit.get("artifact"):
         return pipe
-    folder = Path(run_root) / unit["artifact"]
+    folder = storage.as_path(run_root) / unit["artifact"]
     if not folder.is_dir():
         raise FairsynthError(f"missing fine-tuned model {folder} of unit {unit['unit']}; re-run the finetune stage")
+    folder = storage.local_copy(folder)  # diffusers loads local files
     if kind in ("lora", "lora_delta"):
         pipe.unload_lora_weights()
         pipe.load_lora_weights(str(folder))

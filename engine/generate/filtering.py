@@ -42,6 +42,9 @@ from engine.runs import RunDir, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
+# A rewrite task only reads and writes one Parquet shard.
+REWRITE_NUM_CPUS = 0.25
+
 
 def filter_stage_name(method: str) -> str:
     return f"filter/{method}"
@@ -156,7 +159,7 @@ def score_images(cfg: Config, run: RunDir, method: str, class_prompts: list[str]
     saved = context.enable_progress_bars
     context.enable_progress_bars = False
     try:
-        ds = ray.data.read_parquet([str(p.resolve()) for p in shard_paths(run, method)])
+        ds = ray.data.read_parquet(**storage.dataset_source(shard_paths(run, method)))
         ds = ds.select_columns(["image", "unit", "seed", "group", "label"])
         ds = ds.map_batches(
             SyntheticImageScorer,
@@ -182,26 +185,40 @@ def score_images(cfg: Config, run: RunDir, method: str, class_prompts: list[str]
         context.enable_progress_bars = saved
 
 
+def _rewrite_shard(uri: str, lookup: pd.DataFrame) -> int:
+    """Ray task: store score and kept in one shard if its values changed; 1 when rewritten.
+    It gets the shard's URI (or shared-mount path), so it runs on any node."""
+    path = storage.as_path(uri)
+    frame = read_shard(path)
+    keys = pd.MultiIndex.from_arrays([frame["unit"], frame["seed"]])
+    new = lookup.reindex(keys)
+    if new["score"].isna().any():
+        raise FairsynthError(f"shard {path} holds images the filter did not score; re-run generate")
+    same = np.allclose(frame["score"].to_numpy(), new["score"].to_numpy(), equal_nan=False) and (
+        frame["kept"].to_numpy() == new["kept"].to_numpy()
+    ).all()
+    if same:
+        return 0
+    frame["score"] = new["score"].to_numpy()
+    frame["kept"] = new["kept"].to_numpy().astype(bool)
+    write_shard_table(path, pa.Table.from_pandas(frame, preserve_index=False))
+    return 1
+
+
 def _rewrite_shards(run: RunDir, method: str, decided: pd.DataFrame) -> int:
-    """Store score and kept in every shard whose values changed; returns shards rewritten."""
-    lookup = decided.set_index(["unit", "seed"])[["score", "kept"]]
-    rewritten = 0
-    for path in shard_paths(run, method):
-        frame = read_shard(path)
-        keys = pd.MultiIndex.from_arrays([frame["unit"], frame["seed"]])
-        new = lookup.reindex(keys)
-        if new["score"].isna().any():
-            raise FairsynthError(f"shard {path} holds images the filter did not score; re-run generate")
-        same = np.allclose(frame["score"].to_numpy(), new["score"].to_numpy(), equal_nan=False) and (
-            frame["kept"].to_numpy() == new["kept"].to_numpy()
-        ).all()
-        if same:
-            continue
-        frame["score"] = new["score"].to_numpy()
-        frame["kept"] = new["kept"].to_numpy().astype(bool)
-        write_shard_table(path, pa.Table.from_pandas(frame, preserve_index=False))
-        rewritten += 1
-    return rewritten
+    """Store score and kept in every shard whose values changed (Ray tasks, one per shard,
+    reading and writing the run's storage); returns shards rewritten."""
+    import ray
+
+    lookup = ray.put(decided.set_index(["unit", "seed"])[["score", "kept"]])
+    task = ray.remote(num_cpus=REWRITE_NUM_CPUS)(_rewrite_shard)
+    refs = [task.remote(storage.uri(path), lookup) for path in shard_paths(run, method)]
+    try:
+        return int(sum(ray.get(refs)))
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, FairsynthError):
+            raise FairsynthError(str(err.cause)) from None
+        raise
 
 
 def run_filter_stage(cfg: Config, run: RunDir, method: str) -> dict:

@@ -7,12 +7,12 @@ Once the filter stage has scored a method, images it dropped get a red frame.
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
+from engine import storage
 from engine.data.stage import load_run_dataset
 from engine.generate.shards import read_shard, shard_paths
 from engine.runs import RunDir, atomic_write_bytes
@@ -64,7 +64,7 @@ def _first_images(run: RunDir, method: str, per_unit: int) -> pd.DataFrame:
     chosen = meta.groupby("unit", sort=False).head(per_unit)
     images = {}
     for path, part in chosen.groupby("path"):
-        table = read_shard(Path(path), ["unit", "seed", "image"])
+        table = read_shard(storage.as_path(path), ["unit", "seed", "image"])
         wanted = set(zip(part["unit"], part["seed"], strict=True))
         for unit, seed, image in zip(table["unit"], table["seed"], table["image"], strict=True):
             if (unit, seed) in wanted:

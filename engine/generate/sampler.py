@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from engine import storage
 from engine.errors import FairsynthError
 from engine.generate.shards import encode_png
 from engine.models.loading import load_base_pipeline
@@ -179,7 +180,7 @@ class UnitModels:
     def __init__(self, pipe, run_root: str | Path, attention: str, allow_pickle: bool,
                  max_unets: int = 2, max_adapters: int = 16):
         self.pipe = pipe
-        self.run_root = Path(run_root)
+        self.run_root = storage.as_path(run_root)  # a URI, or a path every node mounts
         self.attention = attention
         self.allow_pickle = allow_pickle
         self.max_unets = max_unets
@@ -197,7 +198,9 @@ class UnitModels:
             raise FairsynthError(
                 f"fine-tuned model {path} listed in the finetune manifest is missing; re-run the finetune stage"
             )
-        return path
+        # Diffusers loads from local files: an artifact on object storage is fetched once
+        # into this node's cache (a local or shared-mount path is used where it is).
+        return storage.local_copy(path)
 
     def activate(self, artifact: str, kind: str) -> tuple[object, PromptEncoder]:
         """(UNet, prompt encoder) of a unit's artifact."""

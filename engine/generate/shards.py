@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,8 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from engine import storage
 from engine.errors import FairsynthError
 from engine.runs import RunDir, atomic_write_bytes
+from engine.storage import RunPath
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +67,15 @@ def decode_png(data: bytes, size: int | None = None) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8)
 
 
-def synthetic_dir(run: RunDir, method: str) -> Path:
+def synthetic_dir(run: RunDir, method: str) -> RunPath:
     return run / "synthetic" / method
 
 
-def shard_paths(run: RunDir, method: str) -> list[Path]:
+def shard_paths(run: RunDir, method: str) -> list[RunPath]:
     return sorted(synthetic_dir(run, method).glob(SHARD_GLOB))
 
 
-def write_shard_table(path: Path, table: pa.Table) -> None:
+def write_shard_table(path: RunPath, table: pa.Table) -> None:
     """Write one shard atomically (temporary name in the same folder, then rename)."""
     buffer = io.BytesIO()
     pq.write_table(table.select(SYNTHETIC_SCHEMA.names).cast(SYNTHETIC_SCHEMA), buffer)
@@ -82,7 +83,8 @@ def write_shard_table(path: Path, table: pa.Table) -> None:
 
 
 def write_shards(batch: pd.DataFrame, out_dir: str, expected_rows: dict[str, int]) -> pd.DataFrame:
-    """Ray Data task: write every shard in ``batch``, return one small row per shard written.
+    """Ray Data task: write every shard in ``batch`` to ``out_dir`` (the folder's URI, or an
+    absolute path on a mount every node shares), return one small row per shard written.
 
     A shard reaches this function whole (one plan shard is one block, and the pipeline never
     splits blocks), so it is written in one piece; a partial shard would mean a lost row and
@@ -98,7 +100,7 @@ def write_shards(batch: pd.DataFrame, out_dir: str, expected_rows: dict[str, int
         tick = time.perf_counter()
         timing = [c for c in TIMING_COLUMNS if c in rows]
         table = pa.Table.from_pandas(rows.drop(columns=["shard", "sampling_started", *timing]), preserve_index=False)
-        write_shard_table(Path(out_dir) / name, table)
+        write_shard_table(storage.as_path(out_dir) / name, table)
         written.append({
             "shard": name,
             "rows": len(rows),
@@ -109,9 +111,9 @@ def write_shards(batch: pd.DataFrame, out_dir: str, expected_rows: dict[str, int
     return pd.DataFrame(written, columns=["shard", "rows", "sampling_started", *TIMING_COLUMNS, "write_seconds"])
 
 
-def read_shard(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+def read_shard(path: RunPath, columns: list[str] | None = None) -> pd.DataFrame:
     try:
-        return pq.read_table(path, columns=columns).to_pandas()
+        return storage.read_parquet(path, columns=columns).to_pandas()
     except (pa.ArrowInvalid, OSError) as exc:
         raise FairsynthError(f"synthetic shard {path} is unreadable ({exc}); delete it and re-run generate") from None
 
@@ -134,12 +136,12 @@ def read_synthetic(run: RunDir, method: str, columns: list[str] | None = None,
     return frame
 
 
-def shard_row_counts(paths: list[Path]) -> dict[str, int]:
+def shard_row_counts(paths: list[RunPath]) -> dict[str, int]:
     """Rows per shard from the Parquet footers, without reading images."""
-    return {p.name: pq.ParquetFile(p).metadata.num_rows for p in paths}
+    return {p.name: storage.parquet_file(p).metadata.num_rows for p in paths}
 
 
-def remove_stale_shards(out_dir: Path, keep: set[str]) -> list[str]:
+def remove_stale_shards(out_dir: RunPath, keep: set[str]) -> list[str]:
     """Delete shards of an earlier plan (another config or manifest), so readers see one plan."""
     stale = [p for p in sorted(out_dir.glob(SHARD_GLOB)) if p.name not in keep]
     for path in stale:

@@ -4,8 +4,9 @@
 ``map_batches(write_shards)``; the driver only counts finished shards for the progress bar.
 One plan shard is one block, and block shaping is off for this pipeline, so a shard reaches
 its writer whole. Shards already on disk are not planned again: a re-run after a crash, or a
-node lost mid-way, writes only what is missing, and never a row twice. Shards are written by
-the workers, so on a multi-node cluster the run directory must be on storage every node mounts.
+node lost mid-way, writes only what is missing, and never a row twice. Samplers and writers
+get the run's URI (engine.storage), never a driver-local path: on several nodes the run
+directory is on object storage (s3://...) or a mount every node shares.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 
 from tqdm.auto import tqdm
 
+from engine import storage
 from engine.config import Config
 from engine.data.stage import load_run_dataset
 from engine.errors import FairsynthError
@@ -146,7 +148,7 @@ def _generate_shards(cfg: Config, run: RunDir, plan: GroupBalancedPlan, missing:
             SyntheticImageSampler,
             fn_constructor_kwargs={
                 "config": cfg.model_dump(mode="json"),
-                "run_root": str(run.root.resolve()),
+                "run_root": run.uri,  # never a driver-local path: actors may run on any node
                 "method": plan.method,
                 "base_model": plan.base_model,
             },
@@ -158,7 +160,7 @@ def _generate_shards(cfg: Config, run: RunDir, plan: GroupBalancedPlan, missing:
         )
         ds = ds.map_batches(
             write_shards,
-            fn_kwargs={"out_dir": str(synthetic_dir(run, plan.method).resolve()), "expected_rows": sizes},
+            fn_kwargs={"out_dir": storage.uri(synthetic_dir(run, plan.method)), "expected_rows": sizes},
             batch_size=None,
             batch_format="pandas",
             num_cpus=WRITER_NUM_CPUS,

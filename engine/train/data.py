@@ -18,12 +18,11 @@ order is not reproducible anyway; model initialisation and the shuffle buffer ar
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
+from engine import storage
 from engine.data.datasets import load_image
 from engine.errors import FairsynthError
 from engine.generate.shards import decode_png
@@ -150,17 +149,17 @@ def eval_split_refs(records: pd.DataFrame, image_size: int) -> list:
     return real_images(records, image_size, cache=True).to_numpy_refs()
 
 
-def kept_synthetic_counts(files: list[Path], n_groups: int) -> list[int]:
+def kept_synthetic_counts(files: list[storage.RunPath], n_groups: int) -> list[int]:
     """Kept synthetic rows per group, read from the small columns only."""
     counts = np.zeros(n_groups, dtype=np.int64)
     for file in files:
-        schema = pq.read_schema(file)
+        schema = storage.parquet_file(file).schema_arrow
         missing = [c for c in SYNTHETIC_COLUMNS if c not in schema.names]
         if missing:
             raise FairsynthError(
                 f"synthetic shard {file} has no column {missing[0]!r}; re-run the generate stage that wrote it"
             )
-        table = pq.read_table(file, columns=["group", "kept"]).to_pandas()
+        table = storage.read_parquet(file, columns=["group", "kept"]).to_pandas()
         groups = table.loc[table["kept"].astype(bool), "group"].to_numpy(np.int64)
         if len(groups) and (groups.min() < 0 or groups.max() >= n_groups):
             raise FairsynthError(
@@ -171,12 +170,13 @@ def kept_synthetic_counts(files: list[Path], n_groups: int) -> list[int]:
 
 
 def synthetic_images(
-    files: list[Path], image_size: int, cache: bool, n_rows: int, min_blocks: int = 1, seed: int = 0
+    files: list[storage.RunPath], image_size: int, cache: bool, n_rows: int, min_blocks: int = 1, seed: int = 0
 ):
     """The kept rows of a method's synthetic shards, decoded, in a seeded random order."""
     import ray
 
-    ds = ray.data.read_parquet([str(f) for f in files]).select_columns(list(SYNTHETIC_COLUMNS)).map_batches(
+    # Read tasks open the shards on whichever node runs them: URIs with the run's filesystem.
+    ds = ray.data.read_parquet(**storage.dataset_source(files)).select_columns(list(SYNTHETIC_COLUMNS)).map_batches(
         decode_synthetic, fn_kwargs={"image_size": image_size}, batch_format="pandas", num_cpus=DATA_TASK_CPUS
     )
     # Shards hold one unit (a group) each: shuffled once, every block mixes the groups (so

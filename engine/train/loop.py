@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from engine import storage
 from engine.metrics import summarize
 from engine.train.backbones import Classifier, build_classifier
 from engine.train.methods import Phase, get_method
@@ -179,10 +180,20 @@ def _tensorboard(directory: str | None, rank: int):
     try:
         from torch.utils.tensorboard import SummaryWriter
 
-        return SummaryWriter(directory)
+        # SummaryWriter writes local files: for a run directory on object storage it writes to
+        # a local folder that _sync_tensorboard uploads after every epoch.
+        return SummaryWriter(tempfile.mkdtemp(prefix="fairsynth-tb-") if storage.is_remote(directory) else directory)
     except Exception as exc:  # TensorBoard is a convenience; training goes on without it.
         log.warning("no TensorBoard logs (%s: %s)", exc.__class__.__name__, exc)
         return None
+
+
+def _sync_tensorboard(writer, directory: str | None) -> None:
+    if writer is not None and directory and storage.is_remote(directory):
+        try:
+            storage.upload_folder(writer.log_dir, directory, replace=False)
+        except OSError as exc:  # a convenience, like the logs themselves
+            log.warning("TensorBoard logs not uploaded to %s (%s)", directory, exc)
 
 
 def train_loop(config: dict) -> dict:
@@ -263,6 +274,7 @@ def train_loop(config: dict) -> dict:
                 if isinstance(value, (int, float)) and key != "epoch":
                     writer.add_scalar(f"{phase.name}/{key}", value, epoch)
             writer.flush()
+            _sync_tensorboard(writer, config.get("tensorboard_dir"))
 
         checkpoint, directory = None, None
         if rank == 0:
@@ -292,6 +304,7 @@ def train_loop(config: dict) -> dict:
         writer.add_scalar("final/test_worst_group", test["worst_group"], state["epoch"] - 1)
         writer.add_scalar("final/test_average_group", test["average_group"], state["epoch"] - 1)
         writer.close()
+        _sync_tensorboard(writer, config.get("tensorboard_dir"))
     # Rank 0's return value is the Result's return_value.
     return {"best_epoch": state["epoch"] - 1, "val": val, "test": test, "history": history}
 

@@ -14,6 +14,7 @@ import math
 import time
 from pathlib import Path
 
+from engine import storage
 from engine.config import Config
 from engine.data.stage import load_run_dataset
 from engine.errors import FairsynthError
@@ -46,7 +47,8 @@ def _storage(cfg: Config, run: RunDir, method: str) -> tuple[str, str]:
     name = f"{method}-{train_hash(cfg, method)}"
     if cfg.ray.storage_path:
         return cfg.ray.storage_path, name
-    return str((run / f"train/{method}/ray").resolve()), name
+    # A URI (s3://...) goes to Ray Train as it is; it opens it with pyarrow.fs on every node.
+    return storage.uri(run / f"train/{method}/ray"), name
 
 
 def _check_backbone(cfg: Config, n_classes: int) -> None:
@@ -124,7 +126,7 @@ def run_train_stage(cfg: Config, run: RunDir, method: str) -> dict:
         "n_classes": dataset.n_classes,
         "train_group_counts": train_counts,
         "eval_refs": eval_refs,
-        "tensorboard_dir": str((run / f"{stage}/tensorboard").resolve()),
+        "tensorboard_dir": storage.uri(run / f"{stage}/tensorboard"),
         "failure_marker": str(Path(storage_path) / name / "injected_failure")
         if "://" not in storage_path
         else None,
@@ -176,7 +178,7 @@ def run_train_stage(cfg: Config, run: RunDir, method: str) -> dict:
             if trained
             else None
         ),
-        "checkpoint_dir": str(Path(storage_path) / name),
+        "checkpoint_dir": f"{storage_path.rstrip('/')}/{name}",
         "stage_seconds": time.perf_counter() - started,
     }
     atomic_write_json(metrics_path, metrics)
