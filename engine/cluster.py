@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -99,11 +100,12 @@ class ImageEmbedder:
         image_size: int,
         num_gpus: float = 0.0,
         encoder_loader: EncoderLoader | None = None,
+        model_device: str = "auto",
     ):
         from engine.raylib import device_for
 
         loader = encoder_loader or _load_configured_encoder
-        self.encoder = loader(encoder_spec, device=device_for(num_gpus))
+        self.encoder = loader(encoder_spec, device=device_for(num_gpus, model_device))
         # An encoder that declares its input side gets images rendered at it (real CLIP wants
         # 224 px); otherwise images come at the size every stage sees.
         self.image_size = int(getattr(self.encoder, "image_size", None) or image_size)
@@ -122,33 +124,15 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-def _actor_gpus(cfg: Config) -> float:
-    """GPUs per embedding actor: the configured share, else one GPU's share per actor when
-    the Ray cluster has GPUs and model.device allows them."""
-    import ray
-
-    if cfg.model.device == "cpu":
-        return 0.0
-    if cfg.cluster.actor_num_gpus > 0:
-        return cfg.cluster.actor_num_gpus
-    gpus = float(ray.cluster_resources().get("GPU", 0))
-    if cfg.model.device == "cuda" and gpus == 0:
-        raise FairsynthError(
-            "model.device = 'cuda' but the Ray cluster has no GPU; set model.device=auto or cpu, "
-            "or set cluster.actor_num_gpus on a cluster that adds GPU nodes on demand"
-        )
-    return min(1.0, gpus / cfg.cluster.num_actors) if gpus else 0.0
-
-
 def embed_images(
     cfg: Config, sources: list[str], encoder_loader: EncoderLoader | None = None
 ) -> np.ndarray:
     """float32 [len(sources), d] L2-normalised embeddings of the images at ``sources`` (record
     sources), computed by an actor pool of :class:`ImageEmbedder` through Ray Data."""
     import ray
-    from ray.data import ActorPoolStrategy
 
     from engine.raylib import init_ray
+    from engine.resources import actor_resources
 
     init_ray(cfg.ray)
     if not sources:
@@ -156,7 +140,7 @@ def embed_images(
             "no images to embed: the training split is empty; check data.* settings"
         )
     c = cfg.cluster
-    num_gpus = _actor_gpus(cfg)
+    resources = actor_resources(cfg, "cluster", work=math.ceil(len(sources) / c.batch_size))
     frame = pd.DataFrame({"row": np.arange(len(sources), dtype=np.int64), "source": list(sources)})
     block = c.batch_size * BLOCK_BATCHES
     blocks = [frame.iloc[i : i + block] for i in range(0, len(frame), block)]
@@ -165,23 +149,14 @@ def embed_images(
         fn_constructor_kwargs={
             "encoder_spec": cfg.model.encoder,
             "image_size": cfg.data.image_size,
-            "num_gpus": num_gpus,
+            "num_gpus": resources.num_gpus,
             "encoder_loader": encoder_loader,
+            "model_device": cfg.model.device,
         },
-        batch_size=c.batch_size,
         batch_format="numpy",
-        compute=ActorPoolStrategy(size=c.num_actors),
-        num_cpus=c.actor_num_cpus,
-        num_gpus=num_gpus,
+        **resources.map_batches_kwargs(),
     )
-    log.info(
-        "embedding %d images with encoder %r (%d actors, %.2g CPU and %.2g GPU each)",
-        len(sources),
-        cfg.model.encoder,
-        c.num_actors,
-        c.actor_num_cpus,
-        num_gpus,
-    )
+    log.info("embedding %d images with encoder %r (%s)", len(sources), cfg.model.encoder, resources.describe())
     out: np.ndarray | None = None
     seen = np.zeros(len(sources), dtype=bool)
     with tqdm(total=len(sources), desc="embed", unit="img") as bar:

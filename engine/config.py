@@ -22,6 +22,7 @@ PRESET_DIR = REPO_ROOT / "configs"
 DATASETS = ("builtin", "waterbirds", "celeba", "utkface", "manifest")
 METHODS = ("erm", "group_dro", "vanilla", "lora", "dreambooth", "clustered_dreambooth")
 GENERATIVE_METHODS = ("vanilla", "lora", "dreambooth", "clustered_dreambooth")
+TRAINED_METHODS = ("lora", "dreambooth", "clustered_dreambooth")  # vanilla fine-tunes nothing
 
 
 class Section(BaseModel):
@@ -36,6 +37,37 @@ def _check_severity(value: Any) -> Any:
     if not 0.5 < float(value) < 1.0:
         raise ValueError("must be 'original' or a number p with 0.5 < p < 1")
     return float(value)
+
+
+def _check_concurrency(value: Any) -> Any:
+    if value == AUTO:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("must be a positive integer (a cap) or 'auto' (as many as the cluster can reach)")
+    return value
+
+
+Concurrency = int | Literal["auto"]
+AUTO = "auto"
+
+
+class ActorStageConfig(Section):
+    """How a Ray Data actor stage (cluster, generate, filter) runs: the one resources model.
+
+    ``num_actors`` caps the actor pool; 'auto' lets it grow to what the work can use and the
+    cluster can reach (an autoscaling cluster adds nodes as the pool asks). Each actor asks
+    Ray for ``actor_num_cpus`` CPUs and ``actor_num_gpus`` GPUs; ``model.device=cpu`` turns
+    every GPU share off. engine/resources.py resolves these for the stage and the planner.
+    """
+
+    batch_size: int = Field(128, ge=1, description="rows per actor call")
+    num_actors: Concurrency = Field(1, description="actor pool cap, or 'auto'")
+    actor_num_cpus: float = Field(0.5, gt=0)
+    actor_num_gpus: float = Field(0.0, ge=0, description="GPU share per actor (0.25: four actors per GPU)")
+
+    _num_actors = field_validator("num_actors", mode="before")(
+        classmethod(lambda cls, v: _check_concurrency(v))
+    )
 
 
 class BuiltinConfig(Section):
@@ -106,7 +138,7 @@ class ModelConfig(Section):
         return v
 
 
-class ClusterConfig(Section):
+class ClusterConfig(ActorStageConfig):
     k: int | Literal["auto"] = Field("auto", description="clusters per group, or 'auto' (silhouette)")
     k_max: int = Field(6, ge=1, description="largest k tried when k is 'auto'")
     min_cluster_size: int = Field(8, ge=1, description="smaller clusters merge into their nearest")
@@ -118,9 +150,6 @@ class ClusterConfig(Section):
     nredo: int = Field(3, ge=1)
     seed: int = 0
     batch_size: int = Field(128, ge=1, description="images per embedding batch")
-    num_actors: int = Field(1, ge=1)
-    actor_num_cpus: float = Field(0.5, gt=0)
-    actor_num_gpus: float = Field(0.0, ge=0)
 
     @field_validator("k")
     @classmethod
@@ -153,7 +182,9 @@ class FinetuneConfig(Section):
     delta_rank: int = Field(128, ge=1, description="rank per layer of dreambooth_store=svd_delta")
     min_real_images: int = Field(4, ge=1, description="below this a unit borrows its class's aligned model")
     trial_resources: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
-    max_concurrent_trials: int = Field(2, ge=1)
+    max_concurrent_trials: Concurrency = Field(
+        2, description="trials at once (a cap), or 'auto': Tune queues every trial and runs what the cluster can hold"
+    )
     checkpoint_every: int = Field(20, ge=1)
     max_failures: int = Field(2, ge=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("fp16", description="used on CUDA only")
@@ -163,19 +194,20 @@ class FinetuneConfig(Section):
     search_lr_factor: float = Field(3.0, gt=1, description="the search draws learning rates in [lr / f, lr * f]")
     heldout_fraction: float = Field(0.2, gt=0, lt=1, description="share of a unit's images the search scores on")
     caption_dropout: float = Field(0.1, ge=0, lt=1, description="share of captions trained as the empty prompt")
+    _max_concurrent = field_validator("max_concurrent_trials", mode="before")(
+        classmethod(lambda cls, v: _check_concurrency(v))
+    )
     inject_failure_at_step: int | None = Field(None, ge=1, description="test hook: every trial raises once here")
     seed: int = 0
 
 
-class GenerateConfig(Section):
+class GenerateConfig(ActorStageConfig):
     images_per_group: int | Literal["fill"] = Field(96, description="or 'fill' up to the largest real group")
     steps: int = Field(20, ge=1)
     guidance_scale: float = Field(7.5, ge=0)
     scheduler: Literal["dpm_solver_multistep", "ddim", "euler", "pndm"] = "dpm_solver_multistep"
-    batch_size: int = Field(16, ge=1)
-    num_actors: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1, description="images per UNet batch")
     actor_num_cpus: float = Field(1.0, gt=0)
-    actor_num_gpus: float = Field(0.0, ge=0)
     prompt_template: str = "a photo of a {class_name} on {attribute_name}"
     identifier_template: str = "a photo of a {identifier} {class_name} on {attribute_name}"
     negative_prompt_template: str = "{source_attribute_name}"
@@ -191,14 +223,11 @@ class GenerateConfig(Section):
         return v
 
 
-class FilterConfig(Section):
+class FilterConfig(ActorStageConfig):
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the class-prompt similarity")
     keep_fraction: float = Field(0.75, gt=0, le=1, description="top share kept per group")
     class_prompt_template: str = "a photo of a {class_name}"
-    batch_size: int = Field(128, ge=1)
-    num_actors: int = Field(1, ge=1, description="image-encoder actors scoring synthetic images")
-    actor_num_cpus: float = Field(0.5, gt=0)
-    actor_num_gpus: float = Field(0.0, ge=0)
+    batch_size: int = Field(128, ge=1, description="images per encoder batch")
 
 
 class FidelityConfig(Section):
@@ -231,12 +260,17 @@ class TrainConfig(Section):
     group_dro_adjustment: float = Field(0.0, ge=0, description="C in C / sqrt(n_g)")
     group_balanced_sampling: bool = True
     augment: bool = True
-    num_workers: int = Field(2, ge=1, description="DDP workers")
+    num_workers: Concurrency = Field(
+        2, description="DDP workers, or 'auto': one per GPU the cluster can reach (use_gpu) or per free CPU share"
+    )
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0)
     max_failures: int = Field(1, ge=0)
     cache_decoded: bool = Field(True, description="decode images once into the object store instead of every epoch")
     shuffle_buffer_rows: int = Field(2048, ge=1, description="rows each worker's shuffle buffer mixes")
+    _num_workers = field_validator("num_workers", mode="before")(
+        classmethod(lambda cls, v: _check_concurrency(v))
+    )
     inject_failure_at_epoch: int | None = Field(
         None, ge=1, description="test hook: one worker process dies once after this epoch"
     )
@@ -346,6 +380,33 @@ class Config(Section):
             raise ValueError(f"data.root is required for data.name={self.data.name!r}")
         return self
 
+    @model_validator(mode="after")
+    def _gpu_share_for_cuda(self) -> Config:
+        # A stage that runs a model with no GPU share gets a worker that sees no GPU, and
+        # model.device=cuda would fail there, mid-run; say so before anything starts.
+        if self.model.device == "cuda":
+            for key, share in self.gpu_shares().items():
+                if share <= 0:
+                    raise ValueError(
+                        f"{key} = 0 but model.device = 'cuda': give the stage a GPU share "
+                        f"(e.g. --set {key}={'true' if key == 'train.use_gpu' else 0.25}) or set model.device=auto"
+                    )
+        return self
+
+    def gpu_shares(self) -> dict[str, float]:
+        """The GPU share each stage this config runs asks Ray for (train: 1 per worker), before
+        ``model.device=cpu`` turns them off (engine/resources.py)."""
+        shares: dict[str, float] = {}
+        if any(m in GENERATIVE_METHODS for m in self.methods):
+            shares["cluster.actor_num_gpus"] = self.cluster.actor_num_gpus
+            if any(m in TRAINED_METHODS for m in self.methods):
+                gpu = {k.upper(): v for k, v in self.finetune.trial_resources.items()}.get("GPU", 0.0)
+                shares["finetune.trial_resources.GPU"] = float(gpu)
+            shares["generate.actor_num_gpus"] = self.generate.actor_num_gpus
+            shares["filter.actor_num_gpus"] = self.filter.actor_num_gpus
+        shares["train.use_gpu"] = 1.0 if self.train.use_gpu else 0.0
+        return shares
+
     def slice_hash(self, *sections: str) -> str:
         """Hash of the named sections (dotted paths allowed): what a stage's output depends on."""
         payload = {s: _dig(self.model_dump(mode="json"), s) for s in sorted(sections)}
@@ -376,12 +437,14 @@ def _fields_of(model: type[BaseModel], path: list[str]) -> list[str]:
 def _format_error(err: ValidationError, raw: dict) -> str:
     first = err.errors()[0]
     loc = [str(p) for p in first["loc"] if not str(p).startswith(("literal[", "function-"))]
-    key = ".".join(loc) or "<root>"
+    key = ".".join(loc)
+    msg = first["msg"].removeprefix("Value error, ")
+    if not key:  # a check across sections names its keys itself
+        return f"config error: {msg}"
     if first["type"] == "extra_forbidden":
         valid = _fields_of(Config, loc[:-1])
         return f"config error: unknown key '{key}'; valid keys here: {', '.join(valid)}"
     value = first.get("input")
-    msg = first["msg"].removeprefix("Value error, ")
     return f"config error: {key} = {value!r}: {msg}"
 
 

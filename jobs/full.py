@@ -18,9 +18,11 @@ def main() -> None:
 
     from engine.pipeline import run_full
     from engine.raylib import init_ray
+    from engine.resources import check_cluster_supplies
 
     start = time.perf_counter()
     init_ray(cfg.ray)
+    check_cluster_supplies(cfg)  # before any stage runs: a GPU preset on a machine without one
 
     def announce(stage: str) -> None:
         print(f"[{time.perf_counter() - start:7.1f}s] {stage}", flush=True)

@@ -38,8 +38,9 @@ from engine.data.stage import run_data_stage
 from engine.errors import FairsynthError
 from engine.finetune.strategies import FinetuneStrategy, get_strategy
 from engine.finetune.trainer import UnitJob, unit_seed
-from engine.finetune.tune import UnitResult, run_unit_trials, trial_bundle
+from engine.finetune.tune import UnitResult, run_unit_trials
 from engine.finetune.units import Unit, plan_units
+from engine.resources import trial_bundle
 from engine.runs import RunDir, atomic_directory, atomic_write_bytes, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ def ensure_class_images(cfg: Config, run: RunDir, prompts: list[str]) -> dict[st
         else:
             missing.append(prompt)
     if missing:
-        bundle = trial_bundle(cfg.finetune)
+        bundle = trial_bundle(cfg.finetune, cfg.model.device)
         task = ray.remote(num_cpus=bundle.get("CPU", 1.0), num_gpus=bundle.get("GPU", 0.0))(_draw_class_images_task)
         refs = {
             p: task.remote(cfg, p, unit_seed(cfg.finetune.seed, p), bundle.get("GPU", 0.0), int(bundle.get("CPU", 1)))
@@ -219,12 +220,12 @@ def _materialize(run: RunDir, method: str, unit: Unit, result: UnitResult, train
 def _check_devices(cfg: Config) -> None:
     import ray
 
-    gpus_per_trial = trial_bundle(cfg.finetune).get("GPU", 0.0)
-    if cfg.model.device == "cuda" and gpus_per_trial == 0:
-        raise FairsynthError(
-            "model.device = 'cuda' but finetune.trial_resources gives trials no GPU; "
-            "set finetune.trial_resources={GPU: 1} (or a share such as 0.5)"
-        )
+    from engine.resources import check_cluster_supplies
+
+    # model.device=cuda without a GPU share is refused when the config loads (engine/config.py).
+    gpus_per_trial = trial_bundle(cfg.finetune, cfg.model.device).get("GPU", 0.0)
+    if gpus_per_trial > 0:
+        check_cluster_supplies(cfg)
     if gpus_per_trial == 0 and cfg.model.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0:
         log.warning("the Ray cluster has GPUs but finetune.trial_resources asks for none: trials train on CPU")
 
@@ -256,7 +257,7 @@ def train_units(cfg: Config, run: RunDir, strategy: FinetuneStrategy, units: lis
     # Tune keeps experiments in the run directory unless ray.storage_path says otherwise; a
     # URI (s3://...) goes to Tune as it is (Ray opens it with pyarrow.fs on every node).
     tune_storage = cfg.ray.storage_path or storage.uri(run / f"finetune/{method}/tune")
-    results = run_unit_trials(jobs, ft, tune_storage, prefix=f"{method}-{train_hash}")
+    results = run_unit_trials(jobs, ft, tune_storage, prefix=f"{method}-{train_hash}", model_device=cfg.model.device)
     kind = strategy.artifact_kind(ft)
     for unit in pending:
         records[unit.unit] = _materialize(run, method, unit, results[unit.unit], train_hash, kind)

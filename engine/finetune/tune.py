@@ -2,7 +2,8 @@
 
 - Resources per trial come from ``finetune.trial_resources`` (``{"GPU": 1}``, a fraction such
   as ``{"GPU": 0.5}`` for LoRA, or CPUs); at most ``finetune.max_concurrent_trials`` run at
-  once. On CPU a trial uses as many torch threads as CPUs it was given, so parallel trials
+  once, or with 'auto' every trial is queued and runs as the cluster makes room (an
+  autoscaling cluster adds nodes for the pending ones). On CPU a trial uses as many torch threads as CPUs it was given, so parallel trials
   do not fight over cores.
 - A trial reports a checkpoint every ``finetune.checkpoint_every`` steps;
   ``FailureConfig(max_failures)`` restarts a crashed trial from its last checkpoint, and a
@@ -32,6 +33,7 @@ from engine.errors import FairsynthError
 from engine.finetune.strategies import get_strategy
 from engine.finetune.trainer import FAILURE_MARKER, UnitJob, UnitTrainer
 from engine.raylib import device_for
+from engine.resources import max_concurrent_trials, trial_bundle
 
 log = logging.getLogger(__name__)
 
@@ -55,25 +57,6 @@ class UnitResult:
     # The Tune experiment the trial ran in (local path or URI); the stage removes it once
     # every unit it trained is in the manifest.
     experiment: str | None = None
-
-
-def trial_bundle(ft: FinetuneConfig) -> dict[str, float]:
-    """``finetune.trial_resources`` as a Ray resource bundle (CPU and GPU upper-cased)."""
-    bundle: dict[str, float] = {}
-    for key, value in ft.trial_resources.items():
-        name = key.upper() if key.lower() in ("cpu", "gpu") else key
-        if value < 0:
-            raise FairsynthError(
-                f"config error: finetune.trial_resources.{key} = {value!r}: must be >= 0"
-            )
-        bundle[name] = float(value)
-    if not any(v > 0 for v in bundle.values()):
-        raise FairsynthError(
-            f"config error: finetune.trial_resources = {ft.trial_resources!r}: give each trial some "
-            "resource, e.g. {CPU: 1} or {GPU: 1}"
-        )
-    bundle.setdefault("CPU", 1.0)
-    return {k: v for k, v in bundle.items() if v > 0}
 
 
 def unit_trial(config: dict, jobs: dict[str, UnitJob]) -> None:
@@ -162,7 +145,7 @@ def _fit(trainable, name: str, storage_path: str, ft: FinetuneConfig, param_spac
                 num_samples=ft.num_samples if search is not None else 1,
                 # Seeded, so a re-run of a search draws the same learning rates and step counts;
                 # it also caps how many trials run at once.
-                search_alg=BasicVariantGenerator(random_state=seed, max_concurrent=ft.max_concurrent_trials),
+                search_alg=BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent_trials(ft)),
                 scheduler=scheduler,
                 reuse_actors=True,
                 trial_dirname_creator=_trial_dirname,
@@ -240,7 +223,8 @@ def remove_experiment(location: str) -> bool:
     return True
 
 
-def run_unit_trials(jobs: list[UnitJob], ft: FinetuneConfig, storage_path: str, prefix: str) -> dict[str, UnitResult]:
+def run_unit_trials(jobs: list[UnitJob], ft: FinetuneConfig, storage_path: str, prefix: str,
+                    model_device: str = "auto") -> dict[str, UnitResult]:
     """Train every job as a Tune trial; returns each unit's chosen result.
 
     ``storage_path`` is where Tune keeps experiments and checkpoints (a local folder or a
@@ -255,7 +239,7 @@ def run_unit_trials(jobs: list[UnitJob], ft: FinetuneConfig, storage_path: str, 
     strategy = get_strategy(jobs[0].method)
     lr_field = f"finetune.{strategy.learning_rate_field(ft)}"
     trainable = tune.with_resources(
-        tune.with_parameters(unit_trial, jobs=by_unit), tune.PlacementGroupFactory([trial_bundle(ft)])
+        tune.with_parameters(unit_trial, jobs=by_unit), tune.PlacementGroupFactory([trial_bundle(ft, model_device)])
     )
     if ft.num_samples <= 1:
         grid, experiment = _fit(trainable, experiment_name(prefix, jobs), storage_path, ft,

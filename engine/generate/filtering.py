@@ -35,6 +35,7 @@ from engine.generate.shards import (
     decode_png,
     read_shard,
     shard_paths,
+    shard_row_counts,
     synthetic_dir,
     write_shard_table,
 )
@@ -149,24 +150,29 @@ def score_images(cfg: Config, run: RunDir, method: str, class_prompts: list[str]
     """One row per synthetic image: unit, seed, group, score, sim_class, sim_centroid (and,
     with a judge, judged_label and judged_attribute)."""
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import DataContext
 
     from engine.raylib import init_ray
+    from engine.resources import actor_resources
 
     init_ray(cfg.ray)
     flt = cfg.filter
+    paths = shard_paths(run, method)
+    images = sum(shard_row_counts(paths).values())
+    resources = actor_resources(cfg, "filter", work=math.ceil(images / flt.batch_size))
+    log.info("filter %s: scoring %d images (%s)", method, images, resources.describe())
     context = DataContext.get_current()
     saved = context.enable_progress_bars
     context.enable_progress_bars = False
     try:
-        ds = ray.data.read_parquet(**storage.dataset_source(shard_paths(run, method)))
+        ds = ray.data.read_parquet(**storage.dataset_source(paths))
         ds = ds.select_columns(["image", "unit", "seed", "group", "label"])
         ds = ds.map_batches(
             SyntheticImageScorer,
             fn_constructor_kwargs={
                 "encoder": cfg.model.encoder,
                 "model_device": cfg.model.device,
-                "num_gpus": flt.actor_num_gpus,
+                "num_gpus": resources.num_gpus,
                 "image_size": cfg.data.image_size,
                 "class_prompts": class_prompts,
                 "group_means": group_means,
@@ -174,11 +180,8 @@ def score_images(cfg: Config, run: RunDir, method: str, class_prompts: list[str]
                 "judge": judge,
                 "judge_prompts": judge_prompts,
             },
-            batch_size=flt.batch_size,
             batch_format="pandas",
-            compute=ActorPoolStrategy(size=flt.num_actors),
-            num_cpus=flt.actor_num_cpus,
-            num_gpus=flt.actor_num_gpus,
+            **resources.map_batches_kwargs(),
         )
         return ds.to_pandas()
     finally:

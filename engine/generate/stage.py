@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 from tqdm.auto import tqdm
 
@@ -126,16 +127,21 @@ def run_generate_stage(cfg: Config, run: RunDir, method: str) -> dict:
 def _generate_shards(cfg: Config, run: RunDir, plan: GroupBalancedPlan, missing: list[str]) -> dict:
     """Run the pipeline over the missing shards; returns when shards landed (for throughput)."""
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import DataContext
 
     from engine.generate.sampler import SyntheticImageSampler
     from engine.raylib import init_ray
+    from engine.resources import actor_resources
 
     init_ray(cfg.ray)
-    gen = cfg.generate
     sizes = plan.shard_sizes()
     todo = plan.shards(only=set(missing))
     total = sum(len(s) for s in todo)
+    # One call samples one whole shard (the sampler batches the UNet itself). Every shard but
+    # the plan's last holds exactly rows_per_shard rows and the last one comes last, so batches
+    # of that size never straddle two shards; Ray Data needs the explicit size to place GPUs.
+    resources = replace(actor_resources(cfg, "generate", work=len(todo)), batch_size=plan.rows_per_shard)
+    log.info("generate %s: %s", plan.method, resources.describe())
     context = DataContext.get_current()
     saved = context.target_max_block_size, context.enable_progress_bars
     # No block shaping: a sampler's output block is exactly the shard it was given, never
@@ -152,11 +158,8 @@ def _generate_shards(cfg: Config, run: RunDir, plan: GroupBalancedPlan, missing:
                 "method": plan.method,
                 "base_model": plan.base_model,
             },
-            batch_size=None,  # a whole shard per call; the sampler batches the UNet itself
             batch_format="pandas",
-            compute=ActorPoolStrategy(size=gen.num_actors),
-            num_cpus=gen.actor_num_cpus,
-            num_gpus=gen.actor_num_gpus,
+            **resources.map_batches_kwargs(),
         )
         ds = ds.map_batches(
             write_shards,

@@ -169,10 +169,12 @@ def measure_finetune(cfg: Config, shapes: F.DiffusionShapes, bench: Bench) -> tu
 
 def measure_train(cfg: Config, bench: Bench) -> tuple[float, float, dict]:
     """One training step of the classifier at the per-worker batch."""
+    from engine.resources import train_workers
     from engine.train.backbones import build_classifier
 
     tr = cfg.train
-    per_worker = max(2, tr.batch_size // tr.num_workers)
+    # 'auto' workers measured as on one 8-GPU node, the presets' usual unit.
+    per_worker = max(2, tr.batch_size // train_workers(cfg, {"GPU": 8.0, "CPU": float("inf")}))
     with torch.device(bench.device):
         classifier = build_classifier(tr.backbone, 2)
     classifier.train()

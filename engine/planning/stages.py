@@ -19,11 +19,12 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from engine.config import GENERATIVE_METHODS, Config
+from engine.config import AUTO, GENERATIVE_METHODS, Config
 from engine.planning import disk
 from engine.planning import flops as F
 from engine.planning.counts import GroupCounts, trained_groups
 from engine.planning.hardware import Device
+from engine.resources import train_workers
 
 # The cluster stage estimates silhouettes on a sample this large (engine/cluster.py).
 SILHOUETTE_SAMPLE = 4000
@@ -42,6 +43,7 @@ class StageCost:
     share: float  # devices one task asks for (a fraction of a GPU, or of a machine's CPUs)
     part: str = ""  # a named piece of a stage (prior-preservation class images)
     sequential: int = 1  # independent rounds run one after another (one ASHA search per unit)
+    slots_key: str = ""  # the config key that sets slots, named when it leaves devices idle
     notes: list[str] = field(default_factory=list)
     # Disk (engine/planning/disk.py): bytes the row leaves in the run directory, and bytes one
     # running task holds besides while it runs (fine-tuning checkpoints in flight).
@@ -89,6 +91,12 @@ def schedule(cost: StageCost, device: Device, n_devices: int) -> StageCost:
     cost.devices = min(float(n_devices), held)
     cost.waves = math.ceil(per_round / cost.concurrent)
     cost.scratch_bytes = cost.concurrent * cost.task_scratch_bytes
+    if cost.slots_key and cost.slots < min(per_round, fit) and cost.devices < n_devices:
+        unit = "GPUs" if device.is_gpu else "cores"
+        cost.notes.append(
+            f"{cost.label}: {n_devices - math.ceil(cost.devices - 1e-9)} of {n_devices} {unit} idle; "
+            f"{cost.slots_key}={cost.slots} caps it ('auto' uses them)"
+        )
     per_task_seconds = (cost.flops / cost.tasks) / (rate * cost.devices / cost.concurrent)
     cost.wall_seconds = cost.sequential * cost.waves * per_task_seconds
     return cost
@@ -156,8 +164,8 @@ class ClusterCost(StageCostModel):
                 kmeans += cl.nredo * cl.niter * 2.0 * n_g * k * d + 2.0 * min(n_g, SILHOUETTE_SAMPLE) ** 2 * d
         share = ctx.share("cluster.actor_num_gpus", cl.actor_num_gpus, cl.actor_num_cpus)
         return [
-            StageCost(ctx.severity, "cluster", "", embed + kmeans, math.ceil(n / cl.batch_size), cl.num_actors, share,
-                      notes=[f"cluster: k-means counted as 2*n*k*d per iteration ({cfg.cluster.nredo} restarts)"]),
+            StageCost(ctx.severity, "cluster", "", embed + kmeans, *_slots(math.ceil(n / cl.batch_size), cl.num_actors),
+                      share, slots_key="cluster.num_actors", notes=[f"cluster: k-means counted as 2*n*k*d per iteration ({cfg.cluster.nredo} restarts)"]),
         ]
 
 
@@ -199,8 +207,10 @@ class FinetuneCost(StageCostModel):
                 + 2 * F.text_encoder_forward(ctx.shapes)
                 for n_real in units
             ) * ft.num_samples
-            row = StageCost(ctx.severity, "finetune", method, total, len(units) * ft.num_samples,
-                            ft.max_concurrent_trials, share, sequential=len(units) if ft.num_samples > 1 else 1)
+            row = StageCost(ctx.severity, "finetune", method, total,
+                            *_slots(len(units) * ft.num_samples, ft.max_concurrent_trials), share,
+                            sequential=len(units) if ft.num_samples > 1 else 1,
+                            slots_key="finetune.max_concurrent_trials")
             _finetune_disk(ctx, method, row, len(units))
             if ft.num_samples > 1:
                 row.notes.append(f"finetune {method}: ASHA stops lagging trials early; full trials counted (an upper bound)")
@@ -251,8 +261,8 @@ class GenerateCost(StageCostModel):
         share = ctx.share("generate.actor_num_gpus", gen.actor_num_gpus, gen.actor_num_cpus)
         return [
             StageCost(ctx.severity, "generate", method, total * ctx.sample_flops(latent),
-                      math.ceil(total / gen.rows_per_shard), gen.num_actors, share,
-                      disk_bytes=total * disk.png_bytes(ctx.shapes.native_size))
+                      *_slots(math.ceil(total / gen.rows_per_shard), gen.num_actors), share,
+                      slots_key="generate.num_actors", disk_bytes=total * disk.png_bytes(ctx.shapes.native_size))
             for method in ctx.generative_methods()
         ]
 
@@ -270,7 +280,8 @@ class FilterCost(StageCostModel):
         share = ctx.share("filter.actor_num_gpus", flt.actor_num_gpus, flt.actor_num_cpus)
         return [
             StageCost(ctx.severity, "filter", method, total * F.image_encoder_forward(ctx.encoder),
-                      math.ceil(total / flt.batch_size), flt.num_actors, share)
+                      *_slots(math.ceil(total / flt.batch_size), flt.num_actors), share,
+                      slots_key="filter.num_actors")
             for method in ctx.generative_methods()
         ]
 
@@ -292,6 +303,9 @@ class TrainCost(StageCostModel):
         synthetic = ctx.counts.n_groups * keep_count(per_group, cfg.filter.keep_fraction)
         share = ctx.share("train.use_gpu", 1.0 if tr.use_gpu else 0.0, tr.cpus_per_worker)
         forward = F.classifier_step(tr.backbone, n_classes, tr.image_size, "eval")
+        # The stage's own resolution, against a cluster of the planned devices.
+        reachable = {"GPU": float(ctx.n_devices), "CPU": float("inf")} if ctx.device.is_gpu else {"CPU": float(ctx.n_devices)}
+        workers = train_workers(cfg, reachable)
         rows = []
         for method in cfg.methods:
             phases = get_method(method).phases(tr)
@@ -301,14 +315,25 @@ class TrainCost(StageCostModel):
                 mode = "head" if phase.trainable == "head" else "train"
                 total += phase.epochs * n * F.classifier_step(tr.backbone, n_classes, tr.image_size, mode)
             total += (phases[-1].epochs + 1) * ctx.counts.val * forward + ctx.counts.test * forward
-            row = StageCost(ctx.severity, "train", method, total, tr.num_workers, tr.num_workers, share)
-            if ctx.device.is_gpu and tr.use_gpu and tr.num_workers > ctx.n_devices:
+            row = StageCost(ctx.severity, "train", method, total, workers, workers, share)
+            if ctx.device.is_gpu and tr.use_gpu and workers > ctx.n_devices:
                 row.notes.append(
-                    f"train {method}: train.num_workers={tr.num_workers} needs that many GPUs at once; "
+                    f"train {method}: train.num_workers={workers} needs that many GPUs at once; "
                     "Ray Train waits for them"
+                )
+            elif tr.num_workers != "auto" and ctx.device.is_gpu and tr.use_gpu and workers < ctx.n_devices:
+                row.notes.append(
+                    f"train {method}: {ctx.n_devices - workers} of {ctx.n_devices} GPUs idle; "
+                    f"train.num_workers={workers} caps it ('auto' uses them)"
                 )
             rows.append(row)
         return rows
+
+
+def _slots(tasks: int, concurrency: int | str) -> tuple[int, int]:
+    """(tasks, slots) for a concurrency key: 'auto' lets every task run at once (the devices
+    then bound it), a number caps it."""
+    return tasks, (max(1, tasks) if concurrency == AUTO else int(concurrency))
 
 
 def _resource(resources: dict[str, float], key: str, default: float = 0.0) -> float:

@@ -20,6 +20,7 @@ from engine.data.stage import load_run_dataset
 from engine.errors import FairsynthError
 from engine.generate.shards import shard_paths, synthetic_dir
 from engine.raylib import init_ray
+from engine.resources import train_workers, use_gpu
 from engine.runs import RunDir, atomic_write_json, read_json
 from engine.train import data as train_data
 from engine.train.backbones import build_classifier
@@ -49,6 +50,17 @@ def _storage(cfg: Config, run: RunDir, method: str) -> tuple[str, str]:
         return cfg.ray.storage_path, name
     # A URI (s3://...) goes to Ray Train as it is; it opens it with pyarrow.fs on every node.
     return storage.uri(run / f"train/{method}/ray"), name
+
+
+def _ordered_ingest():
+    """Train's default ingest options, in order: each worker's split then gets the same rows
+    in the same order every run (the splitter ignores locality and deals blocks by a fixed
+    rule), which reproducible metrics need."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def _check_backbone(cfg: Config, n_classes: int) -> None:
@@ -96,7 +108,8 @@ def run_train_stage(cfg: Config, run: RunDir, method: str) -> dict:
             log.warning("%s: no kept synthetic images for group(s): %s", method, "; ".join(empty))
 
     init_ray(cfg.ray)
-    t = cfg.train
+    # 'auto' workers and model.device=cpu resolve here, against the cluster the job reached.
+    t = cfg.train.model_copy(update={"num_workers": train_workers(cfg), "use_gpu": use_gpu(cfg)})
     records = dataset.records
     eval_refs = {split: train_data.eval_split_refs(dataset.split(split), t.image_size) for split in ("val", "test")}
     datasets = {}
@@ -115,7 +128,7 @@ def run_train_stage(cfg: Config, run: RunDir, method: str) -> dict:
             counts = synthetic_counts
         weights = train_data.balanced_weights(counts) if phase.balanced else None
         datasets[phase.dataset] = train_data.training_view(
-            base, image_size=t.image_size, augment=t.augment, weights=weights
+            base, image_size=t.image_size, augment=t.augment, weights=weights, seed=t.seed
         )
 
     storage_path, name = _storage(cfg, run, method)
@@ -150,9 +163,9 @@ def run_train_stage(cfg: Config, run: RunDir, method: str) -> dict:
             ),
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split="all"),
+        dataset_config=DataConfig(datasets_to_split="all", execution_options=_ordered_ingest()),
     )
-    log.info("%s: training %s on %d worker(s)", stage, " -> ".join(f"{p.name}({p.epochs})" for p in phases), t.num_workers)
+    log.info("%s: training %s on %d worker(s)", stage, " -> ".join(f"{p.name}({p.epochs} epochs, {p.objective(t)})" for p in phases), t.num_workers)
     log.info("%s: inputs ready after %.1f s", stage, time.perf_counter() - started)
     result = trainer.fit()
     final = result.return_value
