@@ -210,7 +210,7 @@ def test_extreme_severity_leaves_empty_groups_unclustered(tmp_path):
     cfg = load_config(None, ["data.severity=0.999", "data.builtin.n_train=400", "ray.num_cpus=2"])
     run = RunDir(tmp_path)
     run.prepare(cfg)
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         assignments = run_cluster_stage(cfg, run)
     finally:

@@ -115,7 +115,7 @@ def _write_unit_shards(run: RunDir, method: str) -> None:
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     yield
     ray.shutdown()
 

@@ -42,7 +42,7 @@ TEST_SETTINGS = [
 def local_ray():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     yield
     ray.shutdown()
 
@@ -278,7 +278,7 @@ def test_dreambooth_resumes_exactly_and_its_compact_artifact_draws_as_the_fine_t
     from safetensors.torch import load_file
 
     from engine.finetune.delta import DELTA_FILES
-    from engine.finetune.trainer import ARTIFACT_DIR, OUTCOME_FILE, STATE_FILE
+    from engine.finetune.trainer import ARTIFACT_DIR, OUTCOME_FILE, STATE_FILE, UnitTrainer
     from engine.generate.sampler import UnitModels
     from engine.models.loading import load_base_pipeline
 
@@ -302,6 +302,16 @@ def test_dreambooth_resumes_exactly_and_its_compact_artifact_draws_as_the_fine_t
     resumed, uninterrupted = load_file(stored), load_file(tmp_path / "step4" / ARTIFACT_DIR / DELTA_FILES["unet"])
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    # A trial restarted from its last checkpoint (the job stopped before Tune recorded it as
+    # done) reports that checkpoint again without training.
+    reports = []
+    UnitTrainer(trainer.job, "cpu").run(lambda metrics, save: reports.append((metrics, save)),
+                                        resume_from=tmp_path / "step4")
+    (metrics, save), = reports
+    assert metrics["finished"] and metrics["step"] == 4 and metrics["final_loss"] is not None
+    save(tmp_path / "again")
+    again = load_file(tmp_path / "again" / ARTIFACT_DIR / DELTA_FILES["unet"])
+    assert all(torch.equal(again[k], uninterrupted[k]) for k in uninterrupted)
 
     # The generate stage's loader rebuilds the fine-tuned UNet from the base and the stored
     # changes: its noise predictions match the fp32 fine-tuned UNet's to 1e-3 of their scale.

@@ -254,7 +254,7 @@ def prepared_run(tmp_path_factory, pipe):
     run.prepare(cfg)
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         run_data_stage(cfg, run)
         run_cluster_stage(cfg, run)

@@ -6,6 +6,7 @@ checkpoint; bad input is one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -135,13 +136,49 @@ def test_stage2_modes_choose_what_trains():
     def phases(mode):
         return get_method("dreambooth").phases(load_config(None, [f"train.stage2={mode}"]).train)
 
+    cfg = load_config().train
     pretrain, last = phases("last_layer")
     assert (pretrain.dataset, pretrain.sample_loss, pretrain.trainable) == ("synthetic", "ce_supcon", "all")
-    assert (last.dataset, last.trainable, last.sample_loss) == ("train", "head", "ce_supcon")
-    assert phases("full")[1].trainable == "all"
+    # SupCon acts on the encoder's features: where the encoder is frozen it is left out.
+    assert (last.dataset, last.trainable, last.sample_loss) == ("train", "head", "ce")
+    assert (pretrain.objective(cfg), last.objective(cfg)) == ("0.5 CE + 0.5 SupCon", "CE")
+    assert (phases("full")[1].trainable, phases("full")[1].sample_loss) == ("all", "ce_supcon")
     assert phases("group_dro")[1].aggregate == "group_dro"
+    assert phases("group_dro")[1].objective(cfg) == "Group-DRO over CE"
     erm, = get_method("erm").phases(load_config().train)
     assert (erm.aggregate, erm.balanced) == ("mean", False)
+
+
+def test_last_layer_phase_leaves_every_encoder_weight_bit_identical():
+    """Stage 2 ``last_layer``: the head trains on plain CE and the encoder, BatchNorm
+    statistics included, does not move by a single bit."""
+    from engine.train.backbones import build_classifier
+    from engine.train.loop import build_optimizer, set_trainable, train_epoch
+
+    torch.manual_seed(0)
+    module = build_classifier("tiny_resnet", 2, None)
+    _, phase = get_method("vanilla").phases(load_config().train)
+    cfg = load_config().train
+    set_trainable(module, phase.trainable)
+    encoder_before = {k: v.clone() for k, v in module.encoder.state_dict().items()}
+    head_before = {k: v.clone() for k, v in module.head.state_dict().items()}
+    rng = np.random.default_rng(0)
+    batches = [
+        {"image": torch.from_numpy(rng.integers(0, 255, (16, 32, 32, 3), dtype=np.uint8)),
+         "label": torch.from_numpy(rng.integers(0, 2, 16)), "group": torch.from_numpy(rng.integers(0, 4, 16))}
+        for _ in range(3)
+    ]
+    optimizer = build_optimizer(module, phase, cfg.weight_decay)
+    stats = train_epoch(module, module, batches, phase, phase.build_sample_loss(cfg),
+                        phase.build_aggregate(cfg, 4, [1] * 4), optimizer, torch.device("cpu"))
+    assert stats["images"] == 48
+    after = module.encoder.state_dict()
+    assert all(torch.equal(encoder_before[k], after[k]) for k in encoder_before)
+    assert any(not torch.equal(head_before[k], v) for k, v in module.head.state_dict().items())
+    # The logged loss is the cross-entropy that trained, not CE plus a constant SupCon term.
+    assert phase.objective(cfg) == "CE"
+    with pytest.raises(ValueError, match="frozen encoder"):
+        dataclasses.replace(phase, sample_loss="ce_supcon").build_sample_loss(cfg)
 
 
 # --- Ray Train runs ----------------------------------------------------------------------------
@@ -151,7 +188,7 @@ def test_stage2_modes_choose_what_trains():
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     yield
     ray.shutdown()
 
@@ -246,6 +283,17 @@ def test_each_method_trains_one_epoch_with_two_ddp_workers(shared_run, method):
         assert metrics["synthetic_images"] == 48 and metrics["synthetic_group_counts"] == [12] * 4
         # Stage 1 is no candidate: the best checkpoint is a fine-tuned one.
         assert metrics["best_epoch"] == 1
+        # Stage 2 (last_layer) trains the head on CE, and logs that: the encoder saved after
+        # pretraining and after fine-tuning is the same, bit for bit.
+        assert [e["objective"] for e in metrics["epochs"]] == ["0.5 CE + 0.5 SupCon", "CE"]
+        states = {}
+        for path in Path(metrics["checkpoint_dir"]).rglob("state.pt"):
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            states[state["epoch"]] = state["model"]
+        assert sorted(states) == [1, 2]
+        encoder = [k for k in states[1] if k.startswith("encoder.")]
+        assert encoder and all(torch.equal(states[1][k], states[2][k]) for k in encoder)
+        assert not torch.equal(states[1]["head.weight"], states[2]["head.weight"])
     else:
         assert phases == ["train"] and metrics["synthetic_images"] == 0
     # A second call finds the completion marker and trains nothing.
@@ -270,6 +318,28 @@ def test_group_dro_survives_a_lost_worker(shared_run):
     q = [[e[f"q_{g}"] for g in range(4)] for e in metrics["epochs"]]
     assert all(sum(row) == pytest.approx(1.0) for row in q)
     assert q[0] != [0.25] * 4 and q[1] != q[0]
+
+
+def _without_timings(metrics: dict) -> dict:
+    timing = {"stage_seconds", "images_per_second", "epoch_seconds", "checkpoint_dir"}
+    clean = {k: v for k, v in metrics.items() if k not in timing}
+    clean["epochs"] = [{k: v for k, v in e.items() if k not in timing} for e in metrics["epochs"]]
+    return clean
+
+
+def test_the_same_config_and_seed_repeat_every_metric(tmp_path, ray_session):
+    """Two fresh runs of one config, with 2 DDP workers, a shuffled synthetic set, augmentation
+    and group-balanced resampling (stage 2 group_dro): the same metrics.json, bit for bit."""
+    from engine.train import run_train_stage
+
+    results = []
+    for name in ("first", "second"):
+        cfg, run = _prepare(tmp_path / name, ["train.stage2=group_dro"])
+        write_synthetic_fixture(run, "dreambooth", per_group=12, dropped_per_group=4)
+        results.append(_without_timings(run_train_stage(cfg, run, "dreambooth")))
+    first, second = results
+    assert [e["objective"] for e in first["epochs"]] == ["0.5 CE + 0.5 SupCon", "Group-DRO over CE"]
+    assert first == second
 
 
 @pytest.mark.slow  # the same code path as vanilla, with other shard folders and stage-2 modes
