@@ -10,9 +10,16 @@ augment. Training views re-run their random steps every epoch: random crops and 
 for group-balanced sampling each row is repeated floor(w_g) times plus once more with
 probability frac(w_g), where w_g = (rows / groups present) / n_g, so every group is drawn
 equally often in expectation and an epoch keeps the size of the training set (the
-reference's sampling with replacement, done per block so it streams). Those per-epoch draws
-are not seeded: Ray Data hands blocks to workers in whatever order they finish, so batch
-order is not reproducible anyway; model initialisation and the shuffle buffer are seeded.
+reference's sampling with replacement, done per block so it streams).
+
+Reproducible: the same config and seed give the same batches, so the same metrics. Every
+pipeline runs with Ray Data's ``preserve_order`` (blocks leave each operator in input order,
+and the train stage's streaming split, ignoring locality, deals them to the workers by a
+fixed rule), and every random step is seeded: the record order, the synthetic shuffle, the
+block order (a ``RandomSeedConfig`` reseeded per execution, i.e. per epoch), and the
+resampling and augmentation, which read a per-row ``draw`` column from Ray Data's seeded
+``random()`` expression, also reseeded per epoch. Per-row draws make a row's fate a
+function of the seed and the epoch, not of which task ran it or when.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ from engine.generate.shards import decode_png
 log = logging.getLogger(__name__)
 
 SYNTHETIC_COLUMNS = ("image", "label", "group", "kept")
+# The per-row uniform (Ray Data's seeded random() expression) that resampling and augmentation
+# draw from; training_view adds it and drops it again.
+DRAW = "draw"
 # Decoded bytes per block. Every epoch re-runs one augmentation task per block, and on a
 # small machine the fixed cost of a task, not the pixels, dominates: 1902 32-px images in 8
 # blocks took 0.26 s an epoch, in 2 blocks 0.14 s, beside 1.6 s of training.
@@ -66,11 +76,24 @@ def decode_synthetic(batch: pd.DataFrame, image_size: int) -> dict:
     }
 
 
+def _uniforms(batch: dict) -> np.ndarray:
+    """One uniform per row: the seeded ``draw`` column (training_view adds it), else fresh."""
+    if DRAW in batch:
+        return np.asarray(batch[DRAW], dtype=np.float64)
+    return np.random.default_rng().random(len(batch["group"]))
+
+
+def _batch_rng(batch: dict) -> np.random.Generator:
+    """A generator seeded by the batch's draws: the same rows in the same epoch, the same numbers."""
+    if DRAW not in batch:
+        return np.random.default_rng()
+    return np.random.default_rng(np.frombuffer(np.asarray(batch[DRAW], dtype=np.float64).tobytes(), np.uint32))
+
+
 def resample_groups(batch: dict, weights: list[float]) -> dict:
     """Repeat each row floor(w) times, plus once with probability frac(w), w = its group's weight."""
     w = np.asarray(weights, dtype=np.float64)[batch["group"]]
-    rng = np.random.default_rng()
-    copies = np.floor(w).astype(np.int64) + (rng.random(len(w)) < (w - np.floor(w)))
+    copies = np.floor(w).astype(np.int64) + (_uniforms(batch) < (w - np.floor(w)))
     index = np.repeat(np.arange(len(w)), copies)
     return {k: v[index] for k, v in batch.items()}
 
@@ -93,7 +116,7 @@ def augment_images(batch: dict, pad: int) -> dict:
     n, h, w, _ = images.shape
     if n == 0:
         return batch
-    rng = np.random.default_rng()
+    rng = _batch_rng(batch)
     padded = _reflect_pad(images, pad)
     dy = rng.integers(0, 2 * pad + 1, n)
     dx = rng.integers(0, 2 * pad + 1, n)
@@ -140,6 +163,7 @@ def real_images(records: pd.DataFrame, image_size: int, cache: bool, min_blocks:
     ds = ray.data.from_pandas(parts).map_batches(
         decode_sources, fn_kwargs={"image_size": image_size}, batch_format="pandas", num_cpus=DATA_TASK_CPUS
     )
+    ordered(ds)
     return ds.materialize() if cache else ds
 
 
@@ -182,17 +206,33 @@ def synthetic_images(
     # Shards hold one unit (a group) each: shuffled once, every block mixes the groups (so
     # every worker sees them all), and a few large blocks save a task per shard every epoch.
     ds = ds.random_shuffle(seed=seed).repartition(block_count(n_rows, image_size, min_blocks))
+    ordered(ds)
     return ds.materialize() if cache else ds
 
 
-def training_view(ds, *, image_size: int, augment: bool, weights: list[float] | None):
-    """What one training epoch iterates: blocks in random order, resampled, augmented."""
-    ds = ds.randomize_block_order()
+def ordered(ds):
+    """Run ``ds`` (and every dataset derived from it, which shares its context) in order:
+    blocks leave each operator as they entered it, so seeded steps see the same blocks."""
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+def training_view(ds, *, image_size: int, augment: bool, weights: list[float] | None, seed: int = 0):
+    """What one training epoch iterates: blocks in random order, resampled, augmented, with
+    every random step seeded from ``seed`` and the epoch (Ray Data's execution index)."""
+    from ray.data import RandomSeedConfig
+    from ray.data.expressions import random
+
+    per_epoch = RandomSeedConfig(seed=seed, reseed_after_execution=True)
+    ds = ordered(ds.randomize_block_order(seed=per_epoch))
     # Executed every epoch in every worker's split: progress bars there are only noise.
     ds.context.enable_progress_bars = False
+    if weights is None and not augment:
+        return ds
+    ds = ds.with_column(DRAW, random(seed=seed, reseed_after_execution=True))
     if weights is not None:
         ds = ds.map_batches(resample_groups, fn_kwargs={"weights": weights}, batch_format="numpy", num_cpus=DATA_TASK_CPUS)
     if augment:
         pad = max(1, image_size // 8)
         ds = ds.map_batches(augment_images, fn_kwargs={"pad": pad}, batch_format="numpy", num_cpus=DATA_TASK_CPUS)
-    return ds
+    return ds.drop_columns([DRAW])

@@ -43,6 +43,19 @@ def to_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).float().div_(255.0)
 
 
+def seed_torch(seed: int, deterministic: bool) -> None:
+    """Seed model initialisation; with ``deterministic``, also pick kernels that give the same
+    numbers every run (cuDNN's and cuBLAS's included). On CPU the usual kernels already are;
+    on GPUs this costs some speed, so ``train.deterministic=false`` turns it off."""
+    torch.manual_seed(seed)
+    if not deterministic:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
 def set_trainable(model: Classifier, trainable: str) -> None:
     freeze_encoder = trainable == "head"
     for p in model.encoder.parameters():
@@ -220,7 +233,7 @@ def train_loop(config: dict) -> dict:
     # The selection phase is the last one; its first epoch is the first candidate.
     first_scored_epoch = len(schedule) - phases[-1].epochs
 
-    torch.manual_seed(cfg.seed)
+    seed_torch(cfg.seed, cfg.deterministic)
     module = build_classifier(cfg.backbone, n_classes, cfg.pretrained_weights).to(device)
     start_epoch, history = 0, []
     optimizer_state, aggregate_state, resumed_phase = None, None, None
@@ -258,6 +271,7 @@ def train_loop(config: dict) -> dict:
         metrics = {
             "epoch": epoch,
             "phase": phase.name,
+            "objective": phase.objective(cfg),  # what train_loss measures, and what trains
             "train_loss": stats["train_loss"],
             "epoch_seconds": seconds,
             "images_per_second": stats["images"] * world / max(seconds, 1e-9),

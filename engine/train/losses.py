@@ -1,7 +1,8 @@
 """Training objectives: a per-sample loss, then an aggregate over the batch.
 
-Per-sample losses are cross-entropy, or beta * CE + (1 - beta) * SupCon (the paper's loss
-for both training stages). Aggregates are the plain mean, or Group-DRO's robust loss. Each
+Per-sample losses are cross-entropy, or beta * CE + (1 - beta) * SupCon (the paper's loss,
+used wherever the encoder trains: SupCon acts on the encoder's features, so on a frozen
+encoder it is a constant, and engine.train.methods leaves it out there). Aggregates are the plain mean, or Group-DRO's robust loss. Each
 aggregate owns its whole state (Group-DRO's group weights q), saves and restores it with
 the checkpoint, and the train loop calls it without knowing which one it holds, as in the
 reference implementation's ``LossComputer``.
@@ -43,6 +44,9 @@ class CrossEntropy:
     def __call__(self, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, labels, reduction="none")
 
+    def describe(self) -> str:
+        return "CE"
+
 
 class CrossEntropySupCon:
     """beta * CE + (1 - beta) * SupCon, per sample (SupCon on the encoder's features)."""
@@ -55,6 +59,9 @@ class CrossEntropySupCon:
         if self.beta >= 1.0:
             return ce
         return self.beta * ce + (1.0 - self.beta) * supcon_per_sample(features, labels, self.temperature)
+
+    def describe(self) -> str:
+        return "CE" if self.beta >= 1.0 else f"{self.beta:g} CE + {1.0 - self.beta:g} SupCon"
 
 
 class MeanLoss:

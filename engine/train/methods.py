@@ -10,9 +10,17 @@ phases; it never asks which method it is running.
 - ``vanilla``, ``lora``, ``dreambooth``, ``clustered_dreambooth``: stage 1 pretrains on that
   generator's kept synthetic images with beta * CE + (1 - beta) * SupCon; stage 2 fine-tunes
   on real data in the mode ``train.stage2`` names:
-  ``last_layer`` (the paper: encoder frozen, the same loss, at ``finetune_learning_rate``),
-  ``full`` (FFR's: every layer, the same loss, at ``learning_rate``), or
+  ``last_layer`` (the paper: encoder frozen, cross-entropy, at ``finetune_learning_rate``),
+  ``full`` (FFR's: every layer, beta * CE + (1 - beta) * SupCon, at ``learning_rate``), or
   ``group_dro`` (every layer, Group-DRO over cross-entropy, at ``learning_rate``).
+
+Why ``last_layer`` drops SupCon: the paper uses beta * CE + (1 - beta) * SupCon in both
+stages, but its stage 2 freezes the encoder, and SupCon acts only on the encoder's features.
+With the encoder frozen that term is a constant: its gradient is zero and it trains nothing.
+So the contrastive term does its work where the encoder moves (stage 1, and stage 2 ``full``),
+and ``last_layer`` trains, and logs, the cross-entropy alone. Under Adam, which is invariant
+to a constant scale of the loss, the head's updates are those of beta * CE (up to weight
+decay's relative weight), so this is the paper's stage 2 computed without the dead term.
 """
 
 from __future__ import annotations
@@ -33,14 +41,21 @@ class Phase:
     epochs: int
     learning_rate: float
     trainable: str  # "all" or "head" (encoder frozen, BatchNorm statistics too)
-    sample_loss: str  # "ce" or "ce_supcon"
+    sample_loss: str  # "ce" or "ce_supcon" (SupCon only where the encoder trains)
     aggregate: str  # "mean" or "group_dro"
     balanced: bool  # group-balanced sampling of the phase's dataset
 
     def build_sample_loss(self, cfg: TrainConfig):
         if self.sample_loss == "ce":
             return CrossEntropy()
+        if self.trainable == "head":
+            raise ValueError(f"phase {self.name!r}: SupCon on a frozen encoder trains nothing; use 'ce'")
         return CrossEntropySupCon(cfg.loss_beta, cfg.supcon_temperature)
+
+    def objective(self, cfg: TrainConfig) -> str:
+        """The loss this phase trains, as the logs and metrics.json name it."""
+        loss = self.build_sample_loss(cfg).describe()
+        return f"Group-DRO over {loss}" if self.aggregate == "group_dro" else loss
 
     def build_aggregate(self, cfg: TrainConfig, n_groups: int, train_group_counts):
         if self.aggregate == "group_dro":
@@ -86,7 +101,8 @@ class SyntheticPretraining(Method):
             # The synthetic set is group-balanced by construction: no resampling needed.
             phases.append(Phase("pretrain", SYNTHETIC, cfg.pretrain_epochs, cfg.learning_rate, "all", "ce_supcon", "mean", False))
         if cfg.stage2 == "last_layer":
-            stage2 = Phase("finetune", REAL, cfg.epochs, cfg.finetune_learning_rate, "head", "ce_supcon", "mean", False)
+            # The encoder is frozen: SupCon on its features has no gradient (module docstring).
+            stage2 = Phase("finetune", REAL, cfg.epochs, cfg.finetune_learning_rate, "head", "ce", "mean", False)
         elif cfg.stage2 == "full":
             stage2 = Phase("finetune", REAL, cfg.epochs, cfg.learning_rate, "all", "ce_supcon", "mean", False)
         else:
