@@ -4,9 +4,9 @@
   of the generate stage: the stage still writes every planned (unit, seed) row exactly once.
 - ``jobs/full.py`` gets SIGTERM in the middle of the generate stage: it exits 130 without
   marking the stage complete, and the same command resumes, draws only the missing shards,
-  and ends with the same fine-tuned weights, synthetic images and filter choices as an
-  uninterrupted run. (Classifier training is not compared bit for bit: Ray Data hands
-  blocks to DDP workers in the order they finish, so two uninterrupted runs differ too.)
+  and ends with the same fine-tuned weights, synthetic images, filter choices and
+  classifier metrics (results.json, every accuracy and synthetic fidelity) as an
+  uninterrupted run: training is seeded and ordered, so the same inputs give the same metrics.
   Nothing the job writes is world-writable, even under a umask of 0.
 - A run directory written by another config is refused, in one line, unless ``--force``.
 
@@ -149,6 +149,12 @@ def _weights(run_dir: Path) -> dict[str, dict]:
     return {str(p.relative_to(units)): load_file(p) for p in sorted(units.rglob("*.safetensors"))}
 
 
+def _metrics(run_dir: Path) -> list[dict]:
+    """results.json without its timings."""
+    rows = json.loads((run_dir / "results.json").read_text())
+    return [{k: v for k, v in row.items() if k != "stage_seconds"} for row in rows]
+
+
 def _same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(
         a[f].keys() == b[f].keys() and all(np.array_equal(a[f][k], b[f][k]) for k in a[f]) for f in a
@@ -182,6 +188,7 @@ def test_sigterm_mid_generation_then_rerun_resumes_and_matches_an_uninterrupted_
     resumed, whole = _synthetic(interrupted), _synthetic(tmp_path / "whole")
     assert len(resumed) == 4 * 12 and resumed.equals(whole)  # same pixels, scores and choices
     assert (interrupted / "results.json").exists() and (interrupted / "plots").is_dir()
+    assert _metrics(interrupted) == _metrics(tmp_path / "whole")
     writable = [p for p in interrupted.rglob("*") if not p.is_symlink() and p.stat().st_mode & 0o002]
     assert not writable, f"world-writable: {writable[:3]}"
 
