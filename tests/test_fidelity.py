@@ -67,6 +67,26 @@ def test_clip_judge_reads_prompts_nearest_each_embedding():
     assert labels.tolist() == [0, 1] and attributes.tolist() == [1, 0]
 
 
+@pytest.mark.parametrize("judge", ["clip", "renderer"])
+def test_the_filter_scorer_reads_each_image_with_the_judge(judge):
+    """The scoring actor's own pass, run in-process with the shipped tiny encoder."""
+    from engine.generate.filtering import SyntheticImageScorer
+
+    images, labels, attributes = _renders("benchmark", 6, seed=1)
+    prompts = fidelity.judge_prompts(load_config(), list(builtin.CLASS_NAMES), list(builtin.ATTRIBUTE_NAMES))
+    scorer = SyntheticImageScorer("tiny", "cpu", 0.0, 32, ["a photo of a landbird", "a photo of a waterbird"],
+                                  np.ones((4, 64), np.float32) / 8.0, 0.5, judge=judge, judge_prompts=prompts)
+    batch = pd.DataFrame({
+        "image": [encode_png(im) for im in images], "unit": [f"g{i}" for i in range(6)], "seed": range(6),
+        "group": labels * 2 + attributes, "label": labels,
+    })
+    out = scorer(batch)
+    assert set(out["judged_label"]) <= {0, 1} and set(out["judged_attribute"]) <= {0, 1}
+    if judge == "renderer":
+        assert out["judged_label"].tolist() == labels.tolist()
+        assert out["judged_attribute"].tolist() == attributes.tolist()
+
+
 def test_group_fidelity_counts_exact_groups_before_and_after_filtering():
     readings = pd.DataFrame({
         "unit": ["g0"] * 4 + ["g3"] * 4,
