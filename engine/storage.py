@@ -21,6 +21,7 @@ pyarrow filesystem. The functions here take either, so stage code is the same fo
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fnmatch
 import functools
@@ -55,6 +56,13 @@ def _filesystem(scheme: str, bucket: str, endpoint: str | None, region: str | No
         return pafs.S3FileSystem(connect_timeout=10, request_timeout=60, **kwargs)
     # No endpoint or region given: pyarrow finds the bucket's region (and its own defaults).
     return pafs.FileSystem.from_uri(f"{scheme}://{bucket}")[0]
+
+
+# Cached filesystems are dropped before pyarrow finalizes S3 at exit (pyarrow.fs registered
+# that first, and atexit runs the last registered first): one still alive then is freed after
+# the AWS SDK it uses, and the process aborts on its way out (a Ray worker retiring after
+# writing shards did).
+atexit.register(_filesystem.cache_clear)
 
 
 def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
