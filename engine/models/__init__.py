@@ -1,3 +1,5 @@
 """Models: the offline CLIP tokenizer (``tokenizer``), the embedded tiny Stable Diffusion and
-tiny CLIP (``tiny``, weights in ``tiny_sd/`` and ``tiny_clip/``), pipeline loading with the
-project's safetensors-only policy (``loading``), and image/text encoders (``encoders``)."""
+tiny CLIP (``tiny``, weights in ``tiny_sd/`` and ``tiny_clip/``), Stable Diffusion 1.5 and
+CLIP ViT-L/14 shapes from ``configs/sd15`` on the meta device or with seeded random weights
+(``shapes``: ``random:sd15``, ``random:clip-vit-l14``), pipeline loading with the project's
+safetensors-only policy (``loading``), and image/text encoders (``encoders``)."""
