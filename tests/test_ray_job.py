@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,9 +28,66 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class Head:
+    """A Ray head this test started under ``ray start --block``, in a process group of its own."""
+
+    process: subprocess.Popen
+    gcs_address: str
+    dashboard: str
+    temp_dir: Path
+
+
+def start_head(env: dict, log: Path, num_cpus: int = 2, dashboard: bool = True) -> Head:
+    gcs_port, dashboard_port = _free_port(), _free_port()
+    temp_dir = Path("/tmp") / f"fsray{secrets.token_hex(3)}"  # short: socket paths are limited
+    process = subprocess.Popen(
+        [
+            RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--num-cpus={num_cpus}",
+            f"--include-dashboard={str(dashboard).lower()}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        ],
+        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    head = Head(process, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}", temp_dir)
+    deadline = time.monotonic() + 180
+    while "Ray runtime started" not in log.read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_head(head)
+            raise AssertionError(f"ray start failed: {log.read_text()[-2000:]}")
+        time.sleep(0.5)
+    return head
+
+
+def stop_head(head: Head) -> None:
+    """Stop exactly this head: its process group, then the address record it left, so later
+    Ray calls on this machine neither see it nor try to join it. ``ray stop`` would stop
+    every Ray on the machine, a user's running job included."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.process.pid, signal.SIGTERM)  # ray start --block stops what it started
+    try:
+        head.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.process.pid, signal.SIGKILL)  # anything of this head still in its group
+    for folder in (head.temp_dir, Path("/tmp/ray")):
+        record = folder / "ray_current_cluster"
+        with contextlib.suppress(OSError):
+            if record.read_text().strip() == head.gcs_address:
+                record.unlink()
+    shutil.rmtree(head.temp_dir, ignore_errors=True)
+
+
+def _answers(head: Head, env: dict) -> bool:
+    probe = f"import ray; ray.init(address={head.gcs_address!r}); print(ray.cluster_resources().get('CPU'))"
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=180)
+    return done.returncode == 0
+
+
 @pytest.fixture(scope="module")
-def ray_head():
-    """A token-authenticated head on loopback; stopped (by its own temp dir) afterwards."""
+def ray_head(tmp_path_factory):
+    """A token-authenticated head on loopback, stopped (exactly it) afterwards."""
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "token",
@@ -33,22 +95,11 @@ def ray_head():
         "RAY_USAGE_STATS_ENABLED": "0",
     }
     env.pop("RAY_ADDRESS", None)
-    gcs_port, dashboard_port = _free_port(), _free_port()
-    temp_dir = Path("/tmp") / f"fsray{secrets.token_hex(3)}"  # short: socket paths are limited
-    start = subprocess.run(
-        [
-            RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=2",
-            "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-        ],
-        env=env, capture_output=True, text=True, timeout=180,
-    )
-    assert start.returncode == 0, start.stdout + start.stderr
+    head = start_head(env, tmp_path_factory.mktemp("ray_head") / "ray_start.log")
     try:
-        yield env, f"http://127.0.0.1:{dashboard_port}"
+        yield env, head.dashboard
     finally:
-        subprocess.run([RAY, "stop", "--force"], env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"},
-                       capture_output=True, timeout=120)
+        stop_head(head)
 
 
 def test_full_job_through_ray_job_submit(ray_head, tmp_path):
@@ -84,3 +135,27 @@ def test_submit_without_token_is_refused(ray_head):
         [RAY, "job", "list", "--address", address], env=anonymous, capture_output=True, text=True, timeout=120
     )
     assert out.returncode != 0
+
+
+def test_stopping_a_test_head_leaves_another_ray_on_the_machine_alone(tmp_path):
+    """A Ray someone else started (``ray start --head`` on other ports) still answers after a
+    test head starts and stops, and no record of the test head is left for later Ray calls."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env.pop("RAY_ADDRESS", None)
+    bystander = start_head(env, tmp_path / "bystander.log", num_cpus=1, dashboard=False)
+    try:
+        ours = start_head(env, tmp_path / "ours.log", num_cpus=1, dashboard=False)
+        stop_head(ours)
+        assert ours.process.poll() is not None
+        assert _answers(bystander, env), "stopping the test's head stopped another Ray"
+        host, port = ours.gcs_address.split(":")
+        with socket.socket() as probe:
+            assert probe.connect_ex((host, int(port))) != 0, "the test's head still listens"
+        local = subprocess.run(
+            [sys.executable, "-c", "import ray; ray.init(address='local', num_cpus=1, include_dashboard=False)"],
+            env=env, capture_output=True, text=True, timeout=180,
+        )
+        assert local.returncode == 0, local.stderr[-2000:]
+    finally:
+        stop_head(bystander)
