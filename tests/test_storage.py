@@ -118,12 +118,15 @@ def test_run_dir_on_s3(s3_env):
     assert not [p for p in run.root.iterdir() if p.name.startswith("_probe")]  # the probe is gone
 
 
-def test_bad_run_dir_fails_at_start_in_one_line(s3_env, tmp_path):
+def test_bad_run_dir_fails_at_start_in_one_line(s3_env, tmp_path, monkeypatch):
     from engine.config import load_config
 
     cfg = load_config(None, [])
     with pytest.raises(FairsynthError, match=r"run_dir = 's3://no-such-bucket/run' cannot be written .*create the bucket"):
         RunDir("s3://no-such-bucket/run").prepare(cfg)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens
+    with pytest.raises(FairsynthError, match=rf"run_dir = 's3://{BUCKET}/run' cannot be written .*AWS_ENDPOINT_URL"):
+        RunDir(f"s3://{BUCKET}/run").prepare(cfg)
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(FairsynthError, match="run_dir = .* cannot be created"):
