@@ -14,6 +14,10 @@ from engine.errors import FairsynthError
 
 log = logging.getLogger(__name__)
 
+# The address of the local Ray this process started and named in RAY_ADDRESS, so that a later
+# init_ray in the same process (after ray.shutdown) starts afresh instead of joining it.
+_started_address: str | None = None
+
 
 def init_ray(cfg: RayConfig) -> None:
     """Join the configured cluster, or start a local Ray; a no-op when already connected."""
@@ -36,7 +40,11 @@ def init_ray(cfg: RayConfig) -> None:
         "log_to_driver": True,
         "logging_config": ray.LoggingConfig(log_level=cfg.log_level),
     }
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    global _started_address
+    from_env = os.environ.get("RAY_ADDRESS")
+    if from_env and from_env == _started_address:
+        from_env = None  # our own earlier instance, shut down since
+    address = cfg.address or from_env
     if address:
         context = ray.init(address=address, **kwargs)
     else:
@@ -46,6 +54,11 @@ def init_ray(cfg: RayConfig) -> None:
             address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard,
             dashboard_host="127.0.0.1", **kwargs,
         )
+        # Ray's libraries look a cluster up again by themselves (Train's placement-group
+        # cleaner asks the state API); with another job's Ray on this machine that lookup
+        # finds several and fails. Naming ours keeps every lookup on this job's instance.
+        _started_address = context.address_info["gcs_address"]
+        os.environ["RAY_ADDRESS"] = _started_address
     if job_logging is not None:
         root.setLevel(job_logging[0])
         root.handlers[:] = job_logging[1]
