@@ -1,0 +1,78 @@
+"""configs/gpu_smoke.yaml, the preset a user runs on a new GPU cluster, end to end through
+jobs/full.py on CPU: the same stages, methods and model classes (Stable Diffusion 1.5 and CLIP
+ViT-L/14 built with seeded random weights), with the models scaled down by the random specs'
+width and size options so that it fits two cores."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from engine.config import GENERATIVE_METHODS, METHODS, load_config
+from engine.generate.shards import decode_png
+
+ROOT = Path(__file__).resolve().parents[1]
+SIDE = 64  # the scaled-down model's native side (512 px at full size)
+CPU_OVERRIDES = [
+    "model.device=cpu",  # every GPU share of the preset resolves to 0
+    f"model.base=random:sd15:width=0.125:size={SIDE}",
+    "model.encoder=random:clip-vit-l14:width=0.0625",  # its 224 px image tower: the costliest model here
+    "train.image_size=32",  # ResNet-50 at 224 px is minutes per epoch on two cores
+    "ray.num_cpus=2",
+    "ray.dashboard=false",
+]
+
+
+# Minutes on two idle cores; a busy shared machine stretches that, hence the generous limit.
+@pytest.mark.timeout(1500)
+def test_gpu_smoke_preset_runs_every_method_on_cpu(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "jobs/full.py", "--config", "gpu_smoke", "--run-dir", str(run_dir)]
+    for override in CPU_OVERRIDES:
+        cmd += ["--set", override]
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1400)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+    preset = load_config("gpu_smoke")
+    cfg = load_config("gpu_smoke", CPU_OVERRIDES)
+    # On a GPU machine every GPU stage asks for a share of one.
+    assert preset.model.device == "cuda" and preset.train.use_gpu
+    assert min(preset.cluster.actor_num_gpus, preset.generate.actor_num_gpus, preset.filter.actor_num_gpus,
+               preset.finetune.trial_resources["GPU"]) > 0
+    assert preset.methods == list(METHODS)
+    severity = run_dir / "severity-0.999"
+    written = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert written["model"]["base"] == cfg.model.base
+
+    rows = json.loads((run_dir / "results.json").read_text())
+    assert sorted(r["method"] for r in rows) == sorted(METHODS)
+
+    gen = cfg.generate
+    per_method = 4 * gen.images_per_group  # four groups, the two empty ones drawn from prompts
+    for method in GENERATIVE_METHODS:
+        shards = sorted((severity / "synthetic" / method).glob("part-*.parquet"))
+        table = pq.read_table(shards).to_pandas() if shards else None
+        assert len(shards) == per_method // gen.rows_per_shard, method
+        assert len(table) == per_method and set(table["base_model"]) == {cfg.model.base}, method
+        sides = {decode_png(png).shape for png in table["image"].head(4)}
+        assert sides == {(SIDE, SIDE, 3)}, method  # the native side, not data.image_size (224)
+
+    # Fine-tuned units: LoRA and DreamBooth one per group with real images, clustered
+    # DreamBooth one per (group, cluster) with cluster.k = 2; the empty groups borrow.
+    trained = {"lora": 2, "dreambooth": 2, "clustered_dreambooth": 4}
+    for method, count in trained.items():
+        manifest = json.loads((severity / "finetune" / method / "manifest.json").read_text())
+        owners = {u["unit"] for u in manifest["units"] if u["artifact"] and not u["borrowed_from"]}
+        assert len(owners) == count, method
+    class_images = sorted((severity / "finetune" / "class_images").glob("*.npy"))
+    assert len(class_images) == 2  # one per class prompt, shared by both DreamBooth methods
+    assert all(np.load(p).shape == (cfg.finetune.num_class_images, SIDE, SIDE, 3) for p in class_images)
