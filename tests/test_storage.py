@@ -186,18 +186,12 @@ def _metrics(run_dir: str, method: str) -> dict:
     return read_json(storage.as_path(run_dir) / "severity-0.95" / "train" / method / "metrics.json")
 
 
-# What a train stage's metrics.json holds that does not depend on the machine or the clock.
-RUN_INDEPENDENT = ("method", "synthetic_images", "synthetic_group_counts", "train_group_counts",
-                   "group_names", "phases", "backbone", "num_workers")
-
-
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # two whole jobs: about 5 minutes each on an idle 2-core machine
+@pytest.mark.timeout(2400)  # two whole jobs: 286 s and 257 s on a busy 2-core machine; room to spare
 def test_tiny_job_on_s3_and_two_nodes_matches_a_local_run(s3_env, tmp_path):
     """The whole job with run_dir=s3://... on a cluster of a 0-CPU head and two worker nodes:
-    every remote actor, task and Train worker reads and writes the bucket; its shards equal a
-    local run's of the same config, and so do its metrics up to training's own run-to-run
-    spread."""
+    every remote actor, task and Train worker reads and writes the bucket; its shards and
+    metrics equal a local run's of the same config."""
     from ray.cluster_utils import Cluster
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -241,15 +235,19 @@ def test_tiny_job_on_s3_and_two_nodes_matches_a_local_run(s3_env, tmp_path):
     pdt.assert_frame_equal(remote_rows.drop(columns=["score"]), local_rows.drop(columns=["score"]))
     assert (remote_rows["score"] - local_rows["score"]).abs().max() < 1e-5
 
-    # Metrics: everything that does not depend on the order Ray Data hands blocks to the
-    # workers is equal. Accuracies are not compared: a DDP worker's batch order follows block
-    # completion order (engine/train/data.py), so training is not bit-reproducible between
-    # any two runs, local or remote.
+    # Metrics: training is seeded and ordered (engine/train/data.py), so the same config gives
+    # the same accuracies and losses wherever the worker runs; only clocks and paths differ.
     for method in ("erm", "lora"):
         local, remote_metrics = _metrics(local_dir, method), _metrics(remote_dir, method)
-        for key in RUN_INDEPENDENT:
-            assert remote_metrics[key] == local[key], (method, key)
-        assert [e["phase"] for e in remote_metrics["epochs"]] == [e["phase"] for e in local["epochs"]]
-        for split in ("val", "test"):
-            assert len(remote_metrics[split]["per_group"]) == len(local[split]["per_group"])
         assert remote_metrics["checkpoint_dir"].startswith(f"{remote_dir}/severity-0.95/train/{method}/ray/")
+        assert _comparable(remote_metrics) == _comparable(local), method
+
+
+# Fields of a metrics.json that measure the machine or name where files went.
+CLOCKS_AND_PATHS = {"checkpoint_dir", "stage_seconds", "images_per_second", "epoch_seconds"}
+
+
+def _comparable(metrics: dict) -> dict:
+    out = {k: v for k, v in metrics.items() if k not in CLOCKS_AND_PATHS}
+    out["epochs"] = [{k: v for k, v in e.items() if k not in CLOCKS_AND_PATHS} for e in metrics["epochs"]]
+    return out
