@@ -91,7 +91,7 @@ class DataConfig(Section):
     aligned: dict[int, int] | None = Field(
         None, description="class -> bias-aligned attribute; inferred from the training split when unset"
     )
-    image_size: int = Field(32, ge=8, description="side of the square images stages see")
+    image_size: int = Field(32, ge=8, description="side real images are read at for clustering and filtering; fine-tuning and sampling use the generator's native side, training train.image_size")
     skip_bad_images: bool = Field(False, description="skip and count unreadable images instead of failing")
     split_seed: int = Field(0, description="UTKFace's 80/10/10 split and severity subsampling")
     age_bins: list[int] = Field(
@@ -246,7 +246,7 @@ class FidelityConfig(Section):
 class TrainConfig(Section):
     backbone: Literal["tiny_resnet", "resnet18", "resnet50"] = "tiny_resnet"
     pretrained_weights: str | None = Field(None, description="local ImageNet weights file for torchvision backbones")
-    image_size: int = Field(32, ge=8)
+    image_size: int = Field(32, ge=8, description="side of the images the classifier trains and is evaluated on")
     pretrain_epochs: int = Field(6, ge=0, description="stage 1, on synthetic images")
     epochs: int = Field(8, ge=1, description="real-data training (stage 2 for generative methods)")
     batch_size: int = Field(64, ge=2)
