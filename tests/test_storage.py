@@ -68,7 +68,8 @@ def test_remote_path_names():
     assert isinstance(storage.as_path("s3://b/k"), RemotePath)
 
 
-def test_s3_files_and_folders(s3_env, tmp_path):
+def test_s3_files_and_folders(s3_env, tmp_path, monkeypatch):
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
     root = RemotePath(f"s3://{BUCKET}/unit")
     atomic_write_json(root / "a/b.json", {"x": 1})
     assert read_json(root / "a/b.json") == {"x": 1}
@@ -94,6 +95,7 @@ def test_s3_files_and_folders(s3_env, tmp_path):
     copy = storage.local_copy(root / "units/g0")
     assert (copy / "unet/weights.safetensors").read_bytes() == (local / "unet/weights.safetensors").read_bytes()
     assert storage.local_copy(root / "units/g0") == copy  # cached on this node
+    assert copy.is_relative_to(tmp_path / "cache")
     single = storage.local_copy(root / "units/g0/unit.json")
     assert single.name == "unit.json" and single.read_text() == "{}"
 
@@ -188,12 +190,13 @@ def _metrics(run_dir: str, method: str) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # two whole jobs: 286 s and 257 s on a busy 2-core machine; room to spare
-def test_tiny_job_on_s3_and_two_nodes_matches_a_local_run(s3_env, tmp_path):
+def test_tiny_job_on_s3_and_two_nodes_matches_a_local_run(s3_env, tmp_path, monkeypatch):
     """The whole job with run_dir=s3://... on a cluster of a 0-CPU head and two worker nodes:
     every remote actor, task and Train worker reads and writes the bucket; its shards and
     metrics equal a local run's of the same config."""
     from ray.cluster_utils import Cluster
 
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "artifact-cache"))  # the nodes' download cache
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     local_dir = str(tmp_path / "local")
     _run_job(local_dir, ["ray.num_cpus=2"], env, ROOT, tmp_path / "local.log")
@@ -224,6 +227,10 @@ def test_tiny_job_on_s3_and_two_nodes_matches_a_local_run(s3_env, tmp_path):
     trained = [u for u in manifest["units"] if u["artifact"]]
     assert trained and all((remote / "severity-0.95" / u["artifact"] / "unit.json").exists() for u in trained)
     assert list((remote / "severity-0.95/train/lora/tensorboard").glob("events.*"))
+    # The sampler actors loaded the LoRA units from their nodes' download cache.
+    assert {p.name.split("-", 1)[1] for p in (tmp_path / "artifact-cache").iterdir()} >= {
+        Path(u["artifact"]).name for u in trained
+    }
 
     local_names, local_rows = _shards(local_dir)
     remote_names, remote_rows = _shards(remote_dir)
