@@ -11,9 +11,13 @@ own background and not its lender's.
 
 Runs the data, (cluster,) and fine-tune stages through their own entry points on the
 embedded default (or a preset), then draws ``--images`` per unit. Prints a markdown table, then,
-as the last line, one JSON object (value: mean relative distance reduction over trained units).
+as the last line, one JSON object (value: mean relative distance reduction over trained units;
+also the bytes each method's unit artifacts take on disk).
 
     python benchmarks/finetune_fidelity.py --methods lora,dreambooth
+    # DreamBooth stored whole vs as rank-r weight changes, same seeds:
+    python benchmarks/finetune_fidelity.py --methods dreambooth --set finetune.dreambooth_store=unet
+    python benchmarks/finetune_fidelity.py --methods dreambooth --set finetune.delta_rank=8
 """
 
 from __future__ import annotations
@@ -101,11 +105,14 @@ def main() -> None:
 
     base = fresh_pipe()
     train, val = dataset.split("train"), dataset.split("val")
-    rows, finetune_seconds = [], {}
+    rows, finetune_seconds, artifact_bytes = [], {}, {}
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         start = time.perf_counter()
         manifest = run_finetune_stage(cfg, run, method)
         finetune_seconds[method] = round(time.perf_counter() - start, 1)
+        folders = {u["artifact"] for u in manifest["units"] if u["artifact"]}
+        artifact_bytes[method] = {f: sum(p.stat().st_size for p in (run.root / f).rglob("*")
+                                         if p.is_file() and p.name != "unit.json") for f in sorted(folders)}
         cluster_of = None
         if method == "clustered_dreambooth":
             from engine.cluster import load_assignments
@@ -157,7 +164,8 @@ def main() -> None:
         "target": 0.0, "device": device, "images_per_unit": args.images, "severity": cfg.data.severity,
         "units_closer": sum(r["after"] < r["before"] for r in trained), "units_trained": len(trained),
         "own_background_after": round(float(np.mean(matches)), 4) if matches else None,
-        "finetune_seconds": finetune_seconds, "rows": rows,
+        "finetune_seconds": finetune_seconds, "artifact_bytes": artifact_bytes,
+        "store": cfg.finetune.dreambooth_store, "delta_rank": cfg.finetune.delta_rank, "rows": rows,
     }))
 
 
