@@ -45,7 +45,21 @@ def gpu_sampler(samples: list, stop: threading.Event, started: float) -> None:
 
 
 def disk_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+    total = 0
+    for f in path.rglob("*") if path.exists() else []:
+        try:
+            total += f.stat().st_size if f.is_file() else 0
+        except OSError:  # a temporary file renamed or removed while we walked
+            pass
+    return total
+
+
+def disk_sampler(paths: list[Path], peak: list[int], stop: threading.Event) -> None:
+    """Keep the largest total size of ``paths`` seen, every 2 s (checkpoints come and go
+    while fine-tuning prints nothing)."""
+    while not stop.is_set():
+        peak[0] = max(peak[0], sum(disk_bytes(p) for p in paths))
+        stop.wait(SAMPLE_SECONDS)
 
 
 def stage_windows(lines: list[tuple[float, str]], end: float) -> list[tuple[str, float, float]]:
@@ -102,17 +116,19 @@ def main() -> None:
     sampler = threading.Thread(target=gpu_sampler, args=(samples, stop, started), daemon=True)
     if shutil.which("nvidia-smi"):
         sampler.start()
-    peak_disk = 0
+    # The run directory plus the per-node cache of fine-tuned units the samplers load.
+    watched = [ROOT / run_dir, Path(os.environ.get("FAIRSYNTH_CACHE", "/tmp/fairsynth-cache"))]
+    peak = [0]
+    threading.Thread(target=disk_sampler, args=(watched, peak, stop), daemon=True).start()
     lines: list[tuple[float, str]] = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
     with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as job:
         for line in job.stdout:
             print(line, end="", flush=True)
             lines.append((time.time() - started, line.rstrip("\n")))
-            peak_disk = max(peak_disk, disk_bytes(ROOT / run_dir))
     stop.set()
     end = time.time() - started
-    peak_disk = max(peak_disk, disk_bytes(ROOT / run_dir))
+    peak_disk = max(peak[0], sum(disk_bytes(p) for p in watched))
     # The job's own clock starts after its imports; align it to the first announce line.
     first = next(((t, float(m.group(1))) for t, line in lines if (m := STAGE_LINE.match(line))), (0.0, 0.0))
     offset = first[0] - first[1]
@@ -128,6 +144,7 @@ def main() -> None:
         "peak_gpu_mib": max((s[2] for s in samples), default=None),
         "gpu_busy_share": round(sum(s[1] > BUSY_PERCENT for s in samples) / len(samples), 3) if samples else None,
         "disk_bytes_final": disk_bytes(ROOT / run_dir),
+        "disk_watched": [str(p) for p in watched],
         "disk_bytes_peak": peak_disk,
     }
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"gpu_smoke-{result['device']}.json"

@@ -55,6 +55,14 @@ def stage_totals(stage_seconds: dict) -> dict[str, float]:
     return totals
 
 
+def _actors(summary: dict, configured) -> int:
+    """Sampler actors of a generate run: the resolved pool bound it recorded, else the config's
+    number ('auto' in an older run: one)."""
+    if summary.get("max_actors"):
+        return int(summary["max_actors"])
+    return configured if isinstance(configured, int) else 1
+
+
 def generate_breakdown(summary: dict, num_actors: int) -> dict:
     """Shares of one generate stage's wall time; sampler seconds are divided by the actors
     that ran side by side, so a share is of wall time, not of summed busy time."""
@@ -85,7 +93,7 @@ def main() -> None:
         run_job(run_dir, QUICK_OVERRIDES if args.quick else [])
     stage_seconds = read_json(run_dir / "stage_seconds.json")
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
-    num_actors = int(config.get("generate", {}).get("num_actors", 1))
+    configured = config.get("generate", {}).get("num_actors", 1)
 
     totals = stage_totals(stage_seconds)
     whole = sum(totals.values())
@@ -101,7 +109,7 @@ def main() -> None:
         for summary_path in sorted((severity_dir / "synthetic").glob("*/_summary.json")):
             summary = read_json(summary_path)
             if "stage_seconds" in summary:
-                generate[f"{severity_dir.name}/{summary['method']}"] = generate_breakdown(summary, num_actors)
+                generate[f"{severity_dir.name}/{summary['method']}"] = generate_breakdown(summary, _actors(summary, configured))
     print("| generate | seconds | images | actor start | sampling | PNG | model switches | writes | outside sampling |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, g in generate.items():

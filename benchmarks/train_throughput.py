@@ -127,14 +127,17 @@ def main() -> None:
     from engine.config import load_config
     from engine.data.prepare import load_dataset
     from engine.raylib import init_ray
+    from engine.resources import train_workers, use_gpu
     from engine.train import data as train_data
 
     gpu = ["train.use_gpu=true", "train.num_workers=1", "train.cpus_per_worker=2"] if args.gpu else []
     cfg = load_config(None, ["data.severity=0.999", *gpu, *args.overrides])
     dataset = load_dataset(cfg.data)
     train = dataset.split("train")
-    t = cfg.train
     init_ray(cfg.ray)
+    # 'auto' workers resolve as the train stage resolves them, on this Ray.
+    t = cfg.train.model_copy(update={"num_workers": train_workers(cfg), "use_gpu": use_gpu(cfg)})
+    cfg = cfg.model_copy(update={"train": t})
 
     base = train_data.real_images(train, t.image_size, True, t.num_workers, t.seed)
     view = train_data.training_view(base, image_size=t.image_size, augment=t.augment, weights=None)

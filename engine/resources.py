@@ -16,6 +16,7 @@ nodes. ``model.device = cpu`` turns every GPU share off, so the same preset runs
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ CPU_HEADROOM = 1.0
 # Fewer images per DDP worker than this make BatchNorm statistics noisy and leave a GPU
 # mostly waiting, so 'auto' never spreads one batch thinner.
 MIN_IMAGES_PER_WORKER = 8
+UNBOUNDED = sys.maxsize
 
 
 @dataclass(frozen=True)
@@ -79,18 +81,17 @@ def reachable_resources() -> dict[str, float]:
 
 
 def how_many_fit(reachable: Mapping[str, float], per_task: Mapping[str, float]) -> int:
-    """Tasks of ``per_task`` that fit in ``reachable`` at once (at least 1). A CPU-only task
-    leaves CPU_HEADROOM for the tasks around it."""
+    """Tasks of ``per_task`` that fit in ``reachable`` at once (at least 1; UNBOUNDED when no
+    resource limits them). A CPU-only task leaves CPU_HEADROOM for the tasks around it."""
     fits = []
     for name, need in per_task.items():
-        if need <= 0:
-            continue
         have = reachable.get(name, 0.0)
+        if need <= 0 or math.isinf(have):
+            continue
         if name == "CPU" and per_task.get("GPU", 0.0) <= 0:
             have = max(need, have - CPU_HEADROOM)
-        fits.append(have / need)
-    most = min(fits, default=math.inf)
-    return 1 if math.isinf(most) else max(1, math.floor(most + 1e-9))
+        fits.append(math.floor(have / need + 1e-9))
+    return max(1, min(fits)) if fits else UNBOUNDED
 
 
 def resolve_count(requested: int | str, work: int, fit: int) -> int:
@@ -102,20 +103,23 @@ def resolve_count(requested: int | str, work: int, fit: int) -> int:
     return max(1, min(int(requested), work))
 
 
-def actor_resources(cfg: Config, stage: str, work: int,
-                    reachable: Mapping[str, float] | None = None) -> ActorResources:
+def actor_resources(cfg: Config, stage: str, work: int, reachable: Mapping[str, float] | None = None,
+                    check_gpu: bool = True) -> ActorResources:
     """Resolve ``cfg.<stage>`` (cluster, generate or filter) for ``work`` actor calls.
 
     The pool starts at one actor, so work begins as soon as one can be placed, and grows to
     its maximum as the cluster makes room. With 'auto', GPU actors are bounded by the work
     alone: Ray Data adds one while the last one is placed, so a pool grows onto GPU nodes that
     join mid-stage (the autoscaler's, or ones added by hand) and never waits on absent ones.
-    A CPU-only pool is bounded by the CPUs there, less headroom for the tasks around it."""
+    A CPU-only pool is bounded by the CPUs there, less headroom for the tasks around it.
+    ``check_gpu=False`` (the planner, which plans for a cluster it is not connected to) skips
+    the check that the cluster can supply a GPU."""
     section: ActorStageConfig = getattr(cfg, stage)
     gpus = gpu_share(cfg, section.actor_num_gpus)
     reachable = reachable if reachable is not None else reachable_resources()
     if gpus > 0:
-        _require_gpu(f"{stage}.actor_num_gpus", reachable)
+        if check_gpu:
+            _require_gpu(f"{stage}.actor_num_gpus", reachable)
         fit = max(1, work)
     else:
         fit = how_many_fit(reachable, {"CPU": section.actor_num_cpus})
@@ -150,12 +154,12 @@ def max_concurrent_trials(ft: FinetuneConfig) -> int:
     return 0 if ft.max_concurrent_trials == AUTO else int(ft.max_concurrent_trials)
 
 
-def train_workers(cfg: Config, reachable: Mapping[str, float] | None = None) -> int:
+def train_workers(cfg: Config, reachable: Mapping[str, float] | None = None, check_gpu: bool = True) -> int:
     """DDP workers for ``train.num_workers``: a number as given; 'auto' one per GPU the cluster
     can reach (use_gpu) or per CPU share, never fewer than MIN_IMAGES_PER_WORKER per worker."""
     t: TrainConfig = cfg.train
     reachable = reachable if reachable is not None else reachable_resources()
-    if use_gpu(cfg):
+    if use_gpu(cfg) and check_gpu:
         _require_gpu("train.use_gpu", reachable)
     if t.num_workers != AUTO:
         return int(t.num_workers)

@@ -18,12 +18,14 @@ def main() -> None:
 
     from engine.finetune import run_finetune_stage
     from engine.raylib import init_ray
+    from engine.resources import check_cluster_supplies
     from engine.runs import RunDir
 
     cfg = config_from_args(args)
     run = RunDir(cfg.run_dir)
     run.prepare(cfg, force=args.force)
     init_ray(cfg.ray)
+    check_cluster_supplies(cfg)
     manifest = run_finetune_stage(cfg, run, args.method)
     print(f"{args.method}: {len(manifest['units'])} units -> {run / f'finetune/{args.method}/manifest.json'}")
     for unit in manifest["units"]:

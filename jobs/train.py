@@ -19,12 +19,16 @@ def main() -> None:
     args = parser.parse_args()
 
     from engine.data.stage import run_data_stage
+    from engine.raylib import init_ray
+    from engine.resources import check_cluster_supplies
     from engine.runs import RunDir
     from engine.train import run_train_stage
 
     cfg = config_from_args(args)
     run = RunDir(cfg.run_dir)
     run.prepare(cfg, force=args.force)
+    init_ray(cfg.ray)
+    check_cluster_supplies(cfg)  # a GPU preset on a machine without one stops before any stage
     run_data_stage(cfg, run)
     metrics = run_train_stage(cfg, run, args.method)
     summary = {split: {k: metrics[split][k] for k in ("worst_group", "average_group", "accuracy")} for split in ("val", "test")}

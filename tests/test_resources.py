@@ -65,7 +65,9 @@ def test_model_device_cpu_turns_every_gpu_share_off():
         assert actor_resources(cfg, stage, work=10, reachable=cpu_only).num_gpus == 0
     assert "GPU" not in trial_bundle(cfg.finetune, cfg.model.device)
     check_cluster_supplies(cfg, cpu_only)  # nothing asks for a GPU
-    assert train_workers(cfg, cpu_only) >= 1
+    # 'auto' workers on CPU: 4 CPUs less one for the data tasks, 4 CPUs per worker.
+    assert train_workers(cfg, cpu_only) == 1
+    assert train_workers(cfg, {"CPU": 64.0}) == 15
 
 
 def test_gpu_preset_on_a_machine_without_gpus_fails_at_start():
@@ -184,6 +186,7 @@ def test_actor_pool_grows_onto_a_node_added_mid_stage(tmp_path):
         cluster.shutdown()
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
 def test_gpu_preset_on_this_cpu_machine_stops_before_any_stage(tmp_path):
     run_dir = tmp_path / "run"
     done = subprocess.run(
@@ -195,6 +198,8 @@ def test_gpu_preset_on_this_cpu_machine_stops_before_any_stage(tmp_path):
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "asks for a GPU" in last and "model.device=cpu" in last, last
+    assert "] severity-" not in done.stdout, "a stage started before the check"
+    assert not (run_dir / "severity-0.999").exists()
 
 
 def test_the_planner_spreads_auto_stages_over_more_gpus_and_names_a_cap_that_idles_them():
@@ -210,3 +215,17 @@ def test_the_planner_spreads_auto_stages_over_more_gpus_and_names_a_cap_that_idl
     notes = plan_job(capped, "a100", 16).notes
     assert "finetune clustered_dreambooth: 8 of 16 GPUs idle; finetune.max_concurrent_trials=8 caps it ('auto' uses them)" in notes
     assert any(n.startswith("train erm: 8 of 16 GPUs idle; train.num_workers=8 caps it") for n in notes)
+
+
+def test_the_planner_resolves_concurrency_as_the_stages_do():
+    from engine.planning.plan import plan_job
+
+    cfg = load_config(None, ["generate.num_actors=auto", "filter.num_actors=auto", "cluster.num_actors=auto"])
+    rows = {(r.stage, r.method): r for r in plan_job(cfg, "cpu", 1).rows}
+    two_cores = {"CPU": 2.0}
+    for stage, method in (("generate", "lora"), ("filter", "lora"), ("cluster", "")):
+        row = rows[(stage, method)]
+        assert row.slots == actor_resources(cfg, stage, row.tasks, reachable=two_cores).max_actors, stage
+    # A GPU preset plans on CPUs as it would run there: with model.device=cpu, GPU shares off.
+    cpu_plan = plan_job(_preset("waterbirds_0999"), "cpu", 2)
+    assert cpu_plan.wall_seconds > 0

@@ -181,6 +181,7 @@ def _generate_shards(cfg: Config, run: RunDir, plan: GroupBalancedPlan, missing:
         context.target_max_block_size, context.enable_progress_bars = saved
     timing = sampling_timing(started, landed)
     timing.update({name: round(value, 3) for name, value in worker_seconds.items()})
+    timing["max_actors"] = resources.max_actors  # the pool's bound, as resolved for this cluster
     return timing
 
 

@@ -19,12 +19,12 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from engine.config import AUTO, GENERATIVE_METHODS, Config
+from engine.config import GENERATIVE_METHODS, Config
 from engine.planning import disk
 from engine.planning import flops as F
 from engine.planning.counts import GroupCounts, trained_groups
 from engine.planning.hardware import Device
-from engine.resources import train_workers
+from engine.resources import actor_resources, max_concurrent_trials, train_workers, trial_bundle
 
 # The cluster stage estimates silhouettes on a sample this large (engine/cluster.py).
 SILHOUETTE_SAMPLE = 4000
@@ -124,6 +124,27 @@ class PlanContext:
         self.notes.append(f"{what} asks for no GPU; planned with one GPU per task (set it for GPU runs)")
         return 1.0
 
+    def reachable(self) -> dict[str, float]:
+        """The planned cluster as the stages' resolution sees it (engine/resources.py): N GPUs
+        (CPUs then never the bound), or N cores."""
+        if self.device.is_gpu:
+            return {"GPU": float(self.n_devices), "CPU": math.inf}
+        return {"CPU": float(self.n_devices)}
+
+    @property
+    def run_cfg(self) -> Config:
+        """The config as it runs on the planned devices: a CPU plan is a model.device=cpu run
+        (every GPU share off), as a GPU preset needs on a machine without GPUs."""
+        if self.device.is_gpu:
+            return self.cfg
+        cpu = self.cfg.model_copy(deep=True)
+        cpu.model.device = "cpu"
+        return cpu
+
+    def actor_slots(self, stage: str, tasks: int) -> int:
+        """How many of a Ray Data stage's actors run at once, resolved as the stage does."""
+        return actor_resources(self.run_cfg, stage, tasks, reachable=self.reachable(), check_gpu=False).max_actors
+
     def generative_methods(self) -> list[str]:
         return [m for m in self.cfg.methods if m in GENERATIVE_METHODS]
 
@@ -164,8 +185,9 @@ class ClusterCost(StageCostModel):
                 kmeans += cl.nredo * cl.niter * 2.0 * n_g * k * d + 2.0 * min(n_g, SILHOUETTE_SAMPLE) ** 2 * d
         share = ctx.share("cluster.actor_num_gpus", cl.actor_num_gpus, cl.actor_num_cpus)
         return [
-            StageCost(ctx.severity, "cluster", "", embed + kmeans, *_slots(math.ceil(n / cl.batch_size), cl.num_actors),
-                      share, slots_key="cluster.num_actors", notes=[f"cluster: k-means counted as 2*n*k*d per iteration ({cfg.cluster.nredo} restarts)"]),
+            StageCost(ctx.severity, "cluster", "", embed + kmeans, math.ceil(n / cl.batch_size),
+                      ctx.actor_slots("cluster", math.ceil(n / cl.batch_size)), share,
+                      slots_key="cluster.num_actors", notes=[f"cluster: k-means counted as 2*n*k*d per iteration ({cfg.cluster.nredo} restarts)"]),
         ]
 
 
@@ -181,8 +203,8 @@ class FinetuneCost(StageCostModel):
         prior_paid = False
         # Fine-tuning runs at the generator's native resolution, whatever data.image_size is.
         latent = ctx.shapes.native_size // ctx.shapes.vae_scale
-        share = ctx.share("finetune.trial_resources", float(_resource(ft.trial_resources, "GPU")),
-                          float(_resource(ft.trial_resources, "CPU", 1.0)))
+        bundle = trial_bundle(ft, ctx.run_cfg.model.device)
+        share = ctx.share("finetune.trial_resources", bundle.get("GPU", 0.0), bundle["CPU"])
         # The trainer checkpoints gradients on GPUs only (engine/finetune/trainer.py).
         checkpointing = ft.gradient_checkpointing and ctx.device.is_gpu
         for method in ctx.generative_methods():
@@ -207,8 +229,9 @@ class FinetuneCost(StageCostModel):
                 + 2 * F.text_encoder_forward(ctx.shapes)
                 for n_real in units
             ) * ft.num_samples
-            row = StageCost(ctx.severity, "finetune", method, total,
-                            *_slots(len(units) * ft.num_samples, ft.max_concurrent_trials), share,
+            trials = len(units) * ft.num_samples
+            row = StageCost(ctx.severity, "finetune", method, total, trials,
+                            max_concurrent_trials(ft) or max(1, trials), share,
                             sequential=len(units) if ft.num_samples > 1 else 1,
                             slots_key="finetune.max_concurrent_trials")
             _finetune_disk(ctx, method, row, len(units))
@@ -261,7 +284,8 @@ class GenerateCost(StageCostModel):
         share = ctx.share("generate.actor_num_gpus", gen.actor_num_gpus, gen.actor_num_cpus)
         return [
             StageCost(ctx.severity, "generate", method, total * ctx.sample_flops(latent),
-                      *_slots(math.ceil(total / gen.rows_per_shard), gen.num_actors), share,
+                      math.ceil(total / gen.rows_per_shard),
+                      ctx.actor_slots("generate", math.ceil(total / gen.rows_per_shard)), share,
                       slots_key="generate.num_actors", disk_bytes=total * disk.png_bytes(ctx.shapes.native_size))
             for method in ctx.generative_methods()
         ]
@@ -280,7 +304,8 @@ class FilterCost(StageCostModel):
         share = ctx.share("filter.actor_num_gpus", flt.actor_num_gpus, flt.actor_num_cpus)
         return [
             StageCost(ctx.severity, "filter", method, total * F.image_encoder_forward(ctx.encoder),
-                      *_slots(math.ceil(total / flt.batch_size), flt.num_actors), share,
+                      math.ceil(total / flt.batch_size),
+                      ctx.actor_slots("filter", math.ceil(total / flt.batch_size)), share,
                       slots_key="filter.num_actors")
             for method in ctx.generative_methods()
         ]
@@ -303,9 +328,7 @@ class TrainCost(StageCostModel):
         synthetic = ctx.counts.n_groups * keep_count(per_group, cfg.filter.keep_fraction)
         share = ctx.share("train.use_gpu", 1.0 if tr.use_gpu else 0.0, tr.cpus_per_worker)
         forward = F.classifier_step(tr.backbone, n_classes, tr.image_size, "eval")
-        # The stage's own resolution, against a cluster of the planned devices.
-        reachable = {"GPU": float(ctx.n_devices), "CPU": float("inf")} if ctx.device.is_gpu else {"CPU": float(ctx.n_devices)}
-        workers = train_workers(cfg, reachable)
+        workers = train_workers(ctx.run_cfg, ctx.reachable(), check_gpu=False)
         rows = []
         for method in cfg.methods:
             phases = get_method(method).phases(tr)
@@ -328,19 +351,6 @@ class TrainCost(StageCostModel):
                 )
             rows.append(row)
         return rows
-
-
-def _slots(tasks: int, concurrency: int | str) -> tuple[int, int]:
-    """(tasks, slots) for a concurrency key: 'auto' lets every task run at once (the devices
-    then bound it), a number caps it."""
-    return tasks, (max(1, tasks) if concurrency == AUTO else int(concurrency))
-
-
-def _resource(resources: dict[str, float], key: str, default: float = 0.0) -> float:
-    for name, value in resources.items():
-        if name.upper() == key:
-            return float(value)
-    return default
 
 
 STAGE_COSTS: dict[str, StageCostModel] = {
