@@ -81,10 +81,10 @@ def test_the_filter_scorer_reads_each_image_with_the_judge(judge):
         "group": labels * 2 + attributes, "label": labels,
     })
     out = scorer(batch)
-    assert set(out["judged_label"]) <= {0, 1} and set(out["judged_attribute"]) <= {0, 1}
-    if judge == "renderer":
-        assert out["judged_label"].tolist() == labels.tolist()
-        assert out["judged_attribute"].tolist() == attributes.tolist()
+    # Both judges read these renders right (the tiny encoder's zero-shot reading included:
+    # 1,000 of 1,000 benchmark renders in the README's measurement).
+    assert out["judged_label"].tolist() == labels.tolist()
+    assert out["judged_attribute"].tolist() == attributes.tolist()
 
 
 def test_group_fidelity_counts_exact_groups_before_and_after_filtering():
