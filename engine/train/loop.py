@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -304,8 +305,6 @@ def train_loop(config: dict) -> dict:
             )
         ray.train.report(metrics, checkpoint=checkpoint)
         if directory is not None:
-            import shutil
-
             shutil.rmtree(directory, ignore_errors=True)
         _maybe_inject_failure(cfg, epoch, start_epoch, rank, world, config.get("failure_marker"))
 
@@ -319,6 +318,8 @@ def train_loop(config: dict) -> dict:
         writer.add_scalar("final/test_average_group", test["average_group"], state["epoch"] - 1)
         writer.close()
         _sync_tensorboard(writer, config.get("tensorboard_dir"))
+        if storage.is_remote(config.get("tensorboard_dir") or ""):
+            shutil.rmtree(writer.log_dir, ignore_errors=True)  # the local copy, uploaded
     # Rank 0's return value is the Result's return_value.
     return {"best_epoch": state["epoch"] - 1, "val": val, "test": test, "history": history}
 
