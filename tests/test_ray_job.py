@@ -137,6 +137,7 @@ def test_submit_without_token_is_refused(ray_head):
     assert out.returncode != 0
 
 
+@pytest.mark.slow  # two more heads started and stopped: about two minutes on 2 cores
 def test_stopping_a_test_head_leaves_another_ray_on_the_machine_alone(tmp_path):
     """A Ray someone else started (``ray start --head`` on other ports) still answers after a
     test head starts and stops, and no record of the test head is left for later Ray calls."""

@@ -153,6 +153,7 @@ def test_auto_trials_fill_every_declared_gpu(gpu_cluster, tmp_path):
     assert all(v in {"0", "1"} for v in visible), visible  # one declared GPU id per trial
 
 
+@pytest.mark.slow  # must outlast Ray Data's 20-second look at the cluster's size
 def test_actor_pool_grows_onto_a_node_added_mid_stage(tmp_path):
     import ray
     from ray.cluster_utils import Cluster
