@@ -61,8 +61,8 @@ def start_head(env: dict, log: Path, num_cpus: int = 2, dashboard: bool = True) 
 
 def stop_head(head: Head) -> None:
     """Stop exactly this head: its process group, then the address record it left, so later
-    Ray calls on this machine neither see it nor try to join it. ``ray stop`` would stop
-    every Ray on the machine, a user's running job included."""
+    Ray calls on this machine neither see it nor try to join it. Nothing else is signalled:
+    another job's Ray, or a user's, keeps running."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(head.process.pid, signal.SIGTERM)  # ray start --block stops what it started
     try:
