@@ -188,12 +188,6 @@ def _cached_embeddings(cfg: Config, run: RunDir, n_rows: int) -> np.ndarray | No
     return array if array.ndim == 2 and len(array) == n_rows else None
 
 
-def _save_npy(path, array: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def training_embeddings(
     cfg: Config, run: RunDir, train: pd.DataFrame, encoder_loader: EncoderLoader | None = None
 ) -> np.ndarray:
@@ -205,7 +199,7 @@ def training_embeddings(
         return cached
     start = time.perf_counter()
     embeddings = embed_images(cfg, train["source"].tolist(), encoder_loader)
-    _save_npy(run / "cluster/embeddings.npy", embeddings)
+    storage.save_numpy(run / "cluster/embeddings.npy", embeddings)
     atomic_write_json(
         run / "cluster/embeddings.json",
         {
@@ -474,7 +468,7 @@ def run_cluster_stage(
     buffer = io.BytesIO()
     np.savez(buffer, **centroids)
     atomic_write_bytes(run / "cluster/centroids.npz", buffer.getvalue())
-    _save_npy(run / "cluster/group_means.npy", group_means)
+    storage.save_numpy(run / "cluster/group_means.npy", group_means)
     summary = _stage_summary(cfg, dataset, groups, dim, embed_seconds, time.perf_counter() - start)
     atomic_write_json(run / "cluster/summary.json", summary)
     run.mark_complete(STAGE, cluster_hash(cfg))

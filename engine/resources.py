@@ -36,13 +36,11 @@ UNBOUNDED = sys.maxsize
 class ActorResources:
     """A Ray Data actor stage, resolved: pool bounds, each actor's share, batch size."""
 
-    stage: str
     min_actors: int
     max_actors: int
     num_cpus: float
     num_gpus: float
     batch_size: int
-    cap_key: str  # the config key that bounds max_actors, for messages
 
     def map_batches_kwargs(self) -> dict:
         """The ``map_batches`` arguments that place the stage's actors. Ray Data requires an
@@ -124,8 +122,7 @@ def actor_resources(cfg: Config, stage: str, work: int, reachable: Mapping[str, 
     else:
         fit = how_many_fit(reachable, {"CPU": section.actor_num_cpus})
     most = resolve_count(section.num_actors, work, fit)
-    return ActorResources(stage, 1, most, section.actor_num_cpus, gpus, section.batch_size,
-                          f"{stage}.num_actors")
+    return ActorResources(1, most, section.actor_num_cpus, gpus, section.batch_size)
 
 
 def trial_bundle(ft: FinetuneConfig, model_device: str = "auto") -> dict[str, float]:

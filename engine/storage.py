@@ -327,6 +327,17 @@ def load_numpy(path: RunPath | str):
     return np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
 
 
+def save_numpy(path: RunPath | str, array) -> None:
+    """``numpy.save`` of ``array`` (no pickles), written atomically."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    write_bytes(path, buffer.getvalue())
+
+
 # --- folders for libraries that need local files ------------------------------------------------
 
 

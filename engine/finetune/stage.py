@@ -41,7 +41,7 @@ from engine.finetune.trainer import UnitJob, unit_seed
 from engine.finetune.tune import UnitResult, run_unit_trials
 from engine.finetune.units import Unit, plan_units
 from engine.resources import trial_bundle
-from engine.runs import RunDir, atomic_directory, atomic_write_bytes, atomic_write_json, read_json
+from engine.runs import RunDir, atomic_directory, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
@@ -156,20 +156,11 @@ def ensure_class_images(cfg: Config, run: RunDir, prompts: list[str]) -> dict[st
         for prompt, ref in refs.items():
             images = ray.get(ref)
             key = class_image_key(cfg, prompt)
-            buffer = _npy_bytes(images)
-            atomic_write_bytes(folder / f"{key}.npy", buffer)
+            storage.save_numpy(folder / f"{key}.npy", images)
             atomic_write_json(folder / f"{key}.json", {"prompt": prompt, "model": model_fingerprint(cfg),
                                                         "shape": list(images.shape)})
             found[prompt] = images
     return found
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
 
 
 # --- trained units -----------------------------------------------------------------------------

@@ -218,7 +218,7 @@ class UnitModels:
             return self._load_unet(artifact, self._unet_from_delta)
         if kind == "unet":
             self._disable_adapters()
-            return self._load_unet(artifact)
+            return self._load_unet(artifact, self._unet_from_folder)
         raise FairsynthError(
             f"finetune manifest artifact_kind {kind!r} for {artifact} is unknown; "
             "valid: base, lora, svd_delta, unet, lora_delta"
@@ -292,35 +292,30 @@ class UnitModels:
             prompts = PromptEncoder(self.pipe.tokenizer, text_encoder.eval(), self.pipe.device)
         return unet, prompts
 
-    def _load_unet(self, artifact: str, build=None) -> tuple[object, PromptEncoder]:
-        if artifact in self._unets:
-            self._unets.move_to_end(artifact)
-            return self._unets[artifact]
-        if build is not None:
-            self._unets[artifact] = build(self._path(artifact))
-            while len(self._unets) > self.max_unets:
-                self._unets.popitem(last=False)
-            return self._unets[artifact]
-        if artifact not in self._unets:
-            from diffusers import UNet2DConditionModel
+    def _unet_from_folder(self, path) -> tuple[object, PromptEncoder]:
+        """A whole fine-tuned UNet (and text encoder, when it was trained) in diffusers format."""
+        from diffusers import UNet2DConditionModel
 
-            path = self._path(artifact)
-            folder = path / "unet" if (path / "unet").is_dir() else path
-            dtype, device = self.base_unet.dtype, self.base_unet.device
-            unet = UNet2DConditionModel.from_pretrained(
-                folder, dtype=dtype, use_safetensors=True if not self.allow_pickle else None
+        folder = path / "unet" if (path / "unet").is_dir() else path
+        dtype, device = self.base_unet.dtype, self.base_unet.device
+        safetensors = True if not self.allow_pickle else None
+        unet = UNet2DConditionModel.from_pretrained(folder, dtype=dtype, use_safetensors=safetensors).to(device).eval()
+        if self.attention == "xformers":
+            unet.enable_xformers_memory_efficient_attention()
+        prompts = self.base_prompts
+        if (path / "text_encoder").is_dir():
+            from transformers import CLIPTextModel
+
+            text_encoder = CLIPTextModel.from_pretrained(
+                path / "text_encoder", dtype=dtype, use_safetensors=safetensors
             ).to(device).eval()
-            if self.attention == "xformers":
-                unet.enable_xformers_memory_efficient_attention()
-            prompts = self.base_prompts
-            if (path / "text_encoder").is_dir():
-                from transformers import CLIPTextModel
+            prompts = PromptEncoder(self.pipe.tokenizer, text_encoder, device)
+        return unet, prompts
 
-                text_encoder = CLIPTextModel.from_pretrained(
-                    path / "text_encoder", dtype=dtype, use_safetensors=True if not self.allow_pickle else None
-                ).to(device).eval()
-                prompts = PromptEncoder(self.pipe.tokenizer, text_encoder, device)
-            self._unets[artifact] = (unet, prompts)
+    def _load_unet(self, artifact: str, build) -> tuple[object, PromptEncoder]:
+        """``build(local path)`` once per artifact; the last ``max_unets`` stay loaded."""
+        if artifact not in self._unets:
+            self._unets[artifact] = build(self._path(artifact))
             while len(self._unets) > self.max_unets:
                 self._unets.popitem(last=False)
         self._unets.move_to_end(artifact)

@@ -24,7 +24,7 @@ from functools import cache
 
 from engine.config import FinetuneConfig
 from engine.finetune import delta
-from engine.finetune.strategies import TEXT_ENCODER_LORA_TARGETS, UNET_LORA_TARGETS
+from engine.finetune.strategies import TEXT_ENCODER_LORA_TARGETS, UNET_LORA_TARGETS, get_strategy
 from engine.planning.flops import DiffusionShapes, build_text_encoder, build_unet
 
 PNG_BYTES_PER_PIXEL = 1.5
@@ -58,11 +58,11 @@ def _lora_params(module, targets: list[str], rank: int) -> int:
 
 
 def trains_lora(method: str, ft: FinetuneConfig) -> bool:
-    return method == "lora" or ft.dreambooth_store == "lora_delta"
+    return get_strategy(method).trains_lora(ft)
 
 
 def trains_text_encoder(method: str, ft: FinetuneConfig) -> bool:
-    return method != "lora" and ft.train_text_encoder
+    return get_strategy(method).trains_text_encoder(ft)
 
 
 def trainable_params(shapes: DiffusionShapes, ft: FinetuneConfig, method: str) -> int:
