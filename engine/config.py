@@ -34,7 +34,8 @@ def _check_severity(value: Any) -> Any:
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError("must be 'original' or a number p with 0.5 < p < 1")
-    if not 0.5 < float(value) < 1.0:
+    # No integer lies in (0.5, 1), and float() of a huge one would raise OverflowError.
+    if isinstance(value, int) or not 0.5 < value < 1.0:
         raise ValueError("must be 'original' or a number p with 0.5 < p < 1")
     return float(value)
 
@@ -438,6 +439,8 @@ def _format_error(err: ValidationError, raw: dict) -> str:
     first = err.errors()[0]
     loc = [str(p) for p in first["loc"] if not str(p).startswith(("literal[", "function-"))]
     key = ".".join(loc)
+    # A key typed with a line break (or a dict key read from YAML) must not split the line.
+    key = repr(key)[1:-1]
     msg = first["msg"].removeprefix("Value error, ")
     if not key:  # a check across sections names its keys itself
         return f"config error: {msg}"
@@ -468,11 +471,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise FairsynthError(f"config error: --set {text!r} must look like key.path=value")
     key, _, raw = text.partition("=")
+    path = key.strip().split(".")
+    if not all(path):
+        raise FairsynthError(f"config error: --set {text!r}: the key path {key.strip()!r} has an empty part; "
+                             "write key.path=value, e.g. train.epochs=4")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return key.strip().split("."), value
+    except Exception:  # YAML's constructors also raise ValueError (2001-02-30, !!int x) and others
+        value = raw  # what does not parse as YAML is the text typed
+    return path, value
 
 
 def _set_path(tree: dict, path: list[str], value: Any) -> None:
