@@ -1,7 +1,8 @@
 """The one typed config: every stage reads its section, every default lives here.
 
 The defaults are the embedded tiny run (tiny model, built-in benchmark, local Ray, CPU).
-Presets in ``configs/`` override them; ``--set key.path=value`` overrides a preset. A bad key
+Presets in ``configs/`` override them (a preset may ``extends:`` another and state only what
+differs); ``--set key.path=value`` overrides a preset. A bad key
 or value fails at load time with one line naming the key, the value and what is valid.
 """
 
@@ -493,19 +494,55 @@ def _set_path(tree: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def _read_preset(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise FairsynthError(f"config error: {path}{where} is not valid YAML; fix its syntax") from None
+    if not isinstance(raw, dict):
+        raise FairsynthError(f"config error: {path} must hold a mapping of config keys")
+    return raw
+
+
+def merge_trees(base: dict, overlay: dict) -> dict:
+    """``overlay`` over ``base``: mappings merge key by key, anything else (a list, a value,
+    null) replaces what the base had."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_trees(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def preset_tree(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """A preset's keys over those of the preset its ``extends`` key names (a name in
+    configs/), recursively, so a variant states only what it changes."""
+    chain = (*_chain, path.resolve())
+    if path.resolve() in _chain:
+        names = " -> ".join(p.stem for p in chain)
+        raise FairsynthError(f"config error: presets extend each other in a cycle ({names}); remove one extends")
+    raw = _read_preset(path)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    base = PRESET_DIR / f"{parent}.yaml"
+    if not isinstance(parent, str) or not base.exists():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise FairsynthError(
+            f"config error: {path} extends {parent!r}, which is not a preset in configs/ (known: {', '.join(known)})"
+        )
+    return merge_trees(preset_tree(base, chain), raw)
+
+
 def load_config(preset: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build the config from defaults, a preset and ``key.path=value`` overrides."""
-    raw: dict = {}
+    """Build the config from defaults, a preset (and the presets it extends) and
+    ``key.path=value`` overrides."""
     path = resolve_preset(preset)
-    if path is not None:
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            line = getattr(getattr(exc, "problem_mark", None), "line", None)
-            where = f" line {line + 1}" if line is not None else ""
-            raise FairsynthError(f"config error: {path}{where} is not valid YAML; fix its syntax") from None
-        if not isinstance(raw, dict):
-            raise FairsynthError(f"config error: {path} must hold a mapping of config keys")
+    raw = preset_tree(path) if path is not None else {}
     for text in overrides:
         key, value = parse_override(text)
         _set_path(raw, key, value)

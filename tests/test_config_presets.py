@@ -1,0 +1,71 @@
+"""Presets that extend another: a variant states only what it changes, merged section by
+section over its parent; a missing parent or a cycle fails at load time in one line."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine import config
+from engine.config import load_config
+from engine.errors import FairsynthError
+
+
+@pytest.fixture
+def preset_dir(tmp_path, monkeypatch):
+    """A configs/ folder of the test's own, so presets can extend each other there."""
+    monkeypatch.setattr(config, "PRESET_DIR", tmp_path)
+
+    def write(name: str, text: str) -> None:
+        (tmp_path / f"{name}.yaml").write_text(text)
+
+    return write
+
+
+def test_a_preset_changes_only_what_it_states_over_the_presets_it_extends(preset_dir):
+    preset_dir("base", "methods: [erm, lora]\nseed: 3\ndata:\n  builtin: {n_train: 64, n_val: 16}\n"
+                       "generate: {steps: 3, guidance_scale: 2.0}\n")
+    preset_dir("child", "extends: base\nmethods: [erm]\ndata:\n  builtin: {n_val: 24}\n")
+    preset_dir("grandchild", "extends: child\ngenerate: {steps: 4}\n")
+    cfg = load_config("grandchild", ["seed=5"])
+    # Mappings merge key by key down the chain; a list replaces the parent's; --set comes last.
+    assert (cfg.data.builtin.n_train, cfg.data.builtin.n_val) == (64, 24)
+    assert (cfg.generate.steps, cfg.generate.guidance_scale) == (4, 2.0)
+    assert cfg.methods == ["erm"] and cfg.seed == 5
+    assert cfg.data.builtin.n_test == config.BuiltinConfig().n_test  # set nowhere: the default
+
+
+@pytest.mark.parametrize(
+    ("presets", "message"),
+    [
+        ({"a": "extends: nope\n"}, r"a\.yaml extends 'nope', which is not a preset in configs/ \(known: a\)"),
+        ({"a": "extends: b\n", "b": "extends: a\n"}, r"presets extend each other in a cycle \(a -> b -> a\)"),
+        ({"a": "extends: a\n"}, r"cycle \(a -> a\)"),
+    ],
+)
+def test_a_missing_parent_or_a_cycle_fails_in_one_line(preset_dir, presets, message):
+    for name, text in presets.items():
+        preset_dir(name, text)
+    with pytest.raises(FairsynthError, match=message) as err:
+        load_config("a")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("dataset", ["waterbirds", "celeba", "utkface"])
+def test_each_0999_preset_is_its_dataset_preset_at_severity_0999(dataset):
+    expected = load_config(dataset).model_dump(mode="json")
+    expected.update(run_dir=f"runs/{dataset}_0999", severities=[0.999])
+    expected["data"]["severity"] = 0.999
+    assert load_config(f"{dataset}_0999").model_dump(mode="json") == expected
+
+
+def test_the_dataset_presets_share_every_paper_setting_but_their_data_and_prompts():
+    paper = load_config("paper").model_dump(mode="json")
+    own = {"run_dir", "data"}
+    prompts = {"prompt_template", "identifier_template"}
+    for dataset in ("waterbirds", "celeba", "utkface"):
+        cfg = load_config(dataset).model_dump(mode="json")
+        assert {k: v for k, v in cfg.items() if k not in own | {"generate"}} == {
+            k: v for k, v in paper.items() if k not in own | {"generate"}}
+        assert {k: v for k, v in cfg["generate"].items() if k not in prompts} == {
+            k: v for k, v in paper["generate"].items() if k not in prompts}
+        assert (cfg["data"]["name"], cfg["data"]["image_size"], cfg["data"]["severity"]) == (dataset, 224, "original")
