@@ -416,4 +416,60 @@ def test_search_picks_a_learning_rate_and_step_count_per_unit(local_ray, tmp_pat
         record = unit_record(run, "lora", unit)
         assert 1e-2 / 3 <= record["learning_rate"] <= 3e-2 and record["steps"] in (2, 4, 8)
         assert np.isfinite(record["heldout_loss"])
-    assert len(list((run / "finetune/lora/tune").iterdir())) == 2  # one search experiment per unit
+    assert len(list((run / "finetune/lora/tune").iterdir())) == 1  # one search experiment for both units
+
+
+def test_each_unit_is_searched_by_its_own_asha():
+    """A unit's trial is stopped only for lagging its own unit's trials: unit b's losses are
+    all above unit a's, and its first trial still continues."""
+    from types import SimpleNamespace
+
+    from engine.finetune.per_unit_asha import PerUnitASHA
+
+    scheduler = PerUnitASHA(time_attr="step", metric="heldout_loss", mode="min", max_t=8, grace_period=2,
+                            reduction_factor=2)
+    trials = {name: SimpleNamespace(trial_id=name, config={"unit": name[0]}) for name in ("a1", "a2", "b1", "b2")}
+    for trial in trials.values():
+        scheduler.on_trial_add(None, trial)
+
+    def decide(name: str, loss: float) -> str:
+        return scheduler.on_trial_result(None, trials[name], {"step": 2, "heldout_loss": loss})
+
+    assert decide("a1", 1.0) == "CONTINUE"
+    assert decide("b1", 5.0) == "CONTINUE"  # one ASHA for both units would stop it here
+    assert decide("a2", 2.0) == "STOP"
+    assert decide("b2", 4.0) == "CONTINUE"
+
+
+def lora_jobs(cfg, run):
+    from engine.finetune.trainer import UnitJob, unit_seed
+
+    units = [u for u in plan_units(cfg, run_data_stage(cfg, run), True, False, False) if u.trains]
+    return [UnitJob(method="lora", unit=u.unit, sources=u.sources, train_prompt=u.train_prompt,
+                    class_prompt=u.class_prompt, class_images=None, model=cfg.model, finetune=cfg.finetune,
+                    seed=unit_seed(cfg.finetune.seed, u.unit)) for u in units]
+
+
+def test_search_runs_every_units_trials_side_by_side_and_keeps_each_units_best(local_ray, tmp_path):
+    from ray.tune import ExperimentAnalysis
+
+    from engine.finetune.tune import run_unit_trials
+
+    # 2 units x 2 samples, 2 trial slots, 2 to 4 steps a trial.
+    cfg = make_cfg(tmp_path, "finetune.num_samples=2", "finetune.steps=2")
+    chosen = run_unit_trials(lora_jobs(cfg, prepared_run(cfg)), cfg.finetune, str(tmp_path / "tune"), prefix="search")
+    assert sorted(chosen) == ["g0", "g3"]
+    trials = [t.last_result for t in ExperimentAnalysis(chosen["g0"].experiment).trials]
+    assert sorted(r["unit"] for r in trials) == ["g0", "g0", "g3", "g3"]
+    windows = {unit: [(r["started_at"], r["reported_at"]) for r in trials if r["unit"] == unit] for unit in chosen}
+    # Units' trials overlap in time (searched one unit after another, none would), never
+    # more than the 2 slots at once.
+    assert any(s0 < e3 and s3 < e0 for s0, e0 in windows["g0"] for s3, e3 in windows["g3"])
+    starts = [s for w in windows.values() for s, _ in w]
+    spans = [w for ws in windows.values() for w in ws]
+    assert max(sum(s <= t < e for s, e in spans) for t in starts) == 2
+    for unit, result in chosen.items():
+        finished = [r for r in trials if r["unit"] == unit and r.get("finished")]
+        best = min(finished, key=lambda r: r["heldout_loss"])
+        assert (result.heldout_loss, result.learning_rate, result.steps) == (
+            best["heldout_loss"], best["learning_rate"], best["step"])

@@ -1,4 +1,5 @@
-"""Fine-tuning units as Ray Tune trials: one trial per unit (a grid over units), in parallel.
+"""Fine-tuning units as Ray Tune trials: one per unit (a grid over units), or ``num_samples``
+per unit in a search, all in parallel.
 
 - Resources per trial come from ``finetune.trial_resources`` (``{"GPU": 1}``, a fraction such
   as ``{"GPU": 0.5}`` for LoRA, or CPUs); at most ``finetune.max_concurrent_trials`` run at
@@ -9,9 +10,10 @@
   ``FailureConfig(max_failures)`` restarts a crashed trial from its last checkpoint, and a
   re-run of the job restores the experiment (``Tuner.restore``) so unfinished trials resume.
 - ``finetune.num_samples > 1`` searches the learning rate and the step count per unit: one
-  experiment per unit, ASHA stopping trials whose held-out denoising loss lags, the best
-  finished trial chosen. (Units are searched one after another, because ASHA compares the
-  trials of one experiment, and losses of different units do not compare.)
+  experiment holds every unit's sampled trials, so the search of all units fills the cluster
+  (still at most ``max_concurrent_trials`` at once); ASHA, one instance per unit, stops a
+  trial whose held-out denoising loss lags the other trials of its own unit (losses of
+  different units do not compare), and each unit's best finished trial is chosen.
 
 Trials never write into the run directory: the unit's artifact travels in the trial's last
 checkpoint, and :func:`run_unit_trials` hands back where each one lies, so trials can run on
@@ -120,8 +122,10 @@ def experiment_name(prefix: str, jobs: list[UnitJob], extra: str = "") -> str:
     return f"{prefix}-{digest}"
 
 
-def _fit(trainable, name: str, storage_path: str, ft: FinetuneConfig, param_space: dict, search: dict | None,
-         seed: int):
+def _fit(trainable, name: str, storage_path: str, ft: FinetuneConfig, param_space: dict,
+         points: list[dict] | None = None, scheduler=None):
+    """Run (or restore) one experiment: a trial per point of ``points`` when given (each a full
+    config inside ``param_space``'s space), else one per variant of ``param_space``."""
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -130,22 +134,13 @@ def _fit(trainable, name: str, storage_path: str, ft: FinetuneConfig, param_spac
         log.info("resuming the fine-tuning experiment in %s", experiment)
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
     else:
-        scheduler = None
-        if search is not None:
-            from ray.tune.schedulers import ASHAScheduler
-
-            scheduler = ASHAScheduler(
-                time_attr="step", metric="heldout_loss", mode="min", max_t=search["max_steps"],
-                grace_period=min(ft.checkpoint_every, search["max_steps"]), reduction_factor=2,
-            )
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                num_samples=ft.num_samples if search is not None else 1,
-                # Seeded, so a re-run of a search draws the same learning rates and step counts;
-                # it also caps how many trials run at once.
-                search_alg=BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent_trials(ft)),
+                num_samples=len(points) if points else 1,
+                # The one cap on trials at once, shared by every unit's trials.
+                search_alg=BasicVariantGenerator(points_to_evaluate=points, max_concurrent=max_concurrent_trials(ft)),
                 scheduler=scheduler,
                 reuse_actors=True,
                 trial_dirname_creator=_trial_dirname,
@@ -243,20 +238,48 @@ def run_unit_trials(jobs: list[UnitJob], ft: FinetuneConfig, storage_path: str, 
     )
     if ft.num_samples <= 1:
         grid, experiment = _fit(trainable, experiment_name(prefix, jobs), storage_path, ft,
-                                {"unit": tune.grid_search(sorted(by_unit))}, None, ft.seed)
+                                {"unit": tune.grid_search(sorted(by_unit))})
         return _collect(grid, experiment, ft, lr_field)
-    chosen = {}
-    center = strategy.learning_rate(ft)
+    return _search(trainable, jobs, ft, storage_path, prefix, strategy.learning_rate(ft), lr_field)
+
+
+def _search(trainable, jobs: list[UnitJob], ft: FinetuneConfig, storage_path: str, prefix: str,
+            center: float, lr_field: str) -> dict[str, UnitResult]:
+    """Every unit's ``num_samples`` trials in one experiment, so they run side by side.
+
+    One experiment rather than one per unit (run one after another, or from threads): Tune
+    then holds all trials under the one ``max_concurrent_trials`` cap and one restore, and
+    the only thing that must stay per unit, ASHA's comparison, is :class:`PerUnitASHA`'s job.
+    """
+    from ray import tune
+
+    from engine.finetune.per_unit_asha import PerUnitASHA
+
     step_choices = sorted({max(1, int(round(ft.steps * f))) for f in SEARCH_STEP_FACTORS})
-    for job in jobs:
-        space = {
-            "unit": job.unit,
-            "learning_rate": tune.loguniform(center / ft.search_lr_factor, center * ft.search_lr_factor),
-            "steps": tune.choice(step_choices),
-        }
-        grid, experiment = _fit(trainable, experiment_name(prefix, [job], "search"), storage_path, ft,
-                                space, {"max_steps": max(step_choices)}, job.seed)
-        chosen.update(_collect(grid, experiment, ft, lr_field))
-        log.info("unit %s: search chose learning rate %.2e, %d steps", job.unit,
-                 chosen[job.unit].learning_rate, chosen[job.unit].steps)
+    low, high = center / ft.search_lr_factor, center * ft.search_lr_factor
+    space = {"unit": tune.choice(sorted(j.unit for j in jobs)), "learning_rate": tune.loguniform(low, high),
+             "steps": tune.choice(step_choices)}
+    # Drawn from each unit's own seed, so a unit's candidates do not depend on which other
+    # units are pending; sample-major, so the first trials to start cover every unit.
+    draws = {job.unit: _draw_configs(job, ft.num_samples, low, high, step_choices) for job in jobs}
+    points = [draws[job.unit][i] for i in range(ft.num_samples) for job in jobs]
+    max_steps = max(step_choices)
+    scheduler = PerUnitASHA(time_attr="step", metric="heldout_loss", mode="min", max_t=max_steps,
+                            grace_period=min(ft.checkpoint_every, max_steps), reduction_factor=2)
+    grid, experiment = _fit(trainable, experiment_name(prefix, jobs, "search"), storage_path, ft, space,
+                            points, scheduler)
+    chosen = _collect(grid, experiment, ft, lr_field)
+    for unit, result in sorted(chosen.items()):
+        log.info("unit %s: search chose learning rate %.2e, %d steps", unit, result.learning_rate, result.steps)
     return chosen
+
+
+def _draw_configs(job: UnitJob, n: int, low: float, high: float, step_choices: list[int]) -> list[dict]:
+    """``n`` trial configs of one unit: a log-uniform learning rate and a step count each."""
+    import numpy as np
+
+    rng = np.random.default_rng(job.seed)
+    # Clipped: exp(log(low)) may round below low, and Tune warns about a point outside the space.
+    return [{"unit": job.unit,
+             "learning_rate": float(np.clip(np.exp(rng.uniform(np.log(low), np.log(high))), low, high)),
+             "steps": int(rng.choice(step_choices))} for _ in range(n)]
