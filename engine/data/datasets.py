@@ -9,6 +9,7 @@ A group is (class, attribute) with id = class * n_attributes + attribute.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import re
 from dataclasses import dataclass, field
@@ -99,6 +100,46 @@ def _require_root(cfg: DataConfig) -> Path:
     return root
 
 
+def _read_text(path: Path, dataset: str) -> str:
+    try:
+        return path.read_text()
+    except UnicodeDecodeError:
+        raise FairsynthError(f"{dataset}: {path} is not UTF-8 text; use the file as distributed") from None
+
+
+def _read_csv(path: Path, dataset: str) -> pd.DataFrame:
+    """Every cell as text ('' when empty): each loader checks and converts the columns it uses."""
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        reason = " ".join(str(exc).split())  # pandas' messages may span lines
+        raise FairsynthError(f"{dataset}: {path} is not a readable CSV ({reason}); fix or replace it") from None
+    if frame.empty:
+        raise FairsynthError(f"{dataset}: {path} has no rows; point data.root at the full dataset")
+    return frame.fillna("")
+
+
+def _ids(values: pd.Series, count: int, what: str, where: str, hint: str = "") -> pd.Series:
+    """``values`` as integers 0..count-1, or a one-line error naming the first that is not."""
+    numbers = pd.to_numeric(values.astype(str).str.strip(), errors="coerce")
+    good = numbers.isin(range(count))
+    if not good.all():
+        expected = f"an integer from 0 to {count - 1}" if count else "an integer"
+        raise FairsynthError(f"{where} has {what} {values[~good].iloc[0]!r}; expected {expected}{hint}")
+    return numbers.astype(int)
+
+
+def _distinct_numbers(values: pd.Series) -> int:
+    return int(pd.to_numeric(values.str.strip(), errors="coerce").nunique())
+
+
+def _file_names(values: pd.Series, column: str, where: str) -> pd.Series:
+    names = values.astype(str).str.strip()
+    if (names == "").any():
+        raise FairsynthError(f"{where} row {int((names == '').to_numpy().argmax()) + 1} has no {column}")
+    return names
+
+
 def _require_columns(frame: pd.DataFrame, needed: tuple[str, ...], path: Path, dataset: str) -> None:
     missing = [c for c in needed if c not in frame.columns]
     if missing:
@@ -157,43 +198,59 @@ def load_builtin(cfg: DataConfig) -> GroupedDataset:
 def load_waterbirds(cfg: DataConfig) -> GroupedDataset:
     root = _require_root(cfg)
     meta = _require_file(root / "metadata.csv", "waterbirds", "metadata file")
-    frame = pd.read_csv(meta)
+    frame = _read_csv(meta, "waterbirds")
     _require_columns(frame, ("img_id", "img_filename", "y", "split", "place"), meta, "waterbirds")
-    split_names = {0: "train", 1: "val", 2: "test"}
-    bad = frame[~frame["split"].isin(list(split_names))]
-    if len(bad):
-        raise FairsynthError(f"waterbirds: {meta} has split value {bad['split'].iloc[0]!r}; expected 0, 1 or 2")
+    class_names = cfg.class_names or ["landbird", "waterbird"]
+    attribute_names = cfg.attribute_names or ["land background", "water background"]
+    where = f"waterbirds: {meta}"
     rows = pd.DataFrame(
         {
-            "image_id": frame["img_id"].astype(str),
-            "source": [str(root / f) for f in frame["img_filename"]],
-            "label": frame["y"],
-            "attribute": frame["place"],
-            "split": frame["split"].map(split_names),
+            "image_id": frame["img_id"],
+            "source": [str(root / f) for f in _file_names(frame["img_filename"], "img_filename", where)],
+            "label": _ids(frame["y"], len(class_names), "y", where),
+            "attribute": _ids(frame["place"], len(attribute_names), "place", where),
+            "split": _ids(frame["split"], len(SPLITS), "split", where).map(dict(enumerate(SPLITS))),
         }
     )
-    return _finish(
-        "waterbirds",
-        rows,
-        cfg.class_names or ["landbird", "waterbird"],
-        cfg.attribute_names or ["land background", "water background"],
-    )
+    return _finish("waterbirds", rows, class_names, attribute_names)
 
 
 def _read_celeba_attributes(path: Path) -> pd.DataFrame:
-    lines = path.read_text().splitlines()
+    """The attribute table as text: a count line, a header of names, then one row per image."""
+    lines = _read_text(path, "celeba").splitlines()
     if len(lines) < 3:
         raise FairsynthError(f"celeba: {path} is too short; expected a count line, a header line, then rows")
     names = lines[1].split()
-    records = [line.split() for line in lines[2:] if line.strip()]
-    bad = next((i for i, r in enumerate(records) if len(r) != len(names) + 1), None)
+    twice = next((n for n in names if [*names, "filename"].count(n) > 1), None)
+    if twice is not None:
+        raise FairsynthError(f"celeba: {path} line 2 names the attribute {twice!r} twice; use the file as distributed")
+    records = [(i + 3, line.split()) for i, line in enumerate(lines[2:]) if line.strip()]
+    bad = next(((n, r) for n, r in records if len(r) != len(names) + 1), None)
     if bad is not None:
+        raise FairsynthError(f"celeba: {path} line {bad[0]} has {len(bad[1]) - 1} values, expected {len(names)}")
+    return pd.DataFrame([r for _, r in records], columns=["filename", *names])
+
+
+def _celeba_flags(attrs: pd.DataFrame, name: str, path: Path) -> pd.Series:
+    """An attribute column (1 yes, -1 or 0 no) as 0/1."""
+    values = pd.to_numeric(attrs[name], errors="coerce")
+    bad = ~values.isin((-1, 0, 1))
+    if bad.any():
         raise FairsynthError(
-            f"celeba: {path} line {bad + 3} has {len(records[bad]) - 1} values, expected {len(names)}"
+            f"celeba: {path} has {name} = {attrs[name][bad].iloc[0]!r} for {attrs['filename'][bad].iloc[0]}; expected 1 or -1"
         )
-    frame = pd.DataFrame(records, columns=["filename", *names])
-    frame[names] = frame[names].astype(int)
-    return frame
+    return (values > 0).astype(int)
+
+
+def _read_celeba_partition(path: Path) -> pd.DataFrame:
+    """File name and split (0 train, 1 val, 2 test) per line."""
+    rows = [(i + 1, line.split()) for i, line in enumerate(_read_text(path, "celeba").splitlines()) if line.strip()]
+    bad = next(((n, r) for n, r in rows if len(r) != 2), None)
+    if bad is not None:
+        raise FairsynthError(f"celeba: {path} line {bad[0]} has {len(bad[1])} fields, expected a file name and 0, 1 or 2")
+    frame = pd.DataFrame([r for _, r in rows], columns=["filename", "partition"])
+    frame["split"] = _ids(frame["partition"], len(SPLITS), "partition", f"celeba: {path}").map(dict(enumerate(SPLITS)))
+    return frame.drop_duplicates("filename", keep="last")
 
 
 def load_celeba(cfg: DataConfig) -> GroupedDataset:
@@ -206,8 +263,10 @@ def load_celeba(cfg: DataConfig) -> GroupedDataset:
         if name not in attrs.columns:
             valid = ", ".join(attrs.columns[1:])
             raise FairsynthError(f"celeba: unknown attribute name {name!r} in {attr_path}; valid: {valid}")
-    parts = pd.read_csv(part_path, sep=r"\s+", header=None, names=["filename", "partition"])
+    parts = _read_celeba_partition(part_path)
     merged = attrs.merge(parts, on="filename", how="inner")
+    if merged.empty:
+        raise FairsynthError(f"celeba: no image of {attr_path} is listed in {part_path}; use the files as distributed")
     if len(merged) < len(attrs):
         log.warning("celeba: %d images have no partition entry and are left out", len(attrs) - len(merged))
     image_dir = root / "img_align_celeba"
@@ -215,9 +274,9 @@ def load_celeba(cfg: DataConfig) -> GroupedDataset:
         {
             "image_id": merged["filename"],
             "source": [str(image_dir / f) for f in merged["filename"]],
-            "label": (merged[target] > 0).astype(int),
-            "attribute": (merged[attribute] > 0).astype(int),
-            "split": merged["partition"].map({0: "train", 1: "val", 2: "test"}),
+            "label": _celeba_flags(merged, target, attr_path),
+            "attribute": _celeba_flags(merged, attribute, attr_path),
+            "split": merged["split"],
         }
     )
     t, a = target.replace("_", " ").lower(), attribute.replace("_", " ").lower()
@@ -246,11 +305,16 @@ def load_utkface(cfg: DataConfig) -> GroupedDataset:
             malformed += 1
             continue
         age, gender = int(match.group(1)), int(match.group(2))
-        bin_index = int(np.searchsorted(edges, age, side="right")) - 1
+        bin_index = bisect.bisect_right(edges, age) - 1
         if not 0 <= bin_index < len(edges) - 1:
             malformed += 1
             continue
         rows.append({"image_id": path.name, "source": str(path), "label": gender, "attribute": bin_index})
+    if not rows:
+        raise FairsynthError(
+            f"utkface: none of the {len(files)} images under {root} is named <age>_<gender 0|1>_<race>_<date>.jpg "
+            "with an age inside data.age_bins; point data.root at the UTKFace folder"
+        )
     if malformed:
         log.warning("utkface: skipped %d files with malformed names or ages outside data.age_bins", malformed)
     frame = pd.DataFrame(rows)
@@ -269,31 +333,36 @@ def load_utkface(cfg: DataConfig) -> GroupedDataset:
     )
 
 
+MANIFEST_ID_HINT = " (ids count from 0 without gaps, or index data.{names} when it is set)"
+
+
 def load_manifest(cfg: DataConfig) -> GroupedDataset:
     """A user's own data: a CSV with path, label, attribute, split (paths relative to it)."""
     root = _require_root(cfg)
     csv = root if root.is_file() else root / "manifest.csv"
     _require_file(csv, "manifest", "manifest file")
-    frame = pd.read_csv(csv)
+    frame = _read_csv(csv, "manifest")
     _require_columns(frame, ("path", "label", "attribute", "split"), csv, "manifest")
     numbered = {"0": "train", "1": "val", "2": "test"}
     split = frame["split"].astype(str).str.strip().map(lambda s: numbered.get(s, s))
     bad = split[~split.isin(SPLITS)]
     if len(bad):
         raise FairsynthError(f"manifest: {csv} has split {bad.iloc[0]!r}; expected train/val/test or 0/1/2")
-    for column in ("label", "attribute"):
-        if not pd.api.types.is_integer_dtype(frame[column]) or (frame[column] < 0).any():
-            raise FairsynthError(f"manifest: {csv} column {column!r} must hold integers >= 0")
+    where = f"manifest: {csv}"
+    paths = _file_names(frame["path"], "path", where)
+    # Ids number the classes (attributes) from 0 without gaps, or index the configured names.
+    n_classes = len(cfg.class_names) if cfg.class_names else _distinct_numbers(frame["label"])
+    n_attrs = len(cfg.attribute_names) if cfg.attribute_names else _distinct_numbers(frame["attribute"])
     rows = pd.DataFrame(
         {
-            "image_id": frame["path"].astype(str),
-            "source": [str((csv.parent / p).resolve()) for p in frame["path"]],
-            "label": frame["label"],
-            "attribute": frame["attribute"],
+            "image_id": paths,
+            "source": [str((csv.parent / p).resolve()) for p in paths],
+            "label": _ids(frame["label"], n_classes, "label", where, MANIFEST_ID_HINT.format(names="class_names")),
+            "attribute": _ids(frame["attribute"], n_attrs, "attribute", where,
+                              MANIFEST_ID_HINT.format(names="attribute_names")),
             "split": split,
         }
     )
-    n_classes, n_attrs = int(rows["label"].max()) + 1, int(rows["attribute"].max()) + 1
     return _finish(
         "manifest",
         rows,
