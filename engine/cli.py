@@ -1,5 +1,6 @@
-"""What every job shares: the common flags, logging, and turning bad input into one line
-on stderr with exit code 2 instead of a traceback."""
+"""What every job shares: the common flags, a help text that lists the presets and the config
+keys, logging, and turning bad input into one line on stderr with exit code 2 instead of a
+traceback."""
 
 from __future__ import annotations
 
@@ -10,12 +11,64 @@ import signal
 import sys
 from collections.abc import Callable
 
-from engine.config import Config, load_config
+import yaml
+from pydantic import BaseModel
+
+from engine.config import PRESET_DIR, Config, load_config
 from engine.errors import FairsynthError
+
+HELP_WIDTH = 120  # a config key's help line is cut here; engine/config.py has the whole text
+
+
+def preset_summaries() -> dict[str, str]:
+    """Preset name -> the first sentence of the comment that opens its file."""
+    summaries = {}
+    for path in sorted(PRESET_DIR.glob("*.yaml")):
+        lines = []
+        for line in path.read_text().splitlines():
+            if not line.startswith("#") or line.strip() == "#":
+                break
+            lines.append(line.lstrip("#").strip())
+        text = " ".join(lines)
+        summaries[path.stem] = text.split(". ")[0].rstrip(".")
+    return summaries
+
+
+def _config_fields(model: type[BaseModel], prefix: str = ""):
+    for name, field in model.model_fields.items():
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            yield from _config_fields(kind, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", field
+
+
+def config_keys() -> list[tuple[str, str, str]]:
+    """(dotted key, default as YAML would write it, description) for every config key."""
+    defaults = Config().model_dump(mode="json")
+    rows = []
+    for key, field in _config_fields(Config):
+        value = defaults
+        for part in key.split("."):
+            value = value[part]
+        shown = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+        rows.append((key, shown, field.description or ""))
+    return rows
+
+
+def config_help() -> str:
+    """The presets and the config keys, for the end of a --help text."""
+    lines = ["presets (--config NAME, files in configs/; or a YAML path):"]
+    lines += [f"  {name:<18} {text}" for name, text in preset_summaries().items()]
+    lines += ["", "config keys (--set KEY=VALUE; defaults are the tiny run's, engine/config.py explains each):"]
+    lines += [f"  {key:<38} {default:<12} {text}".rstrip() for key, default, text in config_keys()]
+    return "\n".join(line if len(line) <= HELP_WIDTH else line[: HELP_WIDTH - 3] + "..." for line in lines)
 
 
 def job_parser(description: str, run_dir: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(
+        description=description, epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default=None, help="preset name in configs/ or a YAML path")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
