@@ -1,0 +1,172 @@
+"""``RUN/report.html``: one page that shows a colleague what a run did, with nothing beside it.
+
+Every picture is inlined as a data URI and the page has no script, so the file can be mailed,
+attached to a ticket or opened offline. It holds, from the run directory alone:
+
+- the results table (worst-group and average-group accuracy, synthetic group fidelity), each
+  figure in a cell that names its method, severity and metric (``data-*`` attributes), so a
+  test can hold the page to results.json;
+- the per-group accuracy plots and the sample grids (filtered-out images framed in red);
+- stage timings, the planner's prediction beside them, and the resolved config.
+
+``fairsynth report RUN`` (or :func:`write_html_report`) rebuilds it from an existing run.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+from datetime import datetime, timezone
+
+from engine import storage
+from engine.report import METHOD_TITLES, _fidelity_cell, _pct, severity_title
+from engine.runs import RunPath, atomic_write_text, read_json
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "report.html"
+STAGE_ORDER = ("data", "cluster", "finetune", "generate", "filter", "train")
+
+STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; padding: 0 1em; }
+h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 2em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 0.6em 0; } th, td { border: 1px solid #ccc; padding: 3px 8px; }
+th { background: #f4f4f4; text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+figure { margin: 1em 0; } figcaption { color: #555; font-size: 0.9em; }
+img { max-width: 100%; border: 1px solid #eee; } pre { background: #f7f7f7; padding: 1em; overflow: auto; }
+.note { color: #666; font-size: 0.9em; }
+"""
+
+
+def _escape(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _image(path: RunPath, alt: str) -> str:
+    encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{encoded}" alt="{_escape(alt)}">'
+
+
+def _table(header: list[str], rows: list[str]) -> str:
+    head = "".join(f"<th>{_escape(h)}</th>" for h in header)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _metric_td(row: dict, metric: str) -> str:
+    """One accuracy in percent; the cell carries the exact value it shows, for checking."""
+    value = row[metric]
+    std = row.get(f"{metric}_std")
+    shown = _pct(value) + (f" ± {_pct(std)}" if "seeds" in row and std is not None else "")
+    return (f'<td class="num" data-method="{_escape(row["method"])}" data-severity="{_escape(row["severity"])}" '
+            f'data-metric="{metric}" data-value="{_escape(value)}">{_escape(shown)}</td>')
+
+
+def results_section(rows: list[dict]) -> str:
+    seeds = list(dict.fromkeys(s for r in rows for s in r.get("seeds", [])))
+    over = f", mean ± sample std over seeds {', '.join(map(str, seeds))}" if seeds else ""
+    body = []
+    for r in rows:
+        fidelity = _fidelity_cell(r.get("synthetic_fidelity"))
+        body.append(
+            f"<tr><td>{_escape(METHOD_TITLES.get(r['method'], r['method']))}</td>"
+            f"<td>{_escape(severity_title(r['severity']))}</td>"
+            f"{_metric_td(r, 'test_worst_group')}{_metric_td(r, 'test_average_group')}"
+            f"<td>{_escape(fidelity)}</td><td class=\"num\">{_escape(r.get('synthetic_images', 0))}</td></tr>"
+        )
+    header = ["Method", "Severity", "Test worst-group (%)", "Test average-group (%)",
+              "Group fidelity, kept (all), worst unit (%)", "Synthetic images"]
+    return (f"<h2>Results</h2><p class=\"note\">Test accuracy{_escape(over)}. Group fidelity: the share of "
+            "synthetic images an independent judge reads as their unit's class and attribute.</p>"
+            + _table(header, body))
+
+
+def _pictures(paths: list[RunPath], root: RunPath, caption) -> str:
+    figures = []
+    for path in paths:
+        label = caption(path.relative_to(root))
+        figures.append(f"<figure>{_image(path, label)}<figcaption>{_escape(label)}</figcaption></figure>")
+    return "".join(figures)
+
+
+def plots_section(root: RunPath) -> str:
+    plots = sorted(root.glob("plots/*.png"))
+    if not plots:
+        return ""
+    return "<h2>Per-group accuracy</h2>" + _pictures(plots, root, lambda rel: f"test accuracy per group ({rel.stem})")
+
+
+def grids_section(root: RunPath) -> str:
+    # A job of several seeds keeps each seed's grids in its own run directory.
+    grids = sorted(root.glob("grids/*.png")) + sorted(root.glob("seed_*/grids/*.png"))
+    if not grids:
+        return ""
+    note = ("<p class=\"note\">One row per fine-tuned unit, its first images in seed order; "
+            "images the filter dropped have a red frame.</p>")
+    return "<h2>Synthetic samples</h2>" + note + _pictures(grids, root, lambda rel: str(rel.with_suffix("")))
+
+
+def _predicted_seconds(root: RunPath) -> dict[tuple[str, str, str], float]:
+    """The planner's seconds per (severity, method, stage) on this machine's CPU, or {} (with
+    a log line) when the run cannot be planned here."""
+    if storage.is_remote(str(root)):
+        return {}  # the planner reads a local run; `jobs/plan.py --compare` on a local copy
+    try:
+        from engine.planning.plan import compare_with_run
+
+        _, rows = compare_with_run(root)
+    except Exception as exc:  # the report shows what it has; the plan is one part of it
+        log.warning("report: no plan beside the stage times (%s: %s)", exc.__class__.__name__, exc)
+        return {}
+    return {(r["severity"], r["method"], r["stage"]): r["predicted_seconds"] for r in rows}
+
+
+def timings_section(root: RunPath) -> str:
+    path = root / "stage_seconds.json"
+    if not storage.exists(path):
+        return ""
+    seconds = read_json(path)
+    predicted = _predicted_seconds(root)
+    body = []
+    for severity, methods in seconds.items():
+        for method, stages in methods.items():
+            for stage in sorted(stages, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else 99):
+                shared = "" if stage == "cluster" else method
+                guess = predicted.get((severity, shared, stage))
+                body.append(
+                    f"<tr><td>{_escape(severity)}</td><td>{_escape(method)}</td><td>{_escape(stage)}</td>"
+                    f"<td class=\"num\">{stages[stage]:.1f}</td>"
+                    f"<td class=\"num\">{'-' if guess is None else f'{guess:.1f}'}</td></tr>"
+                )
+    note = ("<p class=\"note\">Measured wall seconds per stage; predicted: the planner's FLOP count over "
+            "this machine's measured peak (<code>jobs/plan.py --compare RUN</code>). The shared "
+            "cluster stage repeats in every method's row.</p>")
+    return ("<h2>Stage timings</h2>" + note
+            + _table(["Severity", "Method", "Stage", "Measured (s)", "Predicted (s)"], body))
+
+
+def config_section(root: RunPath) -> str:
+    path = root / "config.yaml"
+    if not storage.exists(path):
+        return ""
+    return f"<h2>Resolved config</h2><pre>{_escape(path.read_text())}</pre>"
+
+
+def render_html_report(run_root) -> str:
+    root = storage.as_path(run_root)
+    rows = read_json(root / "results.json")
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    sections = [results_section(rows), plots_section(root), grids_section(root),
+                timings_section(root), config_section(root)]
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>fairsynth report: {_escape(root.name)}</title><style>{STYLE}</style></head><body>"
+            f"<h1>fairsynth report: {_escape(root.name)}</h1><p class=\"note\">Run directory "
+            f"<code>{_escape(root)}</code>, report written {stamp}.</p>"
+            + "".join(sections) + "</body></html>")
+
+
+def write_html_report(run_root) -> RunPath:
+    """Write ``RUN/report.html`` from the run directory; returns its path."""
+    path = storage.as_path(run_root) / REPORT_NAME
+    atomic_write_text(path, render_html_report(run_root))
+    return path

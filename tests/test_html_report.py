@@ -1,0 +1,89 @@
+"""RUN/report.html: self-contained, faithful to results.json, and whole in a real browser
+(Debian's Chromium, driven headless by Playwright; the test skips where it is not installed)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from engine.config import load_config
+from engine.generate.grids import render_grid
+from engine.html_report import write_html_report
+from engine.report import collect_rows, write_results
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Without these, Chromium reaches out to Google's hosts at start, which a closed network refuses.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+GROUPS = ["landbird / land", "landbird / water", "waterbird / land", "waterbird / water"]
+
+
+def _metrics(rng: np.random.Generator) -> dict:
+    per_group = [round(float(v), 4) for v in rng.uniform(0, 1, 4)]
+    split = {"worst_group": min(per_group), "average_group": float(np.mean(per_group)), "per_group": per_group}
+    return {"test": split, "val": split, "synthetic_images": 16, "group_names": GROUPS}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A finished run's files as jobs/full.py lays them out, written by the engine's own writers."""
+    root = tmp_path_factory.mktemp("run")
+    cfg = load_config("tiny", ["methods=[erm,group_dro,lora]"])
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    rng = np.random.default_rng(0)
+    sub = root / "severity-0.999"
+    for method in cfg.methods:
+        (sub / "train" / method).mkdir(parents=True)
+        (sub / "train" / method / "metrics.json").write_text(json.dumps(_metrics(rng)))
+    seconds = {"0.999": {m: {"data": 0.1, "cluster": 12.0, "train": 40.0 + i} for i, m in enumerate(cfg.methods)}}
+    (root / "stage_seconds.json").write_text(json.dumps(seconds))
+    write_results(root, collect_rows(root, [0.999], cfg.methods, seconds), "builtin")
+    tiles = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    (root / "grids").mkdir()
+    render_grid([("g0\nlandbird / land", tiles, [True, False, True])], cell=64).save(root / "grids" / "severity-0.999_lora.png")
+    write_html_report(root)
+    return root
+
+
+def test_report_is_self_contained_and_shows_every_result(run_dir):
+    page = (run_dir / "report.html").read_text()
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    assert page.count('src="data:image/png;base64,') == 2  # the per-group plot and the grid
+    rows = json.loads((run_dir / "results.json").read_text())
+    for row in rows:
+        for metric in ("test_worst_group", "test_average_group"):
+            cell = (f'data-method="{row["method"]}" data-severity="{row["severity"]}" '
+                    f'data-metric="{metric}" data-value="{row[metric]}">{100 * row[metric]:.1f}</td>')
+            assert cell in page, (row["method"], metric)
+    for section in ("Results", "Per-group accuracy", "Synthetic samples", "Stage timings", "Resolved config"):
+        assert f"<h2>{section}</h2>" in page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(run_dir):
+    from playwright.sync_api import sync_playwright
+
+    rows = json.loads((run_dir / "results.json").read_text())
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto((run_dir / "report.html").as_uri(), wait_until="load")
+            images = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
+            cells = page.eval_on_selector_all(
+                "td[data-metric]", "els => els.map(e => [e.dataset.method, e.dataset.metric, e.textContent])")
+        finally:
+            browser.close()
+    assert errors == []
+    assert len(images) == 2 and all(complete and width > 0 for complete, width in images)
+    shown = {(method, metric): float(text) for method, metric, text in cells}
+    expected = {(r["method"], m): round(100 * r[m], 1) for r in rows for m in ("test_worst_group", "test_average_group")}
+    assert shown == expected
