@@ -205,6 +205,73 @@ def test_unit_models_switch_cheaply_and_back(pipe, tmp_path):
         models.activate("nowhere", "unet")
 
 
+def _write_unit_as_the_finetune_stage_does(pipe, folder: Path, method: str, settings: list[str]):
+    """A unit's artifact written by its fine-tuning strategy (``save_artifact``, as a finished
+    trial writes it), after a stand-in for training moved every trainable weight; returns the
+    manifest's artifact_kind and the "trained" (UNet, text encoder) in memory."""
+    import copy
+
+    from engine.finetune.strategies import get_strategy
+
+    ft = load_config(None, settings).finetune
+    strategy = get_strategy(method)
+    unet, text_encoder = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)
+    torch.manual_seed(0)  # LoRA's Gaussian A
+    params = strategy.prepare(unet, text_encoder, ft)
+    with torch.no_grad():
+        for param in params:  # LoRA's B starts at zero: any move changes the model
+            param.add_(0.05 * torch.randn_like(param) * (param.abs().mean() + 0.5))
+    folder.mkdir(parents=True)
+    strategy.save_artifact(unet, text_encoder, folder, ft)
+    return strategy.artifact_kind(ft), unet.eval(), text_encoder.eval()
+
+
+# lora_alpha != lora_rank: a loader that ignored the stored alpha would scale the update wrongly.
+@pytest.mark.parametrize("method, settings", [
+    ("lora", ["finetune.lora_alpha=8"]),
+    ("dreambooth", ["finetune.dreambooth_store=lora_delta", "finetune.train_text_encoder=true", "finetune.lora_alpha=2"]),
+    ("dreambooth", ["finetune.dreambooth_store=svd_delta", "finetune.train_text_encoder=true"]),
+    ("dreambooth", ["finetune.dreambooth_store=unet", "finetune.train_text_encoder=true"]),
+])
+def test_units_load_through_the_generate_loader_as_they_were_trained(pipe, tmp_path, method, settings):
+    from engine.generate.sampler import UnitModels, load_base_pipeline
+
+    kind, trained_unet, trained_text = _write_unit_as_the_finetune_stage_does(
+        pipe, tmp_path / "finetune/unit", method, settings)
+    own = load_base_pipeline(BASE_MODEL, "cpu", "sdpa", False)
+    models = UnitModels(own, tmp_path, "sdpa", False)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn((2, 4, 8, 8), generator=generator)
+    context = torch.randn((2, 77, own.text_encoder.config.hidden_size), generator=generator)
+    steps = torch.tensor([100, 700])
+    prompt = "a photo of a sks landbird on land"
+    ids = own.tokenizer([prompt], padding="max_length", max_length=own.tokenizer.model_max_length,
+                        return_tensors="pt").input_ids
+
+    def outputs(unet, prompts):
+        with torch.no_grad():
+            return unet(latents, steps, context).sample, prompts([prompt])[0]
+
+    base_noise, base_text = outputs(*models.activate("", "base"))
+    noise, text = outputs(*models.activate("finetune/unit", kind))
+    with torch.no_grad():
+        want_noise, want_text = trained_unet(latents, steps, context).sample, trained_text(ids)[0][0]
+    # The loaded unit is the trained model (up to fp16 storage), far from the base. Measured:
+    # the loaded-vs-trained gap is at most 0.1% of the trained-vs-base change (0 for LoRA, 0.05-0.1%
+    # for svd_delta and unet); the change is 1.1% (LoRA at alpha / rank = 0.5) to 53% (full weights)
+    # of the output's mean size.
+    assert (noise - want_noise).abs().max() < 0.02 * (want_noise - base_noise).abs().max()
+    assert (want_noise - base_noise).abs().mean() > 0.005 * base_noise.abs().mean()
+    if method == "lora":  # a UNet-only LoRA leaves the prompts as the base model reads them
+        assert torch.equal(text, base_text)
+    else:
+        assert (text - want_text).abs().max() < 0.02 * (want_text - base_text).abs().max()
+        assert (want_text - base_text).abs().mean() > 0.005 * base_text.abs().mean()
+    # And back to the base: nothing of the unit is left switched on.
+    again_noise, again_text = outputs(*models.activate("", "base"))
+    assert torch.equal(again_noise, base_noise) and torch.equal(again_text, base_text)
+
+
 # --- the stages, end to end ---------------------------------------------------------------
 
 
