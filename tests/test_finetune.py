@@ -455,12 +455,16 @@ def test_search_runs_every_units_trials_side_by_side_and_keeps_each_units_best(l
 
     from engine.finetune.tune import run_unit_trials
 
-    # 2 units x 2 samples, 2 trial slots, 2 to 4 steps a trial.
-    cfg = make_cfg(tmp_path, "finetune.num_samples=2", "finetune.steps=2")
-    chosen = run_unit_trials(lora_jobs(cfg, prepared_run(cfg)), cfg.finetune, str(tmp_path / "tune"), prefix="search")
+    # 2 units x 2 samples, 2 trial slots, 1 to 4 steps a trial; a trial of 2 steps or more
+    # crashes once at step 2, after its step-1 checkpoint.
+    cfg = make_cfg(tmp_path, "finetune.num_samples=2", "finetune.steps=2", "finetune.checkpoint_every=1",
+                   "finetune.inject_failure_at_step=2")
+    jobs = lora_jobs(cfg, prepared_run(cfg))
+    chosen = run_unit_trials(jobs, cfg.finetune, str(tmp_path / "tune"), prefix="search")
     assert sorted(chosen) == ["g0", "g3"]
     trials = [t.last_result for t in ExperimentAnalysis(chosen["g0"].experiment).trials]
     assert sorted(r["unit"] for r in trials) == ["g0", "g0", "g3", "g3"]
+    assert all(r["resumed_at"] == 1 for r in trials if r.get("finished") and r["target_steps"] >= 2)
     windows = {unit: [(r["started_at"], r["reported_at"]) for r in trials if r["unit"] == unit] for unit in chosen}
     # Units' trials overlap in time (searched one unit after another, none would), never
     # more than the 2 slots at once.
@@ -473,3 +477,7 @@ def test_search_runs_every_units_trials_side_by_side_and_keeps_each_units_best(l
         best = min(finished, key=lambda r: r["heldout_loss"])
         assert (result.heldout_loss, result.learning_rate, result.steps) == (
             best["heldout_loss"], best["learning_rate"], best["step"])
+    # A re-run restores the finished experiment and chooses the same trials.
+    again = run_unit_trials(jobs, cfg.finetune, str(tmp_path / "tune"), prefix="search")
+    assert {u: (r.experiment, r.learning_rate, r.heldout_loss) for u, r in again.items()} == {
+        u: (r.experiment, r.learning_rate, r.heldout_loss) for u, r in chosen.items()}
