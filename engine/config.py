@@ -362,6 +362,11 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
     plan: PlanConfig = PlanConfig()
+    tracking: Literal["none", "mlflow"] = Field(
+        "none",
+        description="also log the finished run to an experiment tracker: 'mlflow' logs the config, every "
+        "result and the report to MLFLOW_TRACKING_URI (experiment MLFLOW_EXPERIMENT_NAME, default 'fairsynth')",
+    )
 
     @field_validator("methods")
     @classmethod
