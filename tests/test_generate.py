@@ -354,7 +354,7 @@ def test_generate_and_filter_each_method(prepared_run, method):
     assert table.groupby("unit").size().to_dict() == plan.rows.groupby("unit").size().to_dict()
     assert not table.duplicated(["unit", "seed"]).any()
     for png in table["image"]:
-        assert Image.open(io.BytesIO(png)).convert("RGB").size == (32, 32)
+        assert Image.open(io.BytesIO(png["bytes"])).convert("RGB").size == (32, 32)  # {bytes, path}
     assert set(table["method"]) == {method} and set(table["base_model"]) == {BASE_MODEL}
     if method != "vanilla":
         borrowed = table[table["negative_prompt"] != ""]
@@ -396,8 +396,8 @@ def test_a_lost_shard_is_redrawn_identically_and_alone(prepared_run):
     redrawn = pq.read_table(lost).to_pandas()
     assert redrawn[["unit", "seed", "prompt"]].equals(original[["unit", "seed", "prompt"]])
     for a, b in zip(original["image"], redrawn["image"], strict=True):
-        pixels_a = np.asarray(Image.open(io.BytesIO(a)), dtype=int)
-        pixels_b = np.asarray(Image.open(io.BytesIO(b)), dtype=int)
+        pixels_a = np.asarray(Image.open(io.BytesIO(a["bytes"])), dtype=int)
+        pixels_b = np.asarray(Image.open(io.BytesIO(b["bytes"])), dtype=int)
         assert np.abs(pixels_a - pixels_b).max() <= 1
     # New rows invalidate the filtering: it must run again over the whole set.
     assert not run.marker(f"filter/{method}").exists()

@@ -1,7 +1,8 @@
 """Synthetic image shards: the Parquet schema, the atomic per-shard writer, and reading them back.
 
 ``RUN/synthetic/<method>/part-<plan hash>-<index>.parquet`` holds one row per generated image
-(schema :data:`SYNTHETIC_SCHEMA`); any Parquet reader opens them. Book-keeping files beside
+(schema :data:`SYNTHETIC_SCHEMA`); any Parquet reader opens them, and Hugging Face ``datasets``
+(``load_dataset("parquet", data_files=...)``) decodes the ``image`` column to PIL images. Book-keeping files beside
 them start with ``_`` (``_COMPLETE.json``, ``_summary.json``), which Parquet dataset readers
 skip. A shard is written to a temporary name and renamed, so a reader, or a re-run after a
 node died, never sees half a shard: it is there whole or not at all.
@@ -10,12 +11,14 @@ node died, never sees half a shard: it is there whole or not at all.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import time
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -26,8 +29,13 @@ from engine.storage import RunPath
 
 log = logging.getLogger(__name__)
 
-SYNTHETIC_SCHEMA = pa.schema([
-    pa.field("image", pa.binary(), nullable=False),  # PNG bytes
+# The image column has the layout Hugging Face datasets stores its Image feature in: the PNG
+# bytes and a path, always null here (the bytes are the image). datasets trusts the feature
+# declared in the schema metadata only when the field equals its own, which is nullable;
+# write_shard_table refuses a missing image instead.
+IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+_COLUMNS = pa.schema([
+    pa.field("image", IMAGE_TYPE),  # {bytes: PNG, path: null}
     pa.field("label", pa.int64(), nullable=False),
     pa.field("attribute", pa.int64(), nullable=False),
     pa.field("group", pa.int64(), nullable=False),
@@ -41,6 +49,20 @@ SYNTHETIC_SCHEMA = pa.schema([
     pa.field("score", pa.float64()),  # NaN until the filter stage scores the image
     pa.field("kept", pa.bool_(), nullable=False),  # True until the filter stage decides
 ])
+_HF_VALUES = {pa.int64(): "int64", pa.string(): "string", pa.float64(): "float64", pa.bool_(): "bool"}
+
+
+def _hf_features(schema: pa.Schema) -> dict:
+    """The columns as datasets' Features.to_dict() writes them, without importing datasets."""
+    return {
+        f.name: {"_type": "Image"} if f.type == IMAGE_TYPE else {"dtype": _HF_VALUES[f.type], "_type": "Value"}
+        for f in schema
+    }
+
+
+SYNTHETIC_SCHEMA = _COLUMNS.with_metadata(
+    {"huggingface": json.dumps({"info": {"features": _hf_features(_COLUMNS)}})}
+)
 SHARD_GLOB = "part-*.parquet"
 # Seconds a sampler spent on a shard's rows, by kind; they travel with the rows to the writer
 # and into the stage summary, never into a shard.
@@ -58,8 +80,13 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def decode_png(data: bytes, size: int | None = None) -> np.ndarray:
-    """uint8 [H, W, 3]; with ``size``, resized the way the data stage resizes real images."""
+def decode_png(data: bytes | dict, size: int | None = None) -> np.ndarray:
+    """uint8 [H, W, 3]; with ``size``, resized the way the data stage resizes real images.
+
+    ``data`` is PNG bytes or an ``image`` cell as a Parquet reader hands it over ({bytes, path}).
+    """
+    if isinstance(data, dict):
+        data = data["bytes"]
     with Image.open(io.BytesIO(data)) as img:
         img = img.convert("RGB")
         if size is not None and img.size != (size, size):
@@ -75,10 +102,38 @@ def shard_paths(run: RunDir, method: str) -> list[RunPath]:
     return sorted(synthetic_dir(run, method).glob(SHARD_GLOB))
 
 
+def image_cells(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """An ``image`` column of PNG bytes (the sampler's rows, shards written before the struct
+    layout) or of {bytes, path} cells -> the struct layout; a missing image fails loudly."""
+    if pa.types.is_struct(column.type):
+        cells = column.cast(IMAGE_TYPE)
+        png = pc.struct_field(cells, "bytes")
+    else:
+        png = column.cast(pa.binary())
+        cells = pa.chunked_array(
+            [pa.StructArray.from_arrays([c, pa.nulls(len(c), pa.string())], fields=list(IMAGE_TYPE))
+             for c in png.chunks],
+            type=IMAGE_TYPE,
+        )
+    if column.null_count or png.null_count:
+        raise RuntimeError("a synthetic row has no image bytes; a shard never holds a row without its image")
+    return cells
+
+
+def image_bytes(table: pa.Table) -> pa.Table:
+    """The ``image`` column as plain PNG bytes, as the engine's pandas readers use it."""
+    index = table.schema.get_field_index("image")
+    if index < 0 or not pa.types.is_struct(table.schema.field(index).type):
+        return table
+    return table.set_column(index, "image", pc.struct_field(table["image"], "bytes"))
+
+
 def write_shard_table(path: RunPath, table: pa.Table) -> None:
     """Write one shard atomically (temporary name in the same folder, then rename)."""
+    table = table.select(SYNTHETIC_SCHEMA.names)
+    table = table.set_column(SYNTHETIC_SCHEMA.get_field_index("image"), "image", image_cells(table["image"]))
     buffer = io.BytesIO()
-    pq.write_table(table.select(SYNTHETIC_SCHEMA.names).cast(SYNTHETIC_SCHEMA), buffer)
+    pq.write_table(table.cast(SYNTHETIC_SCHEMA), buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -112,8 +167,9 @@ def write_shards(batch: pd.DataFrame, out_dir: str, expected_rows: dict[str, int
 
 
 def read_shard(path: RunPath, columns: list[str] | None = None) -> pd.DataFrame:
+    """One shard's rows, ``image`` as PNG bytes."""
     try:
-        return storage.read_parquet(path, columns=columns).to_pandas()
+        return image_bytes(storage.read_parquet(path, columns=columns)).to_pandas()
     except (pa.ArrowInvalid, OSError) as exc:
         raise FairsynthError(f"synthetic shard {path} is unreadable ({exc}); delete it and re-run generate") from None
 
