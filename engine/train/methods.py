@@ -26,6 +26,7 @@ decay's relative weight), so this is the paper's stage 2 computed without the de
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args, get_type_hints
 
 from engine.config import GENERATIVE_METHODS, TrainConfig
 from engine.errors import FairsynthError
@@ -33,23 +34,38 @@ from engine.train.losses import CrossEntropy, CrossEntropySupCon, GroupDROLoss, 
 
 REAL, SYNTHETIC = "train", "synthetic"
 
+Dataset = Literal["train", "synthetic"]  # REAL or SYNTHETIC: the Ray Data dataset the phase iterates
+Trainable = Literal["all", "head"]  # "head": encoder frozen, BatchNorm statistics too
+SampleLoss = Literal["ce", "ce_supcon"]  # SupCon only where the encoder trains
+Aggregate = Literal["mean", "group_dro"]
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class Phase:
+    """One stretch of training. Fields are keyword-only and the closed sets are checked when
+    a phase is built, so a misplaced or misspelt value fails at once, not mid-run."""
+
     name: str
-    dataset: str  # REAL or SYNTHETIC: the Ray Data dataset the phase iterates
+    dataset: Dataset
     epochs: int
     learning_rate: float
-    trainable: str  # "all" or "head" (encoder frozen, BatchNorm statistics too)
-    sample_loss: str  # "ce" or "ce_supcon" (SupCon only where the encoder trains)
-    aggregate: str  # "mean" or "group_dro"
-    balanced: bool  # group-balanced sampling of the phase's dataset
+    trainable: Trainable
+    sample_loss: SampleLoss
+    aggregate: Aggregate = "mean"
+    balanced: bool = False  # group-balanced sampling of the phase's dataset
+
+    def __post_init__(self) -> None:
+        hints = get_type_hints(type(self))
+        for field in ("dataset", "trainable", "sample_loss", "aggregate"):
+            valid = get_args(hints[field])
+            if getattr(self, field) not in valid:
+                raise ValueError(f"phase {self.name!r}: {field}={getattr(self, field)!r}; valid: {', '.join(valid)}")
+        if self.sample_loss == "ce_supcon" and self.trainable == "head":
+            raise ValueError(f"phase {self.name!r}: SupCon on a frozen encoder trains nothing; use 'ce'")
 
     def build_sample_loss(self, cfg: TrainConfig):
         if self.sample_loss == "ce":
             return CrossEntropy()
-        if self.trainable == "head":
-            raise ValueError(f"phase {self.name!r}: SupCon on a frozen encoder trains nothing; use 'ce'")
         return CrossEntropySupCon(cfg.loss_beta, cfg.supcon_temperature)
 
     def objective(self, cfg: TrainConfig) -> str:
@@ -75,7 +91,10 @@ class ERM(Method):
     name = "erm"
 
     def phases(self, cfg: TrainConfig) -> list[Phase]:
-        return [Phase("train", REAL, cfg.epochs, cfg.learning_rate, "all", "ce", "mean", False)]
+        return [
+            Phase(name="train", dataset=REAL, epochs=cfg.epochs, learning_rate=cfg.learning_rate,
+                  trainable="all", sample_loss="ce")
+        ]
 
 
 class GroupDRO(Method):
@@ -83,7 +102,8 @@ class GroupDRO(Method):
 
     def phases(self, cfg: TrainConfig) -> list[Phase]:
         return [
-            Phase("train", REAL, cfg.epochs, cfg.learning_rate, "all", "ce", "group_dro", cfg.group_balanced_sampling)
+            Phase(name="train", dataset=REAL, epochs=cfg.epochs, learning_rate=cfg.learning_rate,
+                  trainable="all", sample_loss="ce", aggregate="group_dro", balanced=cfg.group_balanced_sampling)
         ]
 
 
@@ -99,16 +119,17 @@ class SyntheticPretraining(Method):
         phases = []
         if cfg.pretrain_epochs > 0:
             # The synthetic set is group-balanced by construction: no resampling needed.
-            phases.append(Phase("pretrain", SYNTHETIC, cfg.pretrain_epochs, cfg.learning_rate, "all", "ce_supcon", "mean", False))
+            phases.append(Phase(name="pretrain", dataset=SYNTHETIC, epochs=cfg.pretrain_epochs,
+                                learning_rate=cfg.learning_rate, trainable="all", sample_loss="ce_supcon"))
+        finetune = {"name": "finetune", "dataset": REAL, "epochs": cfg.epochs}
         if cfg.stage2 == "last_layer":
             # The encoder is frozen: SupCon on its features has no gradient (module docstring).
-            stage2 = Phase("finetune", REAL, cfg.epochs, cfg.finetune_learning_rate, "head", "ce", "mean", False)
+            stage2 = Phase(**finetune, learning_rate=cfg.finetune_learning_rate, trainable="head", sample_loss="ce")
         elif cfg.stage2 == "full":
-            stage2 = Phase("finetune", REAL, cfg.epochs, cfg.learning_rate, "all", "ce_supcon", "mean", False)
+            stage2 = Phase(**finetune, learning_rate=cfg.learning_rate, trainable="all", sample_loss="ce_supcon")
         else:
-            stage2 = Phase(
-                "finetune", REAL, cfg.epochs, cfg.learning_rate, "all", "ce", "group_dro", cfg.group_balanced_sampling
-            )
+            stage2 = Phase(**finetune, learning_rate=cfg.learning_rate, trainable="all", sample_loss="ce",
+                           aggregate="group_dro", balanced=cfg.group_balanced_sampling)
         return [*phases, stage2]
 
 
