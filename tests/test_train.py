@@ -149,36 +149,114 @@ def test_stage2_modes_choose_what_trains():
     assert (erm.aggregate, erm.balanced) == ("mean", False)
 
 
+def test_phase_fields_are_keywords_from_closed_sets():
+    """A phase is built by name: positional fields, a value outside its set, or SupCon on a
+    frozen encoder fail where the phase is built."""
+    from engine.train.methods import Phase
+
+    good = {"name": "p", "dataset": "train", "epochs": 1, "learning_rate": 1e-3, "trainable": "all", "sample_loss": "ce"}
+    assert (Phase(**good).aggregate, Phase(**good).balanced) == ("mean", False)
+    with pytest.raises(TypeError):
+        Phase("p", "train", 1, 1e-3, "all", "ce", "mean", False)
+    with pytest.raises(ValueError, match="trainable='ce'; valid: all, head"):
+        Phase(**{**good, "trainable": "ce"})
+    with pytest.raises(ValueError, match="dataset='all'"):
+        Phase(**{**good, "dataset": "all"})
+    with pytest.raises(ValueError, match="frozen encoder"):
+        Phase(**{**good, "trainable": "head", "sample_loss": "ce_supcon"})
+
+
+def _random_batches(n_batches: int, size: int = 32, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [
+        {"image": torch.from_numpy(rng.integers(0, 255, (16, size, size, 3), dtype=np.uint8)),
+         "label": torch.from_numpy(rng.integers(0, 2, 16)), "group": torch.from_numpy(rng.integers(0, 4, 16))}
+        for _ in range(n_batches)
+    ]
+
+
 def test_last_layer_phase_leaves_every_encoder_weight_bit_identical():
-    """Stage 2 ``last_layer``: the head trains on plain CE and the encoder, BatchNorm
-    statistics included, does not move by a single bit."""
+    """Stage 2 ``last_layer``, set up as the loop sets up a phase (start_phase): the head
+    trains on plain CE and the encoder, BatchNorm statistics included, does not move by a bit."""
     from engine.train.backbones import build_classifier
-    from engine.train.loop import build_optimizer, set_trainable, train_epoch
+    from engine.train.loop import start_phase, train_epoch
 
     torch.manual_seed(0)
     module = build_classifier("tiny_resnet", 2, None)
-    _, phase = get_method("vanilla").phases(load_config().train)
     cfg = load_config().train
-    set_trainable(module, phase.trainable)
+    pretrain, finetune = get_method("vanilla").phases(cfg)
+    assert (pretrain.trainable, finetune.trainable) == ("all", "head")
+    device = torch.device("cpu")
+    # Stage 1 first, so stage 2 starts from an encoder that has trained (and whose
+    # BatchNorm statistics have moved).
+    stage1 = start_phase(module, pretrain, 0, cfg, 4, [1] * 4, distributed=False)
+    train_epoch(stage1.model, module, _random_batches(2, seed=1), pretrain, stage1.sample_loss, stage1.aggregate,
+                stage1.optimizer, device)
     encoder_before = {k: v.clone() for k, v in module.encoder.state_dict().items()}
     head_before = {k: v.clone() for k, v in module.head.state_dict().items()}
-    rng = np.random.default_rng(0)
-    batches = [
-        {"image": torch.from_numpy(rng.integers(0, 255, (16, 32, 32, 3), dtype=np.uint8)),
-         "label": torch.from_numpy(rng.integers(0, 2, 16)), "group": torch.from_numpy(rng.integers(0, 4, 16))}
-        for _ in range(3)
-    ]
-    optimizer = build_optimizer(module, phase, cfg.weight_decay)
-    stats = train_epoch(module, module, batches, phase, phase.build_sample_loss(cfg),
-                        phase.build_aggregate(cfg, 4, [1] * 4), optimizer, torch.device("cpu"))
+    stage2 = start_phase(module, finetune, 1, cfg, 4, [1] * 4, distributed=False)
+    stats = train_epoch(stage2.model, module, _random_batches(3), finetune, stage2.sample_loss, stage2.aggregate,
+                        stage2.optimizer, device)
     assert stats["images"] == 48
     after = module.encoder.state_dict()
+    assert any("running_mean" in k for k in after)  # BatchNorm statistics are compared too
     assert all(torch.equal(encoder_before[k], after[k]) for k in encoder_before)
     assert any(not torch.equal(head_before[k], v) for k, v in module.head.state_dict().items())
     # The logged loss is the cross-entropy that trained, not CE plus a constant SupCon term.
-    assert phase.objective(cfg) == "CE"
+    assert finetune.objective(cfg) == "CE"
     with pytest.raises(ValueError, match="frozen encoder"):
-        dataclasses.replace(phase, sample_loss="ce_supcon").build_sample_loss(cfg)
+        dataclasses.replace(finetune, sample_loss="ce_supcon")
+
+
+def test_group_counts_give_summarize_figures_bit_for_bit():
+    """Evaluation sums per-group counts instead of gathering predictions: the same figures,
+    to the last bit, for any split (a group with no images included)."""
+    from engine.metrics import summarize
+    from engine.train.loop import summarize_counts
+
+    rng = np.random.default_rng(3)
+    n = 997
+    preds, labels = rng.integers(0, 3, n), rng.integers(0, 3, n)
+    groups = rng.choice([0, 1, 2, 4], n, p=[0.5, 0.3, 0.15, 0.05])  # group 3: no images
+    counts = np.stack([np.bincount(groups[preds == labels], minlength=5), np.bincount(groups, minlength=5)])
+    train_counts = [500, 30, 20, 0, 7]
+    expected = summarize(preds, labels, groups, 5, train_counts)
+    got = summarize_counts(counts, 5, train_counts)
+    assert math.isnan(got["per_group"][3])
+    assert [x for x in got["per_group"] if x == x] == [x for x in expected["per_group"] if x == x]
+    assert {k: got[k] for k in ("worst_group", "average_group", "accuracy", "weighted_average")} == {
+        k: expected[k] for k in ("worst_group", "average_group", "accuracy", "weighted_average")
+    }
+
+
+def test_streamed_evaluation_equals_whole_split_prediction(ray_session):
+    """Two workers' shares of the blocks, streamed and counted, sum to the counts of every
+    image's prediction (what the workers used to gather)."""
+    import ray
+
+    from engine.train.backbones import build_classifier
+    from engine.train.loop import count_correct, to_input, worker_blocks
+
+    torch.manual_seed(0)
+    module = build_classifier("tiny_resnet", 2, None).eval()
+    rng = np.random.default_rng(0)
+    blocks = [
+        {"image": rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8), "label": rng.integers(0, 2, n),
+         "group": rng.integers(0, 4, n)}
+        for n in (13, 7, 11)
+    ]
+    refs = [ray.put(b) for b in blocks]
+    shares = [worker_blocks(refs, rank, 2) for rank in range(2)]
+    assert [len(s) for s in shares] == [2, 1]
+    # A batch holds a whole block here, so both sides run the very same forward passes.
+    streamed = sum(count_correct(module, share, 16, 4, torch.device("cpu")) for share in shares)
+    with torch.no_grad():
+        preds = np.concatenate([
+            module(to_input(torch.from_numpy(b["image"]), torch.device("cpu")))[0].argmax(1).numpy() for b in blocks
+        ])
+    labels, groups = (np.concatenate([b[k] for b in blocks]) for k in ("label", "group"))
+    assert streamed.tolist() == [np.bincount(groups[preds == labels], minlength=4).tolist(),
+                                 np.bincount(groups, minlength=4).tolist()]
 
 
 # --- Ray Train runs ----------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 decoded (and, for training, resampled and augmented) image batches out.
 
 Every dataset yields rows of ``image`` (uint8 [H, W, 3]), ``label`` and ``group``; val and
-test are decoded once and handed to the workers as object refs (``eval_split_refs``). Decoding
+test are decoded once and handed to the workers as object refs to their blocks
+(``eval_split_refs``), which each worker streams. Decoding
 (rendering a builtin:// source, reading a file, or decoding a synthetic row's PNG bytes) runs
 once in ``map_batches`` tasks; with ``train.cache_decoded`` the decoded images are kept in
 the object store (which spills to disk when full), so later epochs only resample and
@@ -167,10 +168,11 @@ def real_images(records: pd.DataFrame, image_size: int, cache: bool, min_blocks:
     return ds.materialize() if cache else ds
 
 
-def eval_split_refs(records: pd.DataFrame, image_size: int) -> list:
-    """An evaluation split decoded once, as object refs to per-block column arrays; workers
-    read them zero-copy from the object store instead of re-running a pipeline per epoch."""
-    return real_images(records, image_size, cache=True).to_numpy_refs()
+def eval_split_refs(records: pd.DataFrame, image_size: int, min_blocks: int = 1) -> list:
+    """An evaluation split decoded once, as object refs to per-block column arrays of about
+    BLOCK_BYTES, at least ``min_blocks`` (one per worker): each worker fetches its blocks one
+    at a time, zero-copy from the object store, instead of re-running a pipeline per epoch."""
+    return real_images(records, image_size, cache=True, min_blocks=min_blocks).to_numpy_refs()
 
 
 def kept_synthetic_counts(files: list[storage.RunPath], n_groups: int) -> list[int]:

@@ -6,11 +6,15 @@ Each worker reads its shard of the phase's dataset (``train`` or ``synthetic``) 
 rank 0 saves the model, optimizer and loss state and every worker reports; a restarted
 worker group (``FailureConfig``) resumes from the latest checkpoint. Epochs of the last
 phase are scored by validation worst-group accuracy, and once training ends the workers
-load the best-scoring checkpoint and evaluate it on the whole val and test splits (decoded
-once, read from the object store; each worker scores its share, gathered across workers). The loop does not know which method it runs:
-phases, losses and trainable parameters come from ``engine.train.methods``.
-"""
+load the best-scoring checkpoint and evaluate it on the whole val and test splits.
 
+Evaluation streams: val and test are decoded once into the object store as blocks of about
+``engine.train.data.BLOCK_BYTES``; each worker fetches its share of the blocks one at a time,
+counts right answers per group, and the workers sum their counts (``all_reduce``). No worker
+holds a whole split, and integer counts make the metrics exact and independent of which
+worker scored what. The loop does not know which method it runs: phases, losses and
+trainable parameters come from ``engine.train.methods``.
+"""
 from __future__ import annotations
 
 import logging
@@ -19,6 +23,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from engine import storage
+from engine.config import TrainConfig
 from engine.metrics import summarize
 from engine.train.backbones import Classifier, build_classifier
 from engine.train.methods import Phase, get_method
@@ -115,42 +121,59 @@ def epoch_batches(shard, cfg, per_worker_batch: int, epoch: int, rank: int):
     )
 
 
-def load_eval_split(refs: list) -> dict[str, np.ndarray]:
-    """A split from ``engine.train.data.eval_split_refs``: image, label and group arrays."""
-    import ray
-
-    blocks = [b for b in ray.get(list(refs)) if len(b["label"])]
-    return {k: np.concatenate([b[k] for b in blocks]) for k in ("image", "label", "group")}
+def worker_blocks(refs: list, rank: int, world: int) -> list:
+    """A worker's share of a split's blocks (``engine.train.data.eval_split_refs``): every
+    world-th block, from its rank on."""
+    return list(refs)[rank::world]
 
 
 @torch.no_grad()
-def predict(module: Classifier, images: np.ndarray, batch_size: int, device) -> np.ndarray:
+def count_correct(module: Classifier, blocks: list, batch_size: int, n_groups: int, device) -> np.ndarray:
+    """[correct, total] per group over the blocks, fetched one at a time, so a worker holds
+    one block of the split at most."""
+    import ray
+
     module.eval()
-    preds = []
-    for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
-        with _autocast(device):
-            logits, _ = module(to_input(batch, device))
-        preds.append(logits.argmax(1).cpu().numpy())
-    return np.concatenate(preds) if preds else np.zeros(0, np.int64)
+    counts = np.zeros((2, n_groups), np.int64)
+    for ref in blocks:
+        block = ray.get(ref)
+        for start in range(0, len(block["label"]), batch_size):
+            end = start + batch_size
+            # A copy of one batch: the block is read-only shared memory, which torch will not wrap.
+            images = torch.from_numpy(np.array(block["image"][start:end]))
+            with _autocast(device):
+                logits, _ = module(to_input(images, device))
+            right = logits.argmax(1).cpu().numpy() == block["label"][start:end]
+            groups = block["group"][start:end]
+            counts[0] += np.bincount(groups[right], minlength=n_groups)
+            counts[1] += np.bincount(groups, minlength=n_groups)
+        del block  # unmapped before the next block is fetched
+    return counts
 
 
-def gather(arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
-    """Concatenate every worker's arrays (a no-op on one worker)."""
+def all_reduce_sum(counts: np.ndarray, device) -> np.ndarray:
+    """Element-wise sum over the workers (a no-op on one worker)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return arrays
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, arrays)
-    return tuple(np.concatenate([p[i] for p in parts]) for i in range(len(arrays)))
+        return counts
+    total = torch.from_numpy(counts).to(device)  # NCCL reduces only GPU tensors
+    dist.all_reduce(total)
+    return total.cpu().numpy()
 
 
-def evaluate(module: Classifier, split: dict, batch_size: int, n_groups: int, device, rank: int, world: int,
-             train_group_counts=None) -> dict:
-    """Metrics of a whole split: each worker scores every world-th image, then they gather."""
-    mine = slice(rank, None, world)
-    preds = predict(module, split["image"][mine], batch_size, device)
-    preds, labels, groups = gather((preds, split["label"][mine], split["group"][mine]))
-    result = summarize(preds, labels, groups, n_groups, train_group_counts)
+def summarize_counts(counts: np.ndarray, n_groups: int, train_group_counts=None) -> dict:
+    """``engine.metrics.summarize`` of a split known by its per-group [correct, total] counts.
+    summarize reads only whether each image was right and its group, so one outcome per image,
+    in any order, gives the figures the predictions themselves give, bit for bit."""
+    correct, total = counts
+    groups = np.repeat(np.arange(n_groups), total)
+    right = np.concatenate([np.arange(t) < c for c, t in zip(correct, total, strict=True)])
+    return summarize(right, np.ones_like(right), groups, n_groups, train_group_counts)
+
+
+def evaluate(module: Classifier, blocks: list, batch_size: int, n_groups: int, device, train_group_counts=None) -> dict:
+    """Metrics of a whole split: each worker scores its blocks, and the counts are summed."""
+    counts = all_reduce_sum(count_correct(module, blocks, batch_size, n_groups, device), device)
+    result = summarize_counts(counts, n_groups, train_group_counts)
     return {k: ([float(x) for x in v] if isinstance(v, list) else float(v)) for k, v in result.items()}
 
 
@@ -210,118 +233,215 @@ def _sync_tensorboard(writer, directory: str | None) -> None:
             log.warning("TensorBoard logs not uploaded to %s (%s)", directory, exc)
 
 
-def train_loop(config: dict) -> dict:
-    """Ray Train worker entry point; ``config`` is built by ``engine.train.stage``."""
+@dataclass
+class WorkerRun:
+    """What one worker knows about the run: its config and phases, and its place in the group."""
+
+    cfg: TrainConfig
+    phases: list[Phase]
+    n_groups: int
+    n_classes: int
+    train_counts: list[int]
+    eval_blocks: dict[str, list]  # this worker's share of the val and test blocks
+    rank: int
+    world: int
+    device: torch.device
+    tensorboard_dir: str | None = None
+    failure_marker: str | None = None
+
+    @property
+    def schedule(self) -> list[tuple[int, int]]:
+        return _schedule(self.phases)
+
+    @property
+    def first_scored_epoch(self) -> int:
+        # The selection phase is the last one; its first epoch is the first candidate.
+        return len(self.schedule) - self.phases[-1].epochs
+
+    @property
+    def per_worker_batch(self) -> int:
+        return max(2, self.cfg.batch_size // self.world)
+
+    def evaluate(self, module: Classifier, split: str, train_counts=None) -> dict:
+        blocks = self.eval_blocks[split]
+        return evaluate(module, blocks, self.per_worker_batch * 4, self.n_groups, self.device, train_counts)
+
+    @classmethod
+    def from_config(cls, config: dict) -> WorkerRun:
+        """The loop's config (built by ``engine.train.stage``) as this worker sees it."""
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        cfg = config["train"]
+        return cls(
+            cfg=cfg,
+            phases=get_method(config["method"]).phases(cfg),
+            n_groups=config["n_groups"],
+            n_classes=config["n_classes"],
+            train_counts=config["train_group_counts"],
+            eval_blocks={split: worker_blocks(refs, rank, world) for split, refs in config["eval_refs"].items()},
+            rank=rank,
+            world=world,
+            device=ray.train.torch.get_device(),
+            tensorboard_dir=config.get("tensorboard_dir"),
+            failure_marker=config.get("failure_marker"),
+        )
+
+
+@dataclass
+class PhaseRun:
+    """What one phase trains with; the next phase builds its own."""
+
+    index: int
+    phase: Phase
+    model: torch.nn.Module  # the DDP wrapper on several workers, else the module itself
+    optimizer: torch.optim.Optimizer
+    sample_loss: object
+    aggregate: object
+
+
+def start_phase(module: Classifier, phase: Phase, index: int, cfg: TrainConfig, n_groups: int, train_counts,
+                distributed: bool) -> PhaseRun:
+    """Freeze what the phase does not train, wrap the module for DDP (``distributed``), and
+    build the phase's optimizer and losses."""
+    set_trainable(module, phase.trainable)
+    model = module
+    if distributed:
+        import ray.train.torch
+
+        model = ray.train.torch.prepare_model(module, move_to_device=False)
+    return PhaseRun(
+        index=index,
+        phase=phase,
+        model=model,
+        optimizer=build_optimizer(module, phase, cfg.weight_decay),
+        sample_loss=phase.build_sample_loss(cfg),
+        aggregate=phase.build_aggregate(cfg, n_groups, train_counts),
+    )
+
+
+def _resume(module: Classifier, rank: int) -> dict:
+    """Restore the module from Ray Train's latest checkpoint. Returns that checkpoint's state
+    (epoch, history, phase, optimizer and loss state), or a fresh start's."""
     import ray.train
-    import ray.train.torch
 
-    # A 1x1 convolution's gradient has other (equivalent) strides on its size-1 axes than
-    # DDP's bucket view; DDP copies it, correctly, and warns on every run.
-    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-
-    cfg = config["train"]
-    method = get_method(config["method"])
-    phases = method.phases(cfg)
-    schedule = _schedule(phases)
-    n_groups, n_classes = config["n_groups"], config["n_classes"]
-    train_counts = config["train_group_counts"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    per_worker_batch = max(2, cfg.batch_size // world)
-    eval_batch = per_worker_batch * 4
-    val_split = load_eval_split(config["eval_refs"]["val"])
-    # The selection phase is the last one; its first epoch is the first candidate.
-    first_scored_epoch = len(schedule) - phases[-1].epochs
-
-    seed_torch(cfg.seed, cfg.deterministic)
-    module = build_classifier(cfg.backbone, n_classes, cfg.pretrained_weights).to(device)
-    start_epoch, history = 0, []
-    optimizer_state, aggregate_state, resumed_phase = None, None, None
-    resumed = ray.train.get_checkpoint()
-    if resumed is not None:
-        state = _load_state(resumed)
-        module.load_state_dict(state["model"])
-        start_epoch, history = state["epoch"], state["history"]
-        optimizer_state, aggregate_state = state["optimizer"], state["aggregate"]
-        resumed_phase = state["phase"]
-        log.info("rank %d resumes after epoch %d", rank, start_epoch)
-
-    writer = _tensorboard(config.get("tensorboard_dir"), rank)
-    current_phase, model, optimizer, sample_loss, aggregate = None, None, None, None, None
-    for epoch in range(start_epoch, len(schedule)):
-        phase_index, _ = schedule[epoch]
-        phase = phases[phase_index]
-        if phase_index != current_phase:
-            set_trainable(module, phase.trainable)
-            model = None  # drop the previous DDP wrapper (and its hooks) first
-            model = ray.train.torch.prepare_model(module, move_to_device=False) if world > 1 else module
-            optimizer = build_optimizer(module, phase, cfg.weight_decay)
-            sample_loss = phase.build_sample_loss(cfg)
-            aggregate = phase.build_aggregate(cfg, n_groups, train_counts)
-            # Optimizer and loss state carry over only within the phase that saved them.
-            if epoch == start_epoch and resumed_phase == phase_index:
-                optimizer.load_state_dict(optimizer_state)
-                aggregate.load_state_dict(aggregate_state)
-            current_phase = phase_index
-
-        started = time.perf_counter()
-        batches = epoch_batches(ray.train.get_dataset_shard(phase.dataset), cfg, per_worker_batch, epoch, rank)
-        stats = train_epoch(model, module, batches, phase, sample_loss, aggregate, optimizer, device)
-        seconds = time.perf_counter() - started
-        metrics = {
-            "epoch": epoch,
-            "phase": phase.name,
-            "objective": phase.objective(cfg),  # what train_loss measures, and what trains
-            "train_loss": stats["train_loss"],
-            "epoch_seconds": seconds,
-            "images_per_second": stats["images"] * world / max(seconds, 1e-9),
-            SCORE: NOT_SCORED,
-            "val_average_group": NOT_SCORED,
-            **aggregate.stats(),
-        }
-        if epoch >= first_scored_epoch:
-            val = evaluate(module, val_split, eval_batch, n_groups, device, rank, world)
-            metrics.update({SCORE: val["worst_group"], "val_average_group": val["average_group"], "val_accuracy": val["accuracy"]})
-        history.append(metrics)
-        if writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and key != "epoch":
-                    writer.add_scalar(f"{phase.name}/{key}", value, epoch)
-            writer.flush()
-            _sync_tensorboard(writer, config.get("tensorboard_dir"))
-
-        checkpoint, directory = None, None
-        if rank == 0:
-            checkpoint, directory = _save_checkpoint(
-                {
-                    "model": module.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "aggregate": aggregate.state_dict(),
-                    "epoch": epoch + 1,
-                    "phase": phase_index,
-                    "history": history,
-                }
-            )
-        ray.train.report(metrics, checkpoint=checkpoint)
-        if directory is not None:
-            shutil.rmtree(directory, ignore_errors=True)
-        _maybe_inject_failure(cfg, epoch, start_epoch, rank, world, config.get("failure_marker"))
-
-    best = _best_reported(first_scored_epoch)
-    state = _load_state(best.checkpoint) if best is not None else {"model": module.state_dict(), "epoch": len(schedule)}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return {"epoch": 0, "history": [], "phase": None}
+    state = _load_state(checkpoint)
     module.load_state_dict(state["model"])
-    val = evaluate(module, val_split, eval_batch, n_groups, device, rank, world, train_counts)
-    test = evaluate(module, load_eval_split(config["eval_refs"]["test"]), eval_batch, n_groups, device, rank, world, train_counts)
+    log.info("rank %d resumes after epoch %d", rank, state["epoch"])
+    return state
+
+
+def _run_epoch(run: WorkerRun, module: Classifier, current: PhaseRun, epoch: int) -> dict:
+    """Train one epoch of the current phase; validate it if it is a candidate. Its metrics."""
+    import ray.train
+
+    phase, cfg = current.phase, run.cfg
+    started = time.perf_counter()
+    shard = ray.train.get_dataset_shard(phase.dataset)
+    batches = epoch_batches(shard, cfg, run.per_worker_batch, epoch, run.rank)
+    stats = train_epoch(current.model, module, batches, phase, current.sample_loss, current.aggregate,
+                        current.optimizer, run.device)
+    seconds = time.perf_counter() - started
+    metrics = {
+        "epoch": epoch,
+        "phase": phase.name,
+        "objective": phase.objective(cfg),  # what train_loss measures, and what trains
+        "train_loss": stats["train_loss"],
+        "epoch_seconds": seconds,
+        "images_per_second": stats["images"] * run.world / max(seconds, 1e-9),
+        SCORE: NOT_SCORED,
+        "val_average_group": NOT_SCORED,
+        **current.aggregate.stats(),
+    }
+    if epoch >= run.first_scored_epoch:
+        val = run.evaluate(module, "val")
+        metrics.update({SCORE: val["worst_group"], "val_average_group": val["average_group"], "val_accuracy": val["accuracy"]})
+    return metrics
+
+
+def _log_epoch(writer, run: WorkerRun, metrics: dict) -> None:
+    if writer is None:
+        return
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)) and key != "epoch":
+            writer.add_scalar(f"{metrics['phase']}/{key}", value, metrics["epoch"])
+    writer.flush()
+    _sync_tensorboard(writer, run.tensorboard_dir)
+
+
+def _report_epoch(run: WorkerRun, module: Classifier, current: PhaseRun, metrics: dict, history: list) -> None:
+    """Every worker reports the epoch's metrics; rank 0 attaches the checkpoint to resume from."""
+    import ray.train
+
+    checkpoint, directory = None, None
+    if run.rank == 0:
+        checkpoint, directory = _save_checkpoint(
+            {
+                "model": module.state_dict(),
+                "optimizer": current.optimizer.state_dict(),
+                "aggregate": current.aggregate.state_dict(),
+                "epoch": metrics["epoch"] + 1,
+                "phase": current.index,
+                "history": history,
+            }
+        )
+    ray.train.report(metrics, checkpoint=checkpoint)
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _final_evaluation(run: WorkerRun, module: Classifier, writer) -> dict:
+    """Load the best-scoring checkpoint and evaluate it on val and test."""
+    best = _best_reported(run.first_scored_epoch)
+    state = _load_state(best.checkpoint) if best is not None else {"model": module.state_dict(), "epoch": len(run.schedule)}
+    module.load_state_dict(state["model"])
+    val = run.evaluate(module, "val", run.train_counts)
+    test = run.evaluate(module, "test", run.train_counts)
     if writer is not None:
         writer.add_scalar("final/test_worst_group", test["worst_group"], state["epoch"] - 1)
         writer.add_scalar("final/test_average_group", test["average_group"], state["epoch"] - 1)
         writer.close()
-        _sync_tensorboard(writer, config.get("tensorboard_dir"))
-        if storage.is_remote(config.get("tensorboard_dir") or ""):
+        _sync_tensorboard(writer, run.tensorboard_dir)
+        if storage.is_remote(run.tensorboard_dir or ""):
             shutil.rmtree(writer.log_dir, ignore_errors=True)  # the local copy, uploaded
+    return {"best_epoch": state["epoch"] - 1, "val": val, "test": test}
+
+
+def train_loop(config: dict) -> dict:
+    """Ray Train worker entry point; ``config`` is built by ``engine.train.stage``."""
+    # A 1x1 convolution's gradient has other (equivalent) strides on its size-1 axes than
+    # DDP's bucket view; DDP copies it, correctly, and warns on every run.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+
+    run = WorkerRun.from_config(config)
+    seed_torch(run.cfg.seed, run.cfg.deterministic)
+    module = build_classifier(run.cfg.backbone, run.n_classes, run.cfg.pretrained_weights).to(run.device)
+    resumed = _resume(module, run.rank)
+    start_epoch, history = resumed["epoch"], resumed["history"]
+    writer = _tensorboard(run.tensorboard_dir, run.rank)
+    current: PhaseRun | None = None
+    for epoch in range(start_epoch, len(run.schedule)):
+        index, _ = run.schedule[epoch]
+        if current is None or current.index != index:
+            current = None  # drop the previous DDP wrapper (and its hooks) first
+            current = start_phase(module, run.phases[index], index, run.cfg, run.n_groups, run.train_counts,
+                                  distributed=run.world > 1)
+            # Optimizer and loss state carry over only within the phase that saved them.
+            if epoch == start_epoch and resumed["phase"] == index:
+                current.optimizer.load_state_dict(resumed["optimizer"])
+                current.aggregate.load_state_dict(resumed["aggregate"])
+        metrics = _run_epoch(run, module, current, epoch)
+        history.append(metrics)
+        _log_epoch(writer, run, metrics)
+        _report_epoch(run, module, current, metrics, history)
+        _maybe_inject_failure(run.cfg, epoch, start_epoch, run.rank, run.world, run.failure_marker)
     # Rank 0's return value is the Result's return_value.
-    return {"best_epoch": state["epoch"] - 1, "val": val, "test": test, "history": history}
+    return {**_final_evaluation(run, module, writer), "history": history}
 
 
 def _maybe_inject_failure(cfg, epoch: int, start_epoch: int, rank: int, world: int, marker: str | None) -> None:

@@ -9,6 +9,7 @@ run whose completion marker matches is skipped.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -68,50 +69,32 @@ def _check_backbone(cfg: Config, n_classes: int) -> None:
     build_classifier(cfg.train.backbone, n_classes, cfg.train.pretrained_weights)
 
 
-def run_train_stage(cfg: Config, run: RunDir, method: str) -> dict:
-    """Train ``method`` on the run's data; returns (and writes) RUN/train/<method>/metrics.json."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+def _synthetic_inputs(run: RunDir, method: str, phases: list, n_groups: int, group_name) -> tuple[list, list[int]]:
+    """A generative method's synthetic shards and their kept rows per group; none where no
+    phase reads them (a baseline, or train.pretrain_epochs=0)."""
+    if not (get_method(method).uses_synthetic and any(p.dataset == SYNTHETIC for p in phases)):
+        return [], [0] * n_groups
+    directory = synthetic_dir(run, method)
+    shards = shard_paths(run, method)
+    if not shards:
+        raise FairsynthError(
+            f"no synthetic shards in {directory}; run jobs/generate.py and jobs/filter.py "
+            f"--method {method} first (or set train.pretrain_epochs=0)"
+        )
+    counts = train_data.kept_synthetic_counts(shards, n_groups)
+    if sum(counts) == 0:
+        raise FairsynthError(
+            f"{directory} has no kept synthetic images; re-run jobs/filter.py --method {method} "
+            "with a larger filter.keep_fraction"
+        )
+    empty = [group_name(g) for g, c in enumerate(counts) if c == 0]
+    if empty:
+        log.warning("%s: no kept synthetic images for group(s): %s", method, "; ".join(empty))
+    return shards, counts
 
-    stage = stage_name(method)
-    metrics_path = run / f"{stage}/metrics.json"
-    digest = train_hash(cfg, method)
-    if run.is_complete(stage, digest) and metrics_path.exists():
-        log.info("%s: complete, skipping", stage)
-        return read_json(metrics_path)
-    started = time.perf_counter()
-    spec = get_method(method)
-    phases = spec.phases(cfg.train)
-    dataset = load_run_dataset(run)
-    train_counts = dataset.group_counts("train")
-    _check_backbone(cfg, dataset.n_classes)
-    if sum(train_counts) == 0:
-        raise FairsynthError(f"{run / 'data/records.parquet'} has no training images; re-run the data stage")
 
-    synthetic_counts, shards = [0] * dataset.n_groups, []
-    if spec.uses_synthetic and any(p.dataset == SYNTHETIC for p in phases):
-        directory = synthetic_dir(run, method)
-        shards = shard_paths(run, method)
-        if not shards:
-            raise FairsynthError(
-                f"no synthetic shards in {directory}; run jobs/generate.py and jobs/filter.py "
-                f"--method {method} first (or set train.pretrain_epochs=0)"
-            )
-        synthetic_counts = train_data.kept_synthetic_counts(shards, dataset.n_groups)
-        if sum(synthetic_counts) == 0:
-            raise FairsynthError(
-                f"{directory} has no kept synthetic images; re-run jobs/filter.py --method {method} "
-                "with a larger filter.keep_fraction"
-            )
-        empty = [dataset.group_name(g) for g, c in enumerate(synthetic_counts) if c == 0]
-        if empty:
-            log.warning("%s: no kept synthetic images for group(s): %s", method, "; ".join(empty))
-
-    init_ray(cfg.ray)
-    # 'auto' workers and model.device=cpu resolve here, against the cluster the job reached.
-    t = cfg.train.model_copy(update={"num_workers": train_workers(cfg), "use_gpu": use_gpu(cfg)})
-    records = dataset.records
-    eval_refs = {split: train_data.eval_split_refs(dataset.split(split), t.image_size) for split in ("val", "test")}
+def _training_datasets(t, phases: list, records, train_counts: list[int], shards: list, synthetic_counts: list[int]) -> dict:
+    """The Ray Data dataset each phase iterates, by name (REAL or SYNTHETIC), built once."""
     datasets = {}
     for phase in phases:
         if phase.dataset in datasets:
@@ -130,24 +113,17 @@ def run_train_stage(cfg: Config, run: RunDir, method: str) -> dict:
         datasets[phase.dataset] = train_data.training_view(
             base, image_size=t.image_size, augment=t.augment, weights=weights, seed=t.seed
         )
+    return datasets
 
-    storage_path, name = _storage(cfg, run, method)
-    loop_config = {
-        "train": t,
-        "method": method,
-        "n_groups": dataset.n_groups,
-        "n_classes": dataset.n_classes,
-        "train_group_counts": train_counts,
-        "eval_refs": eval_refs,
-        "tensorboard_dir": storage.uri(run / f"{stage}/tensorboard"),
-        "failure_marker": str(Path(storage_path) / name / "injected_failure")
-        if "://" not in storage_path
-        else None,
-    }
+
+def _trainer(t, loop_config: dict, datasets: dict, storage_path: str, name: str):
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
@@ -165,25 +141,25 @@ def run_train_stage(cfg: Config, run: RunDir, method: str) -> dict:
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split="all", execution_options=_ordered_ingest()),
     )
-    log.info("%s: training %s on %d worker(s)", stage, " -> ".join(f"{p.name}({p.epochs} epochs, {p.objective(t)})" for p in phases), t.num_workers)
-    log.info("%s: inputs ready after %.1f s", stage, time.perf_counter() - started)
-    result = trainer.fit()
-    final = result.return_value
-    if not final:
-        raise RuntimeError(f"{stage}: the train loop ended without its final evaluation ({result.error})")
+
+
+def _stage_metrics(method: str, final: dict, t, phases: list, dataset, train_counts: list[int],
+                   synthetic_counts: list[int], checkpoint_dir: str, started: float) -> dict:
+    """metrics.json: the final evaluation, the epochs' history, and what the run trained on."""
+    uses_synthetic = get_method(method).uses_synthetic
     history = final["history"]
     trained = [h for h in history if h.get("images_per_second")]
-    metrics = {
+    return {
         "method": method,
         "val": final["val"],
         "test": final["test"],
         "best_epoch": final["best_epoch"],
         "epochs": [{k: v for k, v in h.items() if not _is_nan(v)} for h in history],
-        "synthetic_images": int(sum(synthetic_counts)) if spec.uses_synthetic else 0,
-        "synthetic_group_counts": synthetic_counts if spec.uses_synthetic else None,
+        "synthetic_images": int(sum(synthetic_counts)) if uses_synthetic else 0,
+        "synthetic_group_counts": synthetic_counts if uses_synthetic else None,
         "train_group_counts": train_counts,
         "group_names": [dataset.group_name(g) for g in range(dataset.n_groups)],
-        "phases": [p.__dict__ for p in phases],
+        "phases": [dataclasses.asdict(p) for p in phases],
         "backbone": t.backbone,
         "num_workers": t.num_workers,
         "images_per_second": (
@@ -191,9 +167,53 @@ def run_train_stage(cfg: Config, run: RunDir, method: str) -> dict:
             if trained
             else None
         ),
-        "checkpoint_dir": f"{storage_path.rstrip('/')}/{name}",
+        "checkpoint_dir": checkpoint_dir,
         "stage_seconds": time.perf_counter() - started,
     }
+
+
+def run_train_stage(cfg: Config, run: RunDir, method: str) -> dict:
+    """Train ``method`` on the run's data; returns (and writes) RUN/train/<method>/metrics.json."""
+    stage = stage_name(method)
+    metrics_path = run / f"{stage}/metrics.json"
+    digest = train_hash(cfg, method)
+    if run.is_complete(stage, digest) and metrics_path.exists():
+        log.info("%s: complete, skipping", stage)
+        return read_json(metrics_path)
+    started = time.perf_counter()
+    phases = get_method(method).phases(cfg.train)
+    dataset = load_run_dataset(run)
+    train_counts = dataset.group_counts("train")
+    _check_backbone(cfg, dataset.n_classes)
+    if sum(train_counts) == 0:
+        raise FairsynthError(f"{run / 'data/records.parquet'} has no training images; re-run the data stage")
+    shards, synthetic_counts = _synthetic_inputs(run, method, phases, dataset.n_groups, dataset.group_name)
+
+    init_ray(cfg.ray)
+    # 'auto' workers and model.device=cpu resolve here, against the cluster the job reached.
+    t = cfg.train.model_copy(update={"num_workers": train_workers(cfg), "use_gpu": use_gpu(cfg)})
+    # At least a block per worker: each streams its share of val and test (engine.train.loop).
+    eval_refs = {s: train_data.eval_split_refs(dataset.split(s), t.image_size, t.num_workers) for s in ("val", "test")}
+    datasets = _training_datasets(t, phases, dataset.records, train_counts, shards, synthetic_counts)
+    storage_path, name = _storage(cfg, run, method)
+    loop_config = {
+        "train": t,
+        "method": method,
+        "n_groups": dataset.n_groups,
+        "n_classes": dataset.n_classes,
+        "train_group_counts": train_counts,
+        "eval_refs": eval_refs,
+        "tensorboard_dir": storage.uri(run / f"{stage}/tensorboard"),
+        "failure_marker": str(Path(storage_path) / name / "injected_failure") if "://" not in storage_path else None,
+    }
+    trainer = _trainer(t, loop_config, datasets, storage_path, name)
+    log.info("%s: training %s on %d worker(s)", stage, " -> ".join(f"{p.name}({p.epochs} epochs, {p.objective(t)})" for p in phases), t.num_workers)
+    log.info("%s: inputs ready after %.1f s", stage, time.perf_counter() - started)
+    result = trainer.fit()
+    if not result.return_value:
+        raise RuntimeError(f"{stage}: the train loop ended without its final evaluation ({result.error})")
+    metrics = _stage_metrics(method, result.return_value, t, phases, dataset, train_counts, synthetic_counts,
+                             f"{storage_path.rstrip('/')}/{name}", started)
     atomic_write_json(metrics_path, metrics)
     run.mark_complete(stage, digest)
     log.info(
