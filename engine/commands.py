@@ -9,7 +9,8 @@
 ``run``, ``plan`` and ``stats`` run the job scripts themselves (jobs/full.py, jobs/plan.py,
 jobs/data_stats.py), and ``bench`` runs benchmarks/run_all.py, so a subcommand and the script
 that ``ray job submit ... -- python jobs/full.py`` runs can never disagree. ``report`` rebuilds
-RUN/results.json, results.md and the plots from a run's metrics, without running anything.
+RUN/results.json, results.md, the plots and RUN/report.html from a run's metrics, without
+running anything.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from engine import storage
 from engine.cli import config_help, run_job
 from engine.config import REPO_ROOT, Config
 from engine.errors import FairsynthError
+from engine.html_report import REPORT_NAME, write_html_report
 from engine.report import collect_rows, severity_tag, write_results
 from engine.runs import read_json
 
@@ -33,7 +35,7 @@ SCRIPTS = {
     "stats": ("jobs/data_stats.py", "a dataset's groups and counts per split, before spending GPU hours"),
     "bench": ("benchmarks/run_all.py", "every benchmark, printing its figures"),
 }
-REPORT_HELP = "rebuild RUN/results.json, results.md and plots from a finished (or partly finished) run"
+REPORT_HELP = "rebuild RUN/report.html, results.json, results.md and plots from a finished (or partly finished) run"
 
 
 def top_parser() -> argparse.ArgumentParser:
@@ -80,8 +82,9 @@ def run_config(run_dir: str) -> Config:
 
 
 def rebuild_report(run_dir: str) -> str:
-    """Rewrite RUN/results.{json,md} and plots from the metrics the run's train stages wrote
-    (the methods that finished, for a run that stopped early); returns the results table."""
+    """Rewrite RUN/results.{json,md}, plots and report.html from the metrics the run's train
+    stages wrote (the methods that finished, for a run that stopped early); returns the
+    results table."""
     cfg = run_config(run_dir)
     root = storage.as_path(run_dir)
     timings_path = root / "stage_seconds.json"
@@ -97,7 +100,9 @@ def rebuild_report(run_dir: str) -> str:
             f"{run_dir} holds no trained method yet (no {severity_tag('<p>')}/train/<method>/metrics.json); "
             f"finish it with `fairsynth run --run-dir {run_dir}`"
         )
-    return write_results(root, rows, cfg.data.name)
+    table = write_results(root, rows, cfg.data.name)
+    write_html_report(root)
+    return table
 
 
 def report_main(args: list[str]) -> None:
@@ -110,7 +115,7 @@ def report_main(args: list[str]) -> None:
         raise FairsynthError("fairsynth report needs the run directory: fairsynth report RUN")
     table = rebuild_report(run_dir)
     print(table)
-    print(f"results: {run_dir}/results.md, results.json, plots/")
+    print(f"report: {storage.as_path(run_dir) / REPORT_NAME} (results.md, results.json, plots/ beside it)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,6 @@
 """The `fairsynth` command, run as users run it (the installed console script): --help lists
 the presets and every config key, `plan` plans the tiny preset, bad input is one line with
-exit code 2, and `report` rebuilds a run's results from its metrics."""
+exit code 2, and `report` rebuilds a run's results and report.html from its metrics."""
 
 from __future__ import annotations
 
@@ -97,6 +97,8 @@ def test_report_rebuilds_the_results_of_a_run(tmp_path):
     assert "| ERM | 25.0 / 62.5 |" in table and "LoRA" not in table
     assert table in out.stdout
     assert (run / "plots" / "per_group_severity-0.95.png").stat().st_size > 0
+    page = (run / "report.html").read_text()
+    assert 'data-method="erm"' in page and 'data-value="0.25"' in page and 'data-method="lora"' not in page
 
 
 @pytest.mark.parametrize("make", ["nothing", "config only"])
