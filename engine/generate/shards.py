@@ -2,10 +2,10 @@
 
 ``RUN/synthetic/<method>/part-<plan hash>-<index>.parquet`` holds one row per generated image
 (schema :data:`SYNTHETIC_SCHEMA`); any Parquet reader opens them, and Hugging Face ``datasets``
-(``load_dataset("parquet", data_files=...)``) decodes the ``image`` column to PIL images. Book-keeping files beside
-them start with ``_`` (``_COMPLETE.json``, ``_summary.json``), which Parquet dataset readers
-skip. A shard is written to a temporary name and renamed, so a reader, or a re-run after a
-node died, never sees half a shard: it is there whole or not at all.
+(``load_dataset("parquet", data_files=...)``) decodes the ``image`` column to PIL images.
+Book-keeping files beside them start with ``_`` (``_COMPLETE.json``, ``_summary.json``), which
+Parquet dataset readers skip. A shard is written to a temporary name and renamed, so a reader,
+or a re-run after a node died, never sees half a shard: it is there whole or not at all.
 """
 
 from __future__ import annotations
