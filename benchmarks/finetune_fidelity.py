@@ -51,11 +51,11 @@ def main() -> None:
     from engine.config import load_config
     from engine.data.datasets import load_image
     from engine.data.stage import run_data_stage
-    from engine.finetune import apply_unit_artifact, run_finetune_stage
-    from engine.finetune.trainer import sampling_scheduler
+    from engine.finetune import run_finetune_stage
     from engine.finetune.units import PromptBook
+    from engine.generate.sampler import UnitModels, make_scheduler, sample_images
     from engine.models.encoders import load_encoder
-    from engine.models.loading import load_pipeline
+    from engine.models.loading import load_base_pipeline
     from engine.raylib import init_ray
     from engine.runs import RunDir
 
@@ -80,12 +80,17 @@ def main() -> None:
         c = embed(np.stack([load_image(s, cfg.data.image_size) for s in sources])).mean(axis=0)
         return c / np.linalg.norm(c)
 
-    def draw(pipe, prompt: str, negative: str, seed: int) -> np.ndarray:
-        out = pipe([prompt] * args.images, negative_prompt=[negative] * args.images if negative else None,
-                   num_inference_steps=cfg.generate.steps, guidance_scale=cfg.generate.guidance_scale,
-                   generator=torch.Generator().manual_seed(seed), output_type="np",
-                   height=cfg.data.image_size, width=cfg.data.image_size).images
-        return np.clip(np.round(out * 255), 0, 255).astype(np.uint8)
+    # The generate stage's own loader and sampler: units switched on one base pipeline.
+    pipe = load_base_pipeline(cfg.model.base, device, cfg.model.attention, cfg.model.allow_pickle)
+    scheduler = make_scheduler(cfg.generate.scheduler, pipe.scheduler.config)
+    models = UnitModels(pipe, run.root, cfg.model.attention, cfg.model.allow_pickle)
+
+    def draw(artifact: str | None, kind: str, prompt: str, negative: str, seed: int) -> np.ndarray:
+        unet, encode = models.activate(artifact, kind)
+        n = args.images
+        return sample_images(unet, pipe.vae, scheduler, encode, [prompt] * n, [negative] * n,
+                             [seed + i for i in range(n)], cfg.generate.steps, cfg.generate.guidance_scale,
+                             height=cfg.data.image_size, width=cfg.data.image_size)
 
     def distance(images: np.ndarray, c: np.ndarray) -> float:
         return float(np.mean(1.0 - embed(images) @ c))
@@ -97,13 +102,6 @@ def main() -> None:
 
         return float(np.mean([read_background_attribute(im) == attribute for im in images]))
 
-    def fresh_pipe():
-        pipe = load_pipeline(cfg.model.base, device, attention=cfg.model.attention, allow_pickle=cfg.model.allow_pickle)
-        pipe.scheduler = sampling_scheduler(cfg.generate.scheduler, pipe.scheduler.config)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    base = fresh_pipe()
     train, val = dataset.split("train"), dataset.split("val")
     rows, finetune_seconds, artifact_bytes = [], {}, {}
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
@@ -134,10 +132,9 @@ def main() -> None:
             floor = distance(np.stack([load_image(x, cfg.data.image_size) for x in held_out]), c)
             seed = 1000 + group * 100 + max(int(unit["cluster"]), 0)
             attribute = int(unit["attribute"])
-            drawn_before = draw(base, prompts.plain(int(unit["label"]), attribute), "", seed)
+            drawn_before = draw(None, "base", prompts.plain(int(unit["label"]), attribute), "", seed)
             before = distance(drawn_before, c)
-            pipe = apply_unit_artifact(fresh_pipe(), run.root, unit)
-            drawn_after = draw(pipe, unit["prompt"], unit["negative_prompt"], seed)
+            drawn_after = draw(unit["artifact"], unit["artifact_kind"], unit["prompt"], unit["negative_prompt"], seed)
             after = distance(drawn_after, c)
             rows.append({"method": method, "unit": unit["unit"], "borrowed_from": unit["borrowed_from"],
                          "n_real": unit["n_real"], "reference": reference, "real": round(floor, 4),

@@ -540,22 +540,6 @@ def load_assignments(run: RunDir) -> pd.DataFrame:
     return storage.read_parquet(path).to_pandas()
 
 
-def load_embeddings(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
-    """(image_ids, embeddings [n, d]) of the training images, rows aligned."""
-    path = run / "cluster/embeddings.npy"
-    if not path.exists():
-        raise FairsynthError(f"missing {path}: run jobs/cluster.py --run-dir {run.root} first")
-    return load_assignments(run)["image_id"].to_numpy(), storage.load_numpy(path)
-
-
-def load_group_means(run: RunDir) -> np.ndarray:
-    """float32 [n_groups, d]: each group's mean L2-normalised embedding (NaN row when empty)."""
-    path = run / "cluster/group_means.npy"
-    if not path.exists():
-        raise FairsynthError(f"missing {path}: run jobs/cluster.py --run-dir {run.root} first")
-    return storage.load_numpy(path)
-
-
 def load_centroids(run: RunDir) -> dict[int, np.ndarray]:
     """group -> float32 [k_g, d] centroids (k_g = 0 for an empty group)."""
     path = run / "cluster/centroids.npz"

@@ -79,9 +79,6 @@ class RunDir:
     def __truediv__(self, other: str) -> RunPath:
         return self.root / other
 
-    def stage_dir(self, stage: str) -> RunPath:
-        return self.root / stage
-
     def marker(self, stage: str) -> RunPath:
         return self.root / stage / MARKER_NAME
 

@@ -21,7 +21,7 @@ from engine.config import load_config
 from engine.data.datasets import GroupedDataset
 from engine.data.stage import run_data_stage
 from engine.errors import FairsynthError
-from engine.finetune import apply_unit_artifact, run_finetune_stage
+from engine.finetune import run_finetune_stage
 from engine.finetune.units import plan_units
 from engine.models.tiny import tiny_model_path
 from engine.runs import RunDir, atomic_write_bytes
@@ -355,8 +355,6 @@ def test_weight_changes_keep_the_best_rank_r_approximation():
 
 
 def test_dreambooth_and_clustered_dreambooth_share_cached_class_images(dreambooth_run):
-    from diffusers import StableDiffusionPipeline
-
     cfg, run, manifest = dreambooth_run
     units = {u["unit"]: u for u in manifest["units"]}
     assert units["g0"]["artifact_kind"] == "svd_delta" and units["g0"]["prompt"] == "a photo of a sks landbird on land"
@@ -364,12 +362,6 @@ def test_dreambooth_and_clustered_dreambooth_share_cached_class_images(dreamboot
     class_images = sorted((run / "finetune/class_images").glob("*.npy"))
     assert len(class_images) == 2  # one per trained group's class prompt
     assert np.load(class_images[0]).shape == (4, 32, 32, 3)
-
-    # The generate stage's loader swaps in the unit's UNet.
-    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_path()), safety_checker=None)
-    base_weight = pipe.unet.conv_in.weight.detach().clone()
-    apply_unit_artifact(pipe, run.root, units["g0"])
-    assert not torch.allclose(pipe.unet.conv_in.weight, base_weight)
 
     write_subtype_clusters(cfg, run)
     stamps = {p: p.stat().st_mtime_ns for p in class_images}

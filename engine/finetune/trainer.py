@@ -422,9 +422,11 @@ def draw_class_images(
 ) -> np.ndarray:
     """uint8 [count, H, W, 3]: what the base model draws for ``prompt``, seeded, at its native
     side (the side fine-tuning trains its real images at)."""
+    from engine.generate.sampler import make_scheduler
+
     pipe = load_trainable_pipeline(model, device)  # loading and sampling bars are off
     size = native_size(pipe.unet, pipe.vae)
-    pipe.scheduler = sampling_scheduler(generate.scheduler, pipe.scheduler.config)
+    pipe.scheduler = make_scheduler(generate.scheduler, pipe.scheduler.config)
     images = []
     generator = torch.Generator().manual_seed(seed)
     for start in range(0, count, generate.batch_size):
@@ -435,21 +437,3 @@ def draw_class_images(
         ).images
         images.append(np.clip(np.round(out * 255), 0, 255).astype(np.uint8))
     return np.concatenate(images)
-
-
-def sampling_scheduler(name: str, config):
-    """The configured sampler (``generate.scheduler``), built from the base model's schedule."""
-    from diffusers import (
-        DDIMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerDiscreteScheduler,
-        PNDMScheduler,
-    )
-
-    classes = {
-        "dpm_solver_multistep": DPMSolverMultistepScheduler,
-        "ddim": DDIMScheduler,
-        "euler": EulerDiscreteScheduler,
-        "pndm": PNDMScheduler,
-    }
-    return classes[name].from_config(config)

@@ -41,12 +41,10 @@ def generate_stage_name(method: str) -> str:
     return f"synthetic/{method}"
 
 
-def manifest_path(run: RunDir, method: str):
-    return run / "finetune" / method / "manifest.json"
-
-
 def build_plan(cfg: Config, run: RunDir, method: str) -> GroupBalancedPlan:
     """The plan of a method's synthetic set, from its finetune manifest and the real data."""
+    from engine.finetune.stage import manifest_path  # imported here: it brings torch
+
     path = manifest_path(run, method)
     if not path.exists():
         raise FairsynthError(
