@@ -352,27 +352,29 @@ def cluster_group(x: np.ndarray, cfg: ClusterConfig, seed: int) -> GroupClusteri
     # The most clusters that could each hold min_cluster_size images.
     capacity = max(1, n // cfg.min_cluster_size)
     if cfg.k != "auto":
-        k = min(cfg.k, capacity)
-        reason = None
-        if k < cfg.k:
-            reason = (
-                f"{n} images hold at most {k} clusters of min_cluster_size={cfg.min_cluster_size}"
-            )
-        labels, centroids = _fit(x, k, cfg, seed)
-        if reason is None and len(centroids) < k:
-            reason = f"{k - len(centroids)} clusters under min_cluster_size={cfg.min_cluster_size} merged"
-        return _finish(
-            x,
-            labels,
-            centroids,
-            silhouette=silhouette(x, labels, cfg.spherical, seed),
-            reason=reason,
-        )
+        return _cluster_fixed_k(x, cfg, seed, capacity)
+    return _cluster_best_k(x, cfg, seed, capacity)
 
+
+def _cluster_fixed_k(x: np.ndarray, cfg: ClusterConfig, seed: int, capacity: int) -> GroupClustering:
+    """``cfg.k`` clusters, or as many as ``capacity`` allows."""
+    k = min(cfg.k, capacity)
+    reason = None
+    if k < cfg.k:
+        reason = f"{len(x)} images hold at most {k} clusters of min_cluster_size={cfg.min_cluster_size}"
+    labels, centroids = _fit(x, k, cfg, seed)
+    if reason is None and len(centroids) < k:
+        reason = f"{k - len(centroids)} clusters under min_cluster_size={cfg.min_cluster_size} merged"
+    return _finish(x, labels, centroids, silhouette=silhouette(x, labels, cfg.spherical, seed), reason=reason)
+
+
+def _cluster_best_k(x: np.ndarray, cfg: ClusterConfig, seed: int, capacity: int) -> GroupClustering:
+    """k 'auto': the k in [2, min(k_max, capacity)] with the best silhouette, or one cluster
+    when none reaches ``min_silhouette``."""
     top = min(cfg.k_max, capacity)
     if top < 2:
         why = (
-            f"{n} images are too few for 2 clusters of min_cluster_size={cfg.min_cluster_size}"
+            f"{len(x)} images are too few for 2 clusters of min_cluster_size={cfg.min_cluster_size}"
             if cfg.k_max >= 2
             else "k_max = 1"
         )
