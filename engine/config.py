@@ -506,6 +506,11 @@ def _read_preset(path: Path) -> dict:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""
         raise FairsynthError(f"config error: {path}{where} is not valid YAML; fix its syntax") from None
+    except UnicodeDecodeError:
+        raise FairsynthError(f"config error: {path} is not UTF-8 text; save it as UTF-8") from None
+    except Exception as exc:  # YAML's constructors also raise ValueError (2001-02-30, !!int x) and others
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise FairsynthError(f"config error: {path} holds a value YAML cannot read ({reason}); quote it or fix it") from None
     if not isinstance(raw, dict):
         raise FairsynthError(f"config error: {path} must hold a mapping of config keys")
     return raw

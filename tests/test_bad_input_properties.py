@@ -37,7 +37,26 @@ def loads_or_fails_in_one_line(load):
         return None
 
 
-# --- config overrides -------------------------------------------------------------------------
+def mostly(good, odd, rolls: int = 20):
+    """``good``, and now and then ``odd`` (hypothesis tries small integers often, so the odd
+    case sits at the top of the range)."""
+    return st.integers(0, rolls - 1).flatmap(lambda roll: odd if roll == rolls - 1 else good)
+
+
+def dataset_files(text_strategy):
+    """File contents: the strategy's text, one time in ten raw bytes (not UTF-8, or empty)."""
+    return mostly(text_strategy, st.binary(max_size=40), rolls=10)
+
+
+def _write(path: Path, content: str | bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+
+
+# --- config overrides and preset files ---------------------------------------------------------
 
 
 def _config_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
@@ -83,6 +102,30 @@ def test_any_override_loads_or_fails_in_one_line(texts):
     loads_or_fails_in_one_line(lambda: load_config(None, texts))
 
 
+preset_trees = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(CONFIG_KEYS[:14]) | st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+preset_texts = st.one_of(
+    preset_trees.map(lambda tree: yaml.safe_dump(tree)),
+    st.builds(lambda key, value: f"{key}: {value}\n", st.sampled_from(CONFIG_KEYS), override_values),
+    st.builds(lambda parent, rest: f"extends: {parent}\n{rest}", st.sampled_from(["paper", "waterbirds", "nope", "[a]", ""]),
+              st.sampled_from(["", "seed: 3\n", "data: 1\n"])),
+)
+
+
+@PROPERTY
+@given(dataset_files(preset_texts))
+@example("seed: 2001-02-30\n")  # yaml's date constructor raised ValueError
+@example(b"\xff\xfe")  # not UTF-8: UnicodeDecodeError
+def test_any_preset_file_loads_or_fails_in_one_line(content):
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "preset.yaml"
+        _write(path, content)
+        loads_or_fails_in_one_line(lambda: load_config(path))
+
+
 def test_override_errors_name_the_key_and_read_as_typed():
     with pytest.raises(FairsynthError, match=r"^config error: --set '=1': the key path '' has an empty part"):
         load_config(None, ["=1"])
@@ -126,12 +169,6 @@ GOOD_CELLS = {
 MANIFEST_SPLITS = st.sampled_from(["0", "1", "2", "train", "val", "test"])
 
 
-def mostly(good, odd, rolls: int = 20):
-    """``good``, and now and then ``odd`` (hypothesis tries small integers often, so the odd
-    case sits at the top of the range)."""
-    return st.integers(0, rolls - 1).flatmap(lambda roll: odd if roll == rolls - 1 else good)
-
-
 def cell(column: str, good: dict):
     return mostly(good.get(column, odd_cells), odd_cells, rolls=40)
 
@@ -146,19 +183,6 @@ def csv_files(draw, needed: tuple[str, ...], **good):
     rows = draw(st.lists(st.tuples(*[cell(c, cells) for c in columns]), min_size=draw(mostly(st.just(1), st.just(0))),
                          max_size=8))
     return "\n".join([",".join(columns), *(",".join(r) for r in rows)]) + "\n"
-
-
-def dataset_files(text_strategy):
-    """File contents: the strategy's text, one time in ten raw bytes (not UTF-8, or empty)."""
-    return mostly(text_strategy, st.binary(max_size=40), rolls=10)
-
-
-def _write(path: Path, content: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        path.write_text(content)
 
 
 def _load(name: str, root: Path, **data):
