@@ -80,12 +80,16 @@ def main() -> None:
         c = embed(np.stack([load_image(s, cfg.data.image_size) for s in sources])).mean(axis=0)
         return c / np.linalg.norm(c)
 
-    # The generate stage's own loader and sampler: units switched on one base pipeline.
-    pipe = load_base_pipeline(cfg.model.base, device, cfg.model.attention, cfg.model.allow_pickle)
-    scheduler = make_scheduler(cfg.generate.scheduler, pipe.scheduler.config)
-    models = UnitModels(pipe, run.root, cfg.model.attention, cfg.model.allow_pickle)
+    def method_sampler():
+        """The generate stage's own loader and sampler, on a base pipeline of one method's: as in
+        generate, methods never share one (a DreamBooth unit's weight changes apply to the base
+        UNet's own weights, not to one that holds another method's LoRA adapters)."""
+        pipe = load_base_pipeline(cfg.model.base, device, cfg.model.attention, cfg.model.allow_pickle)
+        models = UnitModels(pipe, run.root, cfg.model.attention, cfg.model.allow_pickle)
+        return pipe, make_scheduler(cfg.generate.scheduler, pipe.scheduler.config), models
 
-    def draw(artifact: str | None, kind: str, prompt: str, negative: str, seed: int) -> np.ndarray:
+    def draw(sampler, artifact: str | None, kind: str, prompt: str, negative: str, seed: int) -> np.ndarray:
+        pipe, scheduler, models = sampler
         unet, encode = models.activate(artifact, kind)
         n = args.images
         return sample_images(unet, pipe.vae, scheduler, encode, [prompt] * n, [negative] * n,
@@ -108,6 +112,7 @@ def main() -> None:
         start = time.perf_counter()
         manifest = run_finetune_stage(cfg, run, method)
         finetune_seconds[method] = round(time.perf_counter() - start, 1)
+        sampler = method_sampler()
         folders = {u["artifact"] for u in manifest["units"] if u["artifact"]}
         artifact_bytes[method] = {f: sum(p.stat().st_size for p in (run.root / f).rglob("*")
                                          if p.is_file() and p.name != "unit.json") for f in sorted(folders)}
@@ -132,9 +137,9 @@ def main() -> None:
             floor = distance(np.stack([load_image(x, cfg.data.image_size) for x in held_out]), c)
             seed = 1000 + group * 100 + max(int(unit["cluster"]), 0)
             attribute = int(unit["attribute"])
-            drawn_before = draw(None, "base", prompts.plain(int(unit["label"]), attribute), "", seed)
+            drawn_before = draw(sampler, None, "base", prompts.plain(int(unit["label"]), attribute), "", seed)
             before = distance(drawn_before, c)
-            drawn_after = draw(unit["artifact"], unit["artifact_kind"], unit["prompt"], unit["negative_prompt"], seed)
+            drawn_after = draw(sampler, unit["artifact"], unit["artifact_kind"], unit["prompt"], unit["negative_prompt"], seed)
             after = distance(drawn_after, c)
             rows.append({"method": method, "unit": unit["unit"], "borrowed_from": unit["borrowed_from"],
                          "n_real": unit["n_real"], "reference": reference, "real": round(floor, 4),
