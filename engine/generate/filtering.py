@@ -183,9 +183,21 @@ def score_images(cfg: Config, run: RunDir, method: str, class_prompts: list[str]
             batch_format="pandas",
             **resources.map_batches_kwargs(),
         )
-        return ds.to_pandas()
+        return _collect_scores(ds, images, f"filter {method}")
     finally:
         context.enable_progress_bars = saved
+
+
+def _collect_scores(ds, images: int, desc: str) -> pd.DataFrame:
+    """The scored rows, in the dataset's order, with one progress bar over images scored."""
+    from tqdm.auto import tqdm
+
+    frames = []
+    with tqdm(total=images, unit="img", desc=desc, smoothing=0.1) as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+            frames.append(batch)
+            bar.update(len(batch))
+    return pd.concat(frames, ignore_index=True) if frames else ds.to_pandas()
 
 
 def _rewrite_shard(uri: str, lookup: pd.DataFrame) -> int:
