@@ -81,7 +81,21 @@ class BuiltinConfig(Section):
     original_alignment: float = Field(
         0.95, gt=0.5, lt=1.0, description="share of bias-aligned images per class in 'original'"
     )
+    rendering: str = Field(
+        "classic",
+        description="how hard the object (the core feature) is to see beside the background: a name in "
+        "engine.data.builtin.RENDERINGS (benchmarks/benchmark_calibration.py measures each)",
+    )
     seed: int = 0
+
+    @field_validator("rendering")
+    @classmethod
+    def _known_rendering(cls, v: str) -> str:
+        from engine.data.builtin import RENDERINGS
+
+        if v not in RENDERINGS:
+            raise ValueError(f"unknown rendering; valid: {', '.join(RENDERINGS)}")
+        return v
 
 
 class DataConfig(Section):

@@ -5,11 +5,13 @@ Each class has three visible sub-types (shape and colour) and each attribute two
 sub-types, so clustering has structure to find. Two styles share the vocabulary:
 
 - ``benchmark``: shaded objects on textured backgrounds with rendering noise; the dataset
-  the classifier is trained and evaluated on.
+  the classifier is trained and evaluated on. How hard its object (the core feature) is to
+  see, beside the background (the shortcut), is a named ``Rendering`` (``RENDERINGS``;
+  ``data.builtin.rendering``): object size, placement, colour and noise.
 - ``base``: flat colours with a dark outline and plain backgrounds; the captioned corpus
   the tiny generator is pretrained on, so fine-tuning has a domain gap to close.
 
-Every image is a pure function of (object, background, seed, style, size).
+Every image is a pure function of (object, background, seed, style, size, rendering).
 """
 
 from __future__ import annotations
@@ -34,6 +36,36 @@ BACKGROUNDS = tuple(name for a in sorted(BACKGROUND_SUBTYPES) for name in BACKGR
 OBJECT_CLASS = {name: c for c, names in OBJECT_SUBTYPES.items() for name in names}
 BACKGROUND_ATTRIBUTE = {name: a for a, names in BACKGROUND_SUBTYPES.items() for name in names}
 STYLES = ("benchmark", "base")
+# A dataset record's image address: builtin://<object>/<background>/<seed>[/<rendering>].
+BUILTIN_SCHEME = "builtin://"
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """How the benchmark style draws its object; each (low, high) range is drawn per image.
+
+    The background (the shortcut) fills most of the image in every rendering; these knobs
+    make the object (the core feature) smaller, noisier, and, with a shared palette, readable
+    by its shape alone, so a classifier learns it later than the background, as on Waterbirds."""
+
+    scale: tuple[float, float] = (0.24, 0.32)  # object radius, as a share of the image side
+    centre: tuple[float, float] = (0.38, 0.62)  # object centre, as a share of the side
+    angle: float = 0.25  # largest rotation (radians)
+    colour_jitter: float = 20.0  # per-image shift of each object colour channel
+    noise: float = 8.0  # std of per-pixel Gaussian noise
+    # Waterbirds wear their partner landbird's colour (PALETTE_PARTNER): colour then tells the
+    # sub-type within a class, so clustering keeps its structure, but not the class.
+    shared_palette: bool = False
+
+
+RENDERINGS = {
+    # The benchmark as first shipped: large objects whose colour alone names their class.
+    "classic": Rendering(),
+    # Calibrated (benchmarks/benchmark_calibration.py) so ERM and Group-DRO land where they do
+    # on Waterbirds: only shape tells the class, on smaller, noisier objects.
+    "calibrated": Rendering(scale=(0.18, 0.28), colour_jitter=25.0, noise=14.0, shared_palette=True),
+}
+DEFAULT_RENDERING = "classic"
 
 _OBJECT_COLOUR = {
     "sparrow": (150, 95, 50),
@@ -49,6 +81,10 @@ _BACKGROUND_COLOURS = {  # (base colour, texture colour)
     "ocean": ((25, 60, 150), (90, 140, 215)),
     "lake": ((95, 175, 190), (160, 215, 225)),
 }
+
+
+# Each waterbird sub-type's landbird partner, whose colour it wears under a shared palette.
+PALETTE_PARTNER = {"duck": "sparrow", "gull": "crow", "heron": "finch"}
 
 
 def caption(object_name: str, background_name: str) -> str:
@@ -100,31 +136,56 @@ def _background(name: str, style: str, rng: np.random.Generator, size: int) -> n
     return base + jitter + t * (texture - base)
 
 
+def get_rendering(name: str | Rendering) -> Rendering:
+    if isinstance(name, Rendering):
+        return name
+    if name not in RENDERINGS:
+        raise ValueError(f"unknown rendering {name!r}; known: {', '.join(RENDERINGS)}")
+    return RENDERINGS[name]
+
+
+def source_address(object_name: str, background_name: str, seed: int, rendering: str = DEFAULT_RENDERING) -> str:
+    """A record's image address; the default rendering keeps the original, shorter form."""
+    tail = "" if rendering == DEFAULT_RENDERING else f"/{rendering}"
+    return f"{BUILTIN_SCHEME}{object_name}/{background_name}/{seed}{tail}"
+
+
+def render_address(address: str, size: int) -> np.ndarray:
+    """The benchmark-style image a ``source_address`` names."""
+    parts = address[len(BUILTIN_SCHEME):].split("/")
+    obj, bg, seed = parts[:3]
+    rendering = parts[3] if len(parts) > 3 else DEFAULT_RENDERING
+    return render(obj, bg, int(seed), "benchmark", size, rendering)
+
+
 def render(
     object_name: str,
     background_name: str,
     seed: int,
     style: str = "benchmark",
     size: int = 32,
+    rendering: str | Rendering = DEFAULT_RENDERING,
 ) -> np.ndarray:
     """Draw one image as uint8 [size, size, 3]."""
     if style not in STYLES:
         raise ValueError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
     if background_name not in _BACKGROUND_COLOURS:
         raise ValueError(f"unknown background {background_name!r}; known: {', '.join(BACKGROUNDS)}")
+    r = get_rendering(rendering)
     rng = np.random.default_rng(seed)
     img = _background(background_name, style, rng, size)
 
     # Object placement: centre, scale and a small rotation, all from the seed.
-    cx, cy = rng.uniform(0.38, 0.62, size=2) * size
-    scale = rng.uniform(0.24, 0.32) * size
-    angle = rng.uniform(-0.25, 0.25)
+    cx, cy = rng.uniform(*r.centre, size=2) * size
+    scale = rng.uniform(*r.scale) * size
+    angle = rng.uniform(-r.angle, r.angle)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     dx, dy = (xx - cx) / scale, (yy - cy) / scale
     u = np.cos(angle) * dx + np.sin(angle) * dy
     v = -np.sin(angle) * dx + np.cos(angle) * dy
     mask = _object_mask(object_name, u, v)
-    colour = np.array(_OBJECT_COLOUR[object_name], dtype=np.float32)
+    worn = PALETTE_PARTNER.get(object_name, object_name) if style == "benchmark" and r.shared_palette else object_name
+    colour = np.array(_OBJECT_COLOUR[worn], dtype=np.float32)
     if style == "base":
         img[mask] = colour
         # A dark outline: mask pixels with a non-mask 4-neighbour.
@@ -132,10 +193,10 @@ def render(
         interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
         img[mask & ~interior] = (15, 15, 15)
     else:
-        colour = colour + rng.uniform(-20, 20, size=3).astype(np.float32)
+        colour = colour + rng.uniform(-r.colour_jitter, r.colour_jitter, size=3).astype(np.float32)
         shade = (1.0 - 0.18 * np.clip(v, -1, 1))[..., None]  # lit from above
         img = np.where(mask[..., None], colour * shade, img)
-        img = img + rng.normal(0.0, 8.0, size=img.shape).astype(np.float32)
+        img = img + rng.normal(0.0, r.noise, size=img.shape).astype(np.float32)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 

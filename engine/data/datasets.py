@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 COLUMNS = ("image_id", "source", "label", "attribute", "split", "group", "subtype")
-BUILTIN_SCHEME = "builtin://"
+BUILTIN_SCHEME = builtin.BUILTIN_SCHEME
 
 
 @dataclass
@@ -169,7 +169,7 @@ def load_builtin(cfg: DataConfig) -> GroupedDataset:
             rows.append(
                 {
                     "image_id": f"builtin-{split}-{index:06d}",
-                    "source": f"{BUILTIN_SCHEME}{obj}/{bg}/{seed}",
+                    "source": builtin.source_address(obj, bg, seed, b.rendering),
                     "label": label,
                     "attribute": attribute,
                     "split": split,
@@ -386,8 +386,7 @@ LOADERS = {
 def load_image(source: str, size: int) -> np.ndarray:
     """uint8 [size, size, 3] for a record's source (a file, or a builtin:// address)."""
     if source.startswith(BUILTIN_SCHEME):
-        obj, bg, seed = source[len(BUILTIN_SCHEME) :].split("/")
-        return builtin.render(obj, bg, int(seed), "benchmark", size)
+        return builtin.render_address(source, size)
     try:
         with Image.open(source) as img:
             img = img.convert("RGB")
