@@ -364,6 +364,11 @@ class RayConfig(Section):
 class Config(Section):
     run_dir: str = "runs/default"
     seed: int = 0
+    seeds: list[int] | None = Field(
+        None,
+        description="run the whole job once per seed, in RUN/seed_<s>/, with `seed` and every stage's seed "
+        "(cluster, finetune, generate, train) set to s and the data unchanged; results show mean ± std",
+    )
     methods: list[str] = Field(default_factory=lambda: list(METHODS))
     severities: list[Literal["original"] | float] = Field(default_factory=lambda: [0.999])
     data: DataConfig = DataConfig()
@@ -388,6 +393,13 @@ class Config(Section):
         unknown = [m for m in v if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method {unknown[0]!r}; valid: {', '.join(METHODS)}")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or len(set(v)) != len(v) or min(v) < 0):
+            raise ValueError("must be a non-empty list of distinct seeds >= 0, e.g. [0, 1, 2]")
         return v
 
     @field_validator("severities", mode="before")

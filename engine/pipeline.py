@@ -4,6 +4,13 @@ every configured method and severity, in one Ray session.
 Each severity gets its own run directory inside the job's (RUN/severity-<p>/), laid out as
 DESIGN.md describes; stages skip what is complete for the same config slice, so a re-run
 after a failure resumes and adding a method reuses what exists.
+
+With ``seeds`` set, the whole job runs once per seed in RUN/seed_<s>/ (each a complete run,
+with its own results), and RUN/results.{json,md} show every method's mean ± std over the
+seeds beside each seed's figures. A seed sets ``seed`` and every stage's seed (cluster,
+finetune, generate, train); the data stay the same, so the data stage, which no seed
+touches, is copied from the first seed's run instead of being redone. Nothing else is shared:
+every other stage draws something from its seed.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from collections.abc import Callable
 
 from engine import storage
 from engine.config import GENERATIVE_METHODS, Config
-from engine.report import collect_rows, severity_tag, write_results
+from engine.report import aggregate_seeds, collect_rows, seed_tag, severity_tag, write_results
 from engine.runs import RunDir, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -27,8 +34,42 @@ def severity_config(cfg: Config, severity) -> Config:
     return sub
 
 
-def run_severity(cfg: Config, force: bool, on_stage: Callable[[str], None]) -> dict:
-    """Every stage for one severity; returns seconds spent per method and stage."""
+# Stages whose randomness a seed of ``seeds`` sets (the data stage's is the dataset's own).
+SEEDED_SECTIONS = ("cluster", "finetune", "generate", "train")
+# What the data stage writes (engine.data.stage), besides its marker.
+DATA_STAGE_FILES = ("data/records.parquet", "data/groups.json")
+
+
+def seed_config(cfg: Config, seed: int) -> Config:
+    """One seed's whole job: its own run directory, ``seed`` and every stage's seed set to it."""
+    sub = cfg.model_copy(deep=True)
+    sub.seeds = None
+    sub.seed = seed
+    for section in SEEDED_SECTIONS:
+        getattr(sub, section).seed = seed
+    sub.run_dir = str(storage.as_path(cfg.run_dir) / seed_tag(seed))
+    return sub
+
+
+def reuse_data_stage(cfg: Config, source: RunDir, target: RunDir) -> bool:
+    """Copy a complete data stage written for the same data slice into ``target``; the data
+    stage depends on nothing a seed sets, so its outputs are the same bytes either way."""
+    from engine.data.stage import STAGE, data_hash
+
+    digest = data_hash(cfg)
+    if target.is_complete(STAGE, digest) or not source.is_complete(STAGE, digest):
+        return False
+    for name in DATA_STAGE_FILES:
+        storage.copy_file(source / name, target / name)
+    target.mark_complete(STAGE, digest, copied_from=source.uri)
+    return True
+
+
+def run_severity(
+    cfg: Config, force: bool, on_stage: Callable[[str], None], data_from: RunDir | None = None
+) -> dict:
+    """Every stage for one severity; returns seconds spent per method and stage. With
+    ``data_from``, a matching complete data stage there is copied instead of redone."""
     from engine.cluster import run_cluster_stage
     from engine.data.stage import run_data_stage
     from engine.finetune import run_finetune_stage
@@ -37,6 +78,8 @@ def run_severity(cfg: Config, force: bool, on_stage: Callable[[str], None]) -> d
 
     run = RunDir(cfg.run_dir)
     run.prepare(cfg, force=force)
+    if data_from is not None and reuse_data_stage(cfg, data_from, run):
+        log.info("%s: data stage copied from %s", run.uri, data_from.uri)
     shared: dict[str, float] = {}
 
     def timed(name: str, fn, *args) -> float:
@@ -61,18 +104,41 @@ def run_severity(cfg: Config, force: bool, on_stage: Callable[[str], None]) -> d
     return seconds
 
 
-def run_full(cfg: Config, force: bool = False, on_stage: Callable[[str], None] = log.info) -> str:
-    """Run every severity and method, then write RUN/results.{json,md}, plots and grids."""
+def run_seed(
+    cfg: Config, force: bool, on_stage: Callable[[str], None], data_from: RunDir | None = None
+) -> list[dict]:
+    """Every severity and method of one run directory: writes its stage_seconds.json and
+    grids, and returns its result rows."""
     root = storage.as_path(cfg.run_dir)
     RunDir(root).prepare(cfg, force=force)
     timings: dict[str, dict] = {}
     for severity in cfg.severities:
         sub = severity_config(cfg, severity)
-        timings[str(severity)] = run_severity(sub, force, on_stage)
+        source = RunDir(storage.as_path(data_from.root) / severity_tag(severity)) if data_from else None
+        timings[str(severity)] = run_severity(sub, force, on_stage, data_from=source)
         grids = storage.as_path(sub.run_dir) / "grids"
         for png in sorted(grids.glob("*.png")) if grids.exists() else []:
             storage.copy_file(png, root / "grids" / f"{severity_tag(severity)}_{png.name}")
     atomic_write_json(root / "stage_seconds.json", timings)
+    return collect_rows(root, cfg.severities, cfg.methods, timings)
+
+
+def run_full(cfg: Config, force: bool = False, on_stage: Callable[[str], None] = log.info) -> str:
+    """Run every severity and method (once per seed of ``seeds``), then write
+    RUN/results.{json,md}, plots and grids; returns the results table."""
+    root = storage.as_path(cfg.run_dir)
+    RunDir(root).prepare(cfg, force=force)
+    if cfg.seeds is None:
+        rows = run_seed(cfg, force, on_stage)
+        on_stage("report")
+        return write_results(root, rows, cfg.data.name)
+    per_seed: dict[int, list[dict]] = {}
+    first: RunDir | None = None
+    for seed in cfg.seeds:
+        sub = seed_config(cfg, seed)
+        rows = run_seed(sub, force, lambda stage, seed=seed: on_stage(f"{seed_tag(seed)}: {stage}"), data_from=first)
+        write_results(storage.as_path(sub.run_dir), rows, cfg.data.name)
+        per_seed[seed] = rows
+        first = first or RunDir(sub.run_dir)
     on_stage("report")
-    rows = collect_rows(root, cfg.severities, cfg.methods, timings)
-    return write_results(root, rows, cfg.data.name)
+    return write_results(root, aggregate_seeds(per_seed), cfg.data.name)

@@ -1,5 +1,9 @@
 """The results of a whole job: a table laid out like the paper's, a JSON row per method and
-severity, and per-group accuracy plots."""
+severity, and per-group accuracy plots.
+
+A job of several seeds (``seeds``) reports each row as the mean over its seeds, with the
+sample standard deviation beside each metric (``<metric>_std``) and every seed's own row
+under ``per_seed``; the table shows mean ± std, and a second table each seed's figures."""
 
 from __future__ import annotations
 
@@ -23,6 +27,65 @@ METHOD_TITLES = {
 def severity_tag(severity: float | str) -> str:
     """Folder name of one severity's run inside a job's run directory."""
     return f"severity-{severity}"
+
+
+def seed_tag(seed: int) -> str:
+    """Folder name of one seed's run inside a job's run directory."""
+    return f"seed_{seed}"
+
+
+# Metrics averaged over seeds, each with its sample standard deviation beside it.
+SEED_METRICS = ("test_worst_group", "test_average_group", "val_worst_group")
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    clean = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not clean:
+        return math.nan, math.nan
+    mean = sum(clean) / len(clean)
+    if len(clean) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in clean) / (len(clean) - 1))
+
+
+def _mean_fidelity(rows: list[dict]) -> dict | None:
+    """Overall fidelity over seeds: mean shares, and the lowest unit of any seed (units are
+    per seed: a seed's clusters are its own, so per-unit figures stay in ``per_seed``)."""
+    measured = [(r["seed"], r["synthetic_fidelity"]) for r in rows if r.get("synthetic_fidelity")]
+    if not measured:
+        return None
+    worst = [(f["worst_unit_after"]["after"], seed, f["worst_unit_after"]["unit"])
+             for seed, f in measured if f.get("worst_unit_after")]
+    lowest = min(worst) if worst else None
+    return {
+        "judge": measured[0][1]["judge"],
+        "before": _mean_std([f["before"] for _, f in measured])[0],
+        "after": _mean_std([f["after"] for _, f in measured])[0],
+        "worst_unit_after": None if lowest is None else {"after": lowest[0], "seed": lowest[1], "unit": lowest[2]},
+    }
+
+
+def aggregate_seeds(per_seed: dict[int, list[dict]]) -> list[dict]:
+    """One row per (method, severity) over every seed's rows (``collect_rows`` of each seed's
+    run): metric means, ``<metric>_std``, the mean per-group accuracy, and the seeds' rows."""
+    keys = list(dict.fromkeys((r["method"], r["severity"]) for rows in per_seed.values() for r in rows))
+    out = []
+    for method, severity in keys:
+        rows = [{"seed": seed, **r} for seed, seed_rows in per_seed.items()
+                for r in seed_rows if (r["method"], r["severity"]) == (method, severity)]
+        row = {"method": method, "severity": severity, "seeds": [r["seed"] for r in rows]}
+        for metric in SEED_METRICS:
+            row[metric], row[f"{metric}_std"] = _mean_std([r[metric] for r in rows])
+        n_groups = len(rows[0]["test_per_group"])
+        row["test_per_group"] = [_mean_std([r["test_per_group"][g] for r in rows])[0] for g in range(n_groups)]
+        row["synthetic_images"] = max(r["synthetic_images"] for r in rows)
+        row["group_names"] = rows[0].get("group_names")
+        row["synthetic_fidelity"] = _mean_fidelity(rows)
+        stages = list(dict.fromkeys(k for r in rows for k in r["stage_seconds"]))
+        row["stage_seconds"] = {k: _mean_std([r["stage_seconds"].get(k) for r in rows])[0] for k in stages}
+        row["per_seed"] = rows
+        out.append(row)
+    return out
 
 
 def severity_title(severity: float | str) -> str:
@@ -69,27 +132,32 @@ def _fidelity_cell(fidelity: dict | None) -> str:
     if not fidelity:
         return "-"
     worst = fidelity.get("worst_unit_after")
-    tail = f", worst unit {_pct(worst['after'])}" if worst else ""
+    seed = f" (seed {worst['seed']})" if worst and "seed" in worst else ""
+    tail = f", worst unit {_pct(worst['after'])}{seed}" if worst else ""
     return f"{_pct(fidelity['after'])} ({_pct(fidelity['before'])}){tail}"
 
 
 def fidelity_markdown(rows: list[dict]) -> str:
-    """Per unit: the share of its kept (all) synthetic images the judge reads as its group."""
+    """Per unit: the share of its kept (all) synthetic images the judge reads as its group
+    (with several seeds, every seed's units, since each seed clusters and trains its own)."""
+    rows = [s for r in rows for s in r.get("per_seed", [r])]
     measured = [r for r in rows if r.get("synthetic_fidelity")]
     if not measured:
         return ""
     judges = sorted({r["synthetic_fidelity"]["judge"] for r in measured})
+    seeded = any("seed" in r for r in measured)
     lines = [
         f"Synthetic group fidelity per unit (%): images the {' / '.join(judges)} judge reads as the unit's "
         "class and attribute, kept by the filter (all generated); class and attribute alone, kept",
         "",
-        "| Method | Severity | Unit | Group | Group fidelity | Class | Attribute | Kept / generated |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| Method | Severity |{' Seed |' if seeded else ''} Unit | Group | Group fidelity | Class | Attribute | Kept / generated |",
+        "|---" * (8 + seeded) + "|",
     ]
     for r in measured:
+        seed = f" {r['seed']} |" if seeded else ""
         for unit, u in r["synthetic_fidelity"]["per_unit"].items():
             lines.append(
-                f"| {METHOD_TITLES[r['method']]} | {severity_title(r['severity'])} | {unit} | {u['name']} | "
+                f"| {METHOD_TITLES[r['method']]} | {severity_title(r['severity'])} |{seed} {unit} | {u['name']} | "
                 f"{_pct(u['after'])} ({_pct(u['before'])}) | {_pct(u['class_after'])} | "
                 f"{_pct(u['attribute_after'])} | {u['kept']} / {u['images']} |"
             )
@@ -100,8 +168,37 @@ def _pct(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
+def _metric_cell(row: dict, metric: str) -> str:
+    """A metric in percent, '± std' after it when the row is a mean over seeds."""
+    std = row.get(f"{metric}_std")
+    return _pct(row[metric]) + (f" ± {_pct(std)}" if "seeds" in row else "")
+
+
+def per_seed_markdown(rows: list[dict]) -> str:
+    """Each seed's test WGA / AGA beside the mean ± std, one line per method and severity."""
+    seeds = list(dict.fromkeys(s for r in rows for s in r.get("seeds", [])))
+    if not seeds:
+        return ""
+    lines = [
+        f"Test worst-group / average-group accuracy (%) per seed, and mean ± sample std over {len(seeds)} seeds",
+        "",
+        "| Method | Severity | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
+        "|---" * (len(seeds) + 3) + "|",
+    ]
+    for r in rows:
+        by_seed = {p["seed"]: p for p in r["per_seed"]}
+        cells = [
+            f"{_pct(by_seed[s]['test_worst_group'])} / {_pct(by_seed[s]['test_average_group'])}" if s in by_seed else "-"
+            for s in seeds
+        ]
+        mean = f"{_metric_cell(r, 'test_worst_group')} / {_metric_cell(r, 'test_average_group')}"
+        lines.append(f"| {METHOD_TITLES[r['method']]} | {severity_title(r['severity'])} | " + " | ".join(cells) + f" | {mean} |")
+    return "\n".join(lines) + "\n"
+
+
 def results_markdown(rows: list[dict], title: str) -> str:
-    """Methods as rows, severities as columns, 'WGA / AGA' in percent, as in the paper."""
+    """Methods as rows, severities as columns, 'WGA / AGA' in percent, as in the paper (with
+    several seeds: mean ± std, then each seed's figures)."""
     severities = list(dict.fromkeys(r["severity"] for r in rows))
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     by_key = {(r["method"], r["severity"]): r for r in rows}
@@ -109,8 +206,10 @@ def results_markdown(rows: list[dict], title: str) -> str:
         "| Method | " + " | ".join(f"{title} {severity_title(s)}" for s in severities)
         + " | " + " | ".join(f"group fidelity {severity_title(s)}" for s in severities) + " | synthetic images |"
     )
+    seeds = list(dict.fromkeys(s for r in rows for s in r.get("seeds", [])))
+    over = f", mean ± sample std over seeds {', '.join(map(str, seeds))}" if seeds else ""
     lines = [
-        "Test worst-group / average-group accuracy (%); group fidelity: the share of kept (all generated) "
+        f"Test worst-group / average-group accuracy (%){over}; group fidelity: the share of kept (all generated) "
         "synthetic images that an independent judge reads as their unit's group, and the lowest unit's (%)",
         "",
         head,
@@ -120,14 +219,14 @@ def results_markdown(rows: list[dict], title: str) -> str:
         cells = []
         for s in severities:
             r = by_key.get((method, s))
-            cells.append(f"{_pct(r['test_worst_group'])} / {_pct(r['test_average_group'])}" if r else "-")
+            cells.append(f"{_metric_cell(r, 'test_worst_group')} / {_metric_cell(r, 'test_average_group')}" if r else "-")
         for s in severities:
             r = by_key.get((method, s))
             cells.append(_fidelity_cell(r.get("synthetic_fidelity")) if r else "-")
         used = max(by_key[(method, s)]["synthetic_images"] for s in severities if (method, s) in by_key)
         lines.append(f"| {METHOD_TITLES[method]} | " + " | ".join(cells) + f" | {used} |")
-    units = fidelity_markdown(rows)
-    return "\n".join(lines) + "\n" + (f"\n{units}" if units else "")
+    extra = [t for t in (per_seed_markdown(rows), fidelity_markdown(rows)) if t]
+    return "\n".join(lines) + "\n" + "".join(f"\n{t}" for t in extra)
 
 
 def plot_per_group(rows: list[dict], path: Path, severity) -> None:

@@ -1,8 +1,11 @@
 """The whole job: data, cluster, finetune, generate, filter, train and report, for every
 method and severity in the config. With no arguments: the embedded tiny default.
 
-    python jobs/full.py [--config PRESET] [--set key=value ...] [--run-dir DIR] [--force]
+    python jobs/full.py [--config PRESET] [--set key=value ...] [--run-dir DIR] [--force] [--seeds 0,1,2]
     ray job submit --working-dir . -- python jobs/full.py --config waterbirds_0999
+
+--seeds runs the whole job once per seed (RUN/seed_<s>/; the config key ``seeds``) and reports
+mean ± std over them beside each seed's figures.
 """
 
 import time
@@ -13,7 +16,12 @@ from engine.cli import config_from_args, job_parser, run_job
 
 
 def main() -> None:
-    args = job_parser(__doc__.splitlines()[0]).parse_args()
+    parser = job_parser(__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default=None, metavar="S,S,...",
+                        help="comma-separated seeds, e.g. 0,1,2: one whole run per seed, results as mean ± std")
+    args = parser.parse_args()
+    if args.seeds is not None:
+        args.overrides.append(f"seeds=[{args.seeds}]")
     cfg = config_from_args(args)
 
     from engine.pipeline import run_full
