@@ -66,6 +66,8 @@ RENDERINGS = {
     "calibrated": Rendering(scale=(0.18, 0.28), colour_jitter=25.0, noise=14.0, shared_palette=True),
 }
 DEFAULT_RENDERING = "classic"
+# The rendering of a builtin:// address that names none.
+UNNAMED_RENDERING = "classic"
 
 _OBJECT_COLOUR = {
     "sparrow": (150, 95, 50),
@@ -145,8 +147,9 @@ def get_rendering(name: str | Rendering) -> Rendering:
 
 
 def source_address(object_name: str, background_name: str, seed: int, rendering: str = DEFAULT_RENDERING) -> str:
-    """A record's image address; the default rendering keeps the original, shorter form."""
-    tail = "" if rendering == DEFAULT_RENDERING else f"/{rendering}"
+    """A record's image address; 'classic' keeps the original form, so every address written
+    before renderings existed still names the image it named."""
+    tail = "" if rendering == UNNAMED_RENDERING else f"/{rendering}"
     return f"{BUILTIN_SCHEME}{object_name}/{background_name}/{seed}{tail}"
 
 
@@ -154,7 +157,7 @@ def render_address(address: str, size: int) -> np.ndarray:
     """The benchmark-style image a ``source_address`` names."""
     parts = address[len(BUILTIN_SCHEME):].split("/")
     obj, bg, seed = parts[:3]
-    rendering = parts[3] if len(parts) > 3 else DEFAULT_RENDERING
+    rendering = parts[3] if len(parts) > 3 else UNNAMED_RENDERING
     return render(obj, bg, int(seed), "benchmark", size, rendering)
 
 
@@ -171,7 +174,8 @@ def render(
         raise ValueError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
     if background_name not in _BACKGROUND_COLOURS:
         raise ValueError(f"unknown background {background_name!r}; known: {', '.join(BACKGROUNDS)}")
-    r = get_rendering(rendering)
+    # The base corpus is drawn one way whatever the benchmark's rendering.
+    r = get_rendering(rendering) if style == "benchmark" else RENDERINGS[UNNAMED_RENDERING]
     rng = np.random.default_rng(seed)
     img = _background(background_name, style, rng, size)
 
@@ -184,7 +188,7 @@ def render(
     u = np.cos(angle) * dx + np.sin(angle) * dy
     v = -np.sin(angle) * dx + np.cos(angle) * dy
     mask = _object_mask(object_name, u, v)
-    worn = PALETTE_PARTNER.get(object_name, object_name) if style == "benchmark" and r.shared_palette else object_name
+    worn = PALETTE_PARTNER.get(object_name, object_name) if r.shared_palette else object_name
     colour = np.array(_OBJECT_COLOUR[worn], dtype=np.float32)
     if style == "base":
         img[mask] = colour
