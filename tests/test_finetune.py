@@ -131,6 +131,9 @@ def test_lora_trains_aligned_groups_in_parallel_and_minorities_borrow(lora_run):
     a, b = unit_record(run, "lora", "g0"), unit_record(run, "lora", "g3")
     assert max(a["started_at"], b["started_at"]) < min(a["finished_at"], b["finished_at"])
     assert json.loads(run.marker("finetune/lora").read_text())["trained"] == 2
+    # Each trained unit's loss curve stays for `tensorboard --logdir RUN` after its experiment is gone.
+    for unit in ("g0", "g3"):
+        assert list((run / f"finetune/lora/tensorboard/{unit}").glob("events.out.tfevents*")), unit
 
 
 def test_lora_loads_with_plain_diffusers_and_changes_images(lora_run, tmp_path):

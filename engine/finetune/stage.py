@@ -18,6 +18,9 @@ Owns ``RUN/finetune/``:
   ``ray.storage_path`` puts them on shared storage. An experiment is deleted once the
   manifest lists every unit it trained (their artifacts are in ``units/`` by then), so a
   finished method keeps no second copy; a unit folder lost after that is trained again.
+- ``<method>/tensorboard/<unit>/``: the TensorBoard events of the unit's chosen trial (its
+  loss and learning rate per step), kept when the experiment is deleted, so one
+  ``tensorboard --logdir RUN`` shows fine-tuning beside training.
 - ``class_images/<key>.npy``: prior-preservation images the base model drew, keyed by the
   prompt, the base model and the sampler settings, shared by every DreamBooth method.
 """
@@ -205,7 +208,25 @@ def _materialize(run: RunDir, method: str, unit: Unit, result: UnitResult, train
             )
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         (tmp / UNIT_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    _keep_tensorboard(run, method, unit.unit, result)
     return record
+
+
+def _keep_tensorboard(run: RunDir, method: str, unit: str, result: UnitResult) -> None:
+    """Copy the TensorBoard events Tune wrote beside the trial's checkpoints into the run."""
+    import posixpath
+
+    import pyarrow.fs as pafs
+
+    fs, trial_dir = result.checkpoint.filesystem, posixpath.dirname(result.checkpoint.path)
+    try:
+        for info in fs.get_file_info(pafs.FileSelector(trial_dir)):
+            name = posixpath.basename(info.path)
+            if info.type == pafs.FileType.File and name.startswith("events.out.tfevents"):
+                with fs.open_input_stream(info.path) as events:
+                    storage.write_bytes(run / f"finetune/{method}/tensorboard/{unit}/{name}", events.read())
+    except OSError as exc:  # the curves are a convenience; the unit is what the stage owes
+        log.warning("unit %s: TensorBoard events not kept (%s)", unit, exc)
 
 
 def _check_devices(cfg: Config) -> None:
