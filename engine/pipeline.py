@@ -21,8 +21,10 @@ from collections.abc import Callable
 
 from engine import storage
 from engine.config import GENERATIVE_METHODS, Config
+from engine.html_report import write_html_report
 from engine.report import aggregate_seeds, collect_rows, seed_tag, severity_tag, write_results
 from engine.runs import RunDir, atomic_write_json
+from engine.tracking import Tracker, get_tracker
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +129,13 @@ def run_full(cfg: Config, force: bool = False, on_stage: Callable[[str], None] =
     """Run every severity and method (once per seed of ``seeds``), then write
     RUN/results.{json,md}, plots and grids; returns the results table."""
     root = storage.as_path(cfg.run_dir)
+    tracker = get_tracker(cfg)
+    tracker.check()  # a tracker that cannot log fails now, not after hours of compute
     RunDir(root).prepare(cfg, force=force)
     if cfg.seeds is None:
         rows = run_seed(cfg, force, on_stage)
         on_stage("report")
-        return write_results(root, rows, cfg.data.name)
+        return finish_report(cfg, root, rows, tracker)
     per_seed: dict[int, list[dict]] = {}
     first: RunDir | None = None
     for seed in cfg.seeds:
@@ -141,4 +145,12 @@ def run_full(cfg: Config, force: bool = False, on_stage: Callable[[str], None] =
         per_seed[seed] = rows
         first = first or RunDir(sub.run_dir)
     on_stage("report")
-    return write_results(root, aggregate_seeds(per_seed), cfg.data.name)
+    return finish_report(cfg, root, aggregate_seeds(per_seed), tracker)
+
+
+def finish_report(cfg: Config, root, rows: list[dict], tracker: Tracker) -> str:
+    """results.{json,md}, plots, RUN/report.html, and the tracker's copy; returns the table."""
+    table = write_results(root, rows, cfg.data.name)
+    write_html_report(root)
+    tracker.log_run(cfg, root, rows)
+    return table

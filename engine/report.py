@@ -88,6 +88,31 @@ def aggregate_seeds(per_seed: dict[int, list[dict]]) -> list[dict]:
     return out
 
 
+# Stages run once per severity (and seed) for every method; each method's row repeats their time.
+SHARED_STAGES = ("data", "cluster")
+
+
+def stage_totals(rows: list[dict]) -> dict[str, float]:
+    """Wall seconds per stage over the job (a mean seed's, with several seeds)."""
+    totals: dict[str, float] = {}
+    for severity in dict.fromkeys(r["severity"] for r in rows):
+        chosen = [r["stage_seconds"] for r in rows if r["severity"] == severity]
+        for stage in dict.fromkeys(k for s in chosen for k in s):
+            values = [s[stage] for s in chosen if s.get(stage) is not None]
+            totals[stage] = totals.get(stage, 0.0) + (max(values) if stage in SHARED_STAGES else sum(values))
+    return totals
+
+
+def console_summary(rows: list[dict], table: str, run_root) -> str:
+    """What a finished job prints: the results table (results.md has the per-seed and per-unit
+    tables too), where the report is, and the time each stage took."""
+    head = "\n\n".join(table.split("\n\n")[:2]).rstrip()
+    per = " per seed" if any("seeds" in r for r in rows) else ""
+    times = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in stage_totals(rows).items())
+    return (f"{head}\n\nreport: {run_root}/report.html (results, plots, sample grids, timings, config)\n"
+            f"stage time{per}: {times}")
+
+
 def severity_title(severity: float | str) -> str:
     return "orig" if severity == "original" else str(severity)
 

@@ -24,9 +24,12 @@ def main() -> None:
         args.overrides.append(f"seeds=[{args.seeds}]")
     cfg = config_from_args(args)
 
+    from engine import storage
     from engine.pipeline import run_full
     from engine.raylib import init_ray
+    from engine.report import console_summary
     from engine.resources import check_cluster_supplies
+    from engine.runs import read_json
 
     start = time.perf_counter()
     init_ray(cfg.ray)
@@ -36,10 +39,10 @@ def main() -> None:
         print(f"[{time.perf_counter() - start:7.1f}s] {stage}", flush=True)
 
     table = run_full(cfg, force=args.force, on_stage=announce)
+    rows = read_json(storage.as_path(cfg.run_dir) / "results.json")
     print()
-    print(table)
-    print(f"results: {cfg.run_dir}/results.md, results.json, plots/, grids/ "
-          f"({time.perf_counter() - start:.0f}s in all)")
+    print(console_summary(rows, table, cfg.run_dir))
+    print(f"done in {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ def test_gpu_smoke_preset_runs_on_cpu(tmp_path, methods):
 
     rows = json.loads((run_dir / "results.json").read_text())
     assert sorted(r["method"] for r in rows) == sorted(methods)
+    assert (run_dir / "report.html").is_file() and f"report: {run_dir}/report.html" in proc.stdout
 
     gen = cfg.generate
     per_method = 4 * gen.images_per_group  # four groups, the two empty ones drawn from prompts

@@ -60,3 +60,15 @@ def test_report_renders_in_headless_chromium(run_dir):
     shown = {(method, metric): float(text) for method, metric, text in cells}
     expected = {(r["method"], m): round(100 * r[m], 1) for r in rows for m in ("test_worst_group", "test_average_group")}
     assert shown == expected
+
+
+def test_console_summary_fits_a_screen_and_counts_shared_stages_once(finished_run):
+    from engine.report import console_summary, stage_totals
+
+    rows = json.loads((finished_run / "results.json").read_text())
+    # erm, group_dro and lora each list data 0.1 and cluster 12 (run once) and their own train.
+    assert stage_totals(rows) == pytest.approx({"data": 0.1, "cluster": 12.0, "train": 40.0 + 41.0 + 42.0})
+    summary = console_summary(rows, (finished_run / "results.md").read_text(), finished_run)
+    assert len(summary.splitlines()) < 25
+    assert f"report: {finished_run}/report.html" in summary and "train 123 s" in summary
+    assert "| LoRA |" in summary and "per unit" not in summary
