@@ -26,7 +26,7 @@ from engine.cli import config_help, run_job
 from engine.config import REPO_ROOT, Config
 from engine.errors import FairsynthError
 from engine.html_report import REPORT_NAME, write_html_report
-from engine.report import collect_rows, severity_tag, write_results
+from engine.report import aggregate_seeds, collect_rows, seed_tag, severity_tag, write_results
 from engine.runs import read_json
 
 SCRIPTS = {
@@ -81,12 +81,9 @@ def run_config(run_dir: str) -> Config:
         raise FairsynthError(f"{path} is not a config this version reads ({first})") from None
 
 
-def rebuild_report(run_dir: str) -> str:
-    """Rewrite RUN/results.{json,md}, plots and report.html from the metrics the run's train
-    stages wrote (the methods that finished, for a run that stopped early); returns the
-    results table."""
-    cfg = run_config(run_dir)
-    root = storage.as_path(run_dir)
+def finished_rows(root, cfg: Config) -> list[dict]:
+    """Result rows of one run directory (a job's, or one seed's inside it) for the methods
+    whose train stage finished; a run that stopped early has fewer."""
     timings_path = root / "stage_seconds.json"
     timings = read_json(timings_path) if storage.exists(timings_path) else {}
     rows = []
@@ -95,9 +92,26 @@ def rebuild_report(run_dir: str) -> str:
             m for m in cfg.methods if storage.exists(root / severity_tag(severity) / "train" / m / "metrics.json")
         ]
         rows += collect_rows(root, [severity], finished, timings)
+    return rows
+
+
+def rebuild_report(run_dir: str) -> str:
+    """Rewrite RUN/results.{json,md}, plots and report.html from the metrics the run's train
+    stages wrote, as the job writes them at its end (with ``seeds``: each seed's results, then
+    their mean ± std); returns the results table. The tracker is not told again."""
+    cfg = run_config(run_dir)
+    root = storage.as_path(run_dir)
+    if cfg.seeds is None:
+        rows = finished_rows(root, cfg)
+    else:
+        per_seed = {seed: finished_rows(root / seed_tag(seed), cfg) for seed in cfg.seeds}
+        per_seed = {seed: rows for seed, rows in per_seed.items() if rows}
+        for seed, rows in per_seed.items():
+            write_results(root / seed_tag(seed), rows, cfg.data.name)
+        rows = aggregate_seeds(per_seed) if per_seed else []
     if not rows:
         raise FairsynthError(
-            f"{run_dir} holds no trained method yet (no {severity_tag('<p>')}/train/<method>/metrics.json); "
+            f"{run_dir} holds no trained method yet (no train/<method>/metrics.json in its severity folders); "
             f"finish it with `fairsynth run --run-dir {run_dir}`"
         )
     table = write_results(root, rows, cfg.data.name)

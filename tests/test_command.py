@@ -68,21 +68,32 @@ def test_a_bad_set_exits_2_with_one_line(tmp_path, command, override, named):
     assert not (tmp_path / "run").exists()  # nothing started
 
 
-def _finished_run(root: Path) -> None:
-    """A run directory as a job leaves it, with erm trained and lora not (a run that stopped)."""
-    cfg = load_config("tiny", ["methods=[erm,lora]", "severities=[0.95]", f"run_dir={root}"])
-    root.mkdir()
-    (root / "config.yaml").write_text(cfg.to_yaml())
+def _metrics(worst: float) -> dict:
+    per_group = [1.0, worst, 0.5, 0.75]
+    split = {"worst_group": worst, "average_group": sum(per_group) / 4, "per_group": per_group}
+    names = ["landbird on land", "landbird on water", "waterbird on land", "waterbird on water"]
+    return {"method": "erm", "test": split, "val": split, "group_names": names}
+
+
+def _trained_erm(root: Path, worst: float) -> None:
+    """One run directory's files as the job leaves them, with erm trained and lora not."""
+    root.mkdir(exist_ok=True)
     (root / "stage_seconds.json").write_text(json.dumps({"0.95": {"erm": {"data": 1.5, "train": 20.0}}}))
-    metrics = {
-        "method": "erm",
-        "test": {"worst_group": 0.25, "average_group": 0.625, "per_group": [1.0, 0.25, 0.5, 0.75]},
-        "val": {"worst_group": 0.5, "average_group": 0.7, "per_group": [1.0, 0.5, 0.5, 0.8]},
-        "group_names": ["landbird on land", "landbird on water", "waterbird on land", "waterbird on water"],
-    }
     folder = root / "severity-0.95" / "train" / "erm"
     folder.mkdir(parents=True)
-    (folder / "metrics.json").write_text(json.dumps(metrics))
+    (folder / "metrics.json").write_text(json.dumps(_metrics(worst)))
+
+
+def _finished_run(root: Path, seeds: list[int] | None = None) -> None:
+    """A job's run directory that stopped after training erm (lora never trained)."""
+    overrides = ["methods=[erm,lora]", "severities=[0.95]", f"run_dir={root}"]
+    cfg = load_config("tiny", overrides + ([f"seeds={seeds}"] if seeds else []))
+    root.mkdir()
+    (root / "config.yaml").write_text(cfg.to_yaml())
+    if not seeds:
+        _trained_erm(root, 0.25)
+    for i, seed in enumerate(seeds or []):
+        _trained_erm(root / f"seed_{seed}", 0.25 + 0.5 * i)
 
 
 def test_report_rebuilds_the_results_of_a_run(tmp_path):
@@ -99,6 +110,20 @@ def test_report_rebuilds_the_results_of_a_run(tmp_path):
     assert (run / "plots" / "per_group_severity-0.95.png").stat().st_size > 0
     page = (run / "report.html").read_text()
     assert 'data-method="erm"' in page and 'data-value="0.25"' in page and 'data-method="lora"' not in page
+
+
+def test_report_of_a_run_over_seeds_shows_each_seed_and_their_mean(tmp_path):
+    run = tmp_path / "run"
+    _finished_run(run, seeds=[0, 1])
+    out = fairsynth("report", str(run), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (row,) = json.loads((run / "results.json").read_text())
+    assert row["seeds"] == [0, 1] and row["test_worst_group"] == pytest.approx(0.5)
+    assert row["test_worst_group_std"] == pytest.approx(0.25 * 2**0.5)  # sample std of 0.25 and 0.75
+    for seed, worst in ((0, 0.25), (1, 0.75)):
+        (own,) = json.loads((run / f"seed_{seed}" / "results.json").read_text())
+        assert own["test_worst_group"] == worst
+    assert (run / "report.html").exists()
 
 
 @pytest.mark.parametrize("make", ["nothing", "config only"])
