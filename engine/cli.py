@@ -80,6 +80,24 @@ def job_parser(description: str, run_dir: bool = True) -> argparse.ArgumentParse
     return parser
 
 
+def dotted_overrides(tokens: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Config keys given as flags (``--data.root DIR`` or ``--data.root=DIR``) as --set items;
+    anything else left over is the parser's usual one-line error."""
+    overrides, i = [], 0
+    while i < len(tokens):
+        token = tokens[i]
+        key, sep, value = token[2:].partition("=")
+        if not token.startswith("--") or "." not in key:
+            parser.error(f"unrecognized argument {token!r}; config keys go as --set KEY=VALUE or --KEY VALUE")
+        if not sep:
+            if i + 1 >= len(tokens):
+                parser.error(f"{token} needs a value")
+            value, i = tokens[i + 1], i + 1
+        overrides.append(f"{key}={value}")
+        i += 1
+    return overrides
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "run_dir", None):

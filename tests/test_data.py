@@ -269,14 +269,46 @@ def _job(*args):
 
 
 def test_data_stats_job_prints_json(waterbirds_root):
-    out = _job("--dataset", "waterbirds", "--root", str(waterbirds_root), "--severity", "0.9")
+    out = _job("--dataset", "waterbirds", "--root", str(waterbirds_root), "--severity", "0.9", "--json")
     assert out.returncode == 0, out.stderr
     stats = json.loads(out.stdout)
     assert stats["splits"]["train"]["group_counts"] == [6, 1, 1, 5]
     assert stats["aligned"] == {"0": 0, "1": 1}
     assert [g["id"] for g in stats["groups"]] == [0, 1, 2, 3]
-    default = json.loads(_job().stdout)
+    default = json.loads(_job("--json").stdout)
     assert default["dataset"] == "builtin" and default["splits"]["val"]["group_counts"] == [100] * 4
+
+
+def _own_data(folder, rows: str):
+    """A folder of images plus manifest.csv, as the README's walk-through has a user make."""
+    folder.mkdir(exist_ok=True)
+    for name in {line.split(",")[0] for line in rows.strip().splitlines()}:
+        _img(folder / name)
+    (folder / "manifest.csv").write_text("path,label,attribute,split\n" + rows)
+
+
+def test_data_stats_on_your_own_folder_reports_missing_groups_before_any_work(tmp_path):
+    _own_data(tmp_path / "mine", "a.png,0,0,train\nb.png,1,1,train\nc.png,0,1,val\nd.png,1,0,val\n"
+              "e.png,0,0,test\nf.png,1,1,test\n")
+    out = _job("--data.name", "manifest", "--data.root", str(tmp_path / "mine"),
+               "--set", "data.class_names=[cat,dog]", "--data.attribute_names=[indoor,outdoor]")
+    assert out.returncode == 0, out.stderr
+    table = out.stdout.splitlines()
+    assert table[0].startswith("manifest at severity original") and table[3].split()[-3:] == ["1", "0", "1"]
+    notes = [line for line in table if line.startswith("note: ")]
+    assert "group 1 (cat / outdoor), a bias-conflicting group, has no training images" in notes[0]
+    assert any("group 2 (dog / indoor) has no test images" in n and "cannot be measured" in n for n in notes)
+
+
+@pytest.mark.parametrize("rows, needle", [
+    ("a.png,0,0,train\nb.png,1,1,validation\n", "has split 'validation'; expected train/val/test or 0/1/2"),
+    ("a.png,0,0,train\nb.png,1,1,val\nghost.png,1,0,test\n", "1 of 3 image files do not exist: "),
+])
+def test_data_stats_names_a_wrong_split_or_path_in_one_line(tmp_path, rows, needle):
+    _own_data(tmp_path / "mine", rows.replace("ghost.png,1,0,test\n", ""))
+    (tmp_path / "mine" / "manifest.csv").write_text("path,label,attribute,split\n" + rows)
+    out = _job("--data.name", "manifest", "--data.root", str(tmp_path / "mine"))
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and needle in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from engine.config import DataConfig
 from engine.data.datasets import LOADERS, SPLITS, GroupedDataset, find_bad_images
@@ -40,10 +41,53 @@ def load_dataset(cfg: DataConfig, check_images: bool = False) -> GroupedDataset:
             log.warning("skipping %d unreadable images", len(bad))
             dataset.records = dataset.records[~dataset.records["source"].isin(bad)].reset_index(drop=True)
         dataset.info["bad_images_skipped"] = len(bad)
+    for finding in findings(dataset):
+        log.warning("%s", finding)
+    return dataset
+
+
+def findings(dataset: GroupedDataset) -> list[str]:
+    """What a user should know before spending GPU hours: groups with no images in a split."""
+    notes = []
+    aligned = dataset.info.get("aligned", {})
     for group, count in enumerate(dataset.group_counts("train")):
         if count == 0:
-            log.warning("group %d (%s) has no training images at severity %s", group, dataset.group_name(group), cfg.severity)
-    return dataset
+            minority = aligned.get(dataset.groups()[group]["class"]) != dataset.groups()[group]["attribute"]
+            kind = "a bias-conflicting group" if minority else "an aligned group"
+            why = ("the generative methods draw it from a swapped-attribute prompt with the aligned group's "
+                   "model; ERM and Group-DRO never see it" if minority
+                   else "no unit can be fine-tuned on it, and the minority units that borrow from it fail")
+            notes.append(f"group {group} ({dataset.group_name(group)}), {kind}, has no training images: {why}")
+    for split in ("val", "test"):
+        for group, count in enumerate(dataset.group_counts(split)):
+            if count == 0:
+                notes.append(f"group {group} ({dataset.group_name(group)}) has no {split} images: its {split} "
+                             f"accuracy, and so worst-group accuracy, cannot be measured; add some to the {split} split")
+    return notes
+
+
+def missing_files(dataset: GroupedDataset, shown: int = 3) -> str | None:
+    """One line naming image files the records point at that do not exist, or None."""
+    sources = [s for s in dataset.records["source"] if "://" not in s]
+    missing = [s for s in sources if not Path(s).is_file()]
+    if not missing:
+        return None
+    names = ", ".join(missing[:shown]) + (f" and {len(missing) - shown} more" if len(missing) > shown else "")
+    return f"{len(missing)} of {len(sources)} image files do not exist: {names}; paths are relative to the CSV's folder"
+
+
+def describe_text(summary: dict, notes: list[str]) -> str:
+    """The summary of :func:`describe` as a table people read: images per group and split."""
+    splits = list(summary["splits"])
+    width = max(len(g["name"]) for g in summary["groups"]) + 2
+    lines = [f"{summary['dataset']} at severity {summary['severity']}; aligned (class -> attribute): "
+             + ", ".join(f"{c} -> {a}" for c, a in summary["aligned"].items()), "",
+             "group".ljust(width + 4) + "".join(s.rjust(8) for s in splits)]
+    for g in summary["groups"]:
+        counts = "".join(str(summary["splits"][s]["group_counts"][g["id"]]).rjust(8) for s in splits)
+        lines.append(f"{g['id']:>2}  {g['name'].ljust(width)}{counts}")
+    lines.append("total".ljust(width + 4) + "".join(str(summary["splits"][s]["n"]).rjust(8) for s in splits))
+    return "\n".join(lines + ([""] + [f"note: {n}" for n in notes] if notes else []))
 
 
 def describe(dataset: GroupedDataset) -> dict:
