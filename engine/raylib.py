@@ -33,6 +33,10 @@ def init_ray(cfg: RayConfig) -> None:
     # Tune warns when trials checkpoint more often than every few seconds, which short CPU
     # trials do by design; the checkpoints are what lets a crashed trial resume.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Ray Data logs every dataset execution at INFO, also from processes the job does not
+    # create (Train's split coordinators), which read their level from the environment a local
+    # Ray inherits. At ray.log_level=INFO those lines are back, on the console and in the logs.
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", cfg.log_level)
     # Tune, Train and Data log every trial report, epoch and dataset execution at INFO: at the
     # default WARNING a run's console shows its own progress lines and what went wrong.
     kwargs = {
@@ -74,7 +78,7 @@ def init_ray(cfg: RayConfig) -> None:
 
 def _quiet_driver_logs(level: str) -> None:
     """The driver-side logs of Ray's libraries at ``level`` on the console, as LoggingConfig
-    does in workers. Ray Data keeps writing everything to its session log file."""
+    does in workers."""
     import ray.data  # noqa: F401  (configures the "ray.data" logger on import)
 
     for handler in logging.getLogger("ray.data").handlers:
