@@ -115,6 +115,8 @@ def main() -> None:
             wall, peaks[name], share = timed(f"{name}{r}", sides[name])
             walls[name].append(wall)
             busy[name].append(share)
+            print(f"round {r} {name}: {wall:.1f} s, peak {peaks[name]} trials, slots busy {share:.2f}",
+                  file=sys.stderr, flush=True)
     ray.shutdown()
     sequential, concurrent = sum(walls["sequential"]), sum(walls["concurrent"])
     ratio = concurrent / sequential
