@@ -191,6 +191,13 @@ def test_tiny_plan_multiplies_counted_flops_by_the_configs_counts(tiny_cfg, tiny
     with_prior = {(r.stage, r.method, r.part) for r in plan_job(cfg, "cpu", 1, peak_tflops=1.0).rows}
     assert ("finetune", "dreambooth", "class images") in with_prior
     cfg.finetune.prior_preservation = False
+    # A search runs every unit's trials in one experiment: 2 units x 3 samples on 6 slots are
+    # one wave of six trials, not one search per unit after another.
+    slots = cfg.finetune.max_concurrent_trials
+    cfg.finetune.num_samples, cfg.finetune.max_concurrent_trials = 3, 6
+    search = next(r for r in plan_job(cfg, "cpu", 8, peak_tflops=1.0).rows if (r.stage, r.method) == ("finetune", "lora"))
+    assert (search.tasks, search.concurrent, search.waves) == (6, 6, 1)
+    cfg.finetune.num_samples, cfg.finetune.max_concurrent_trials = 1, slots
     # ERM trains epochs x real images and evaluates; no synthetic stage for it.
     assert not any(r.method == "erm" and r.stage != "train" for r in plan.rows)
     totals = plan.stage_totals()

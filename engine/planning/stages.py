@@ -42,7 +42,6 @@ class StageCost:
     slots: int  # how many of them the config lets run at once
     share: float  # devices one task asks for (a fraction of a GPU, or of a machine's CPUs)
     part: str = ""  # a named piece of a stage (prior-preservation class images)
-    sequential: int = 1  # independent rounds run one after another (one ASHA search per unit)
     slots_key: str = ""  # the config key that sets slots, named when it leaves devices idle
     notes: list[str] = field(default_factory=list)
     # Disk (engine/planning/disk.py): bytes the row leaves in the run directory, and bytes one
@@ -79,9 +78,8 @@ def schedule(cost: StageCost, device: Device, n_devices: int) -> StageCost:
             "Ray would wait forever, planned as if each task used all of them"
         )
         share = float(n_devices)
-    per_round = math.ceil(cost.tasks / cost.sequential)
     fit = max(1, math.floor(n_devices / share + 1e-9))
-    cost.concurrent = max(1, min(cost.slots, per_round, fit))
+    cost.concurrent = max(1, min(cost.slots, cost.tasks, fit))
     if device.is_gpu:
         # Fractional GPUs pack onto whole ones; a lone quarter-GPU actor still has the GPU.
         held = math.ceil(cost.concurrent * share - 1e-9) if share < 1 else cost.concurrent * share
@@ -89,16 +87,16 @@ def schedule(cost: StageCost, device: Device, n_devices: int) -> StageCost:
         # A CPU task runs one thread per whole CPU it asks for, and at least one.
         held = cost.concurrent * max(1, math.floor(share + 1e-9))
     cost.devices = min(float(n_devices), held)
-    cost.waves = math.ceil(per_round / cost.concurrent)
+    cost.waves = math.ceil(cost.tasks / cost.concurrent)
     cost.scratch_bytes = cost.concurrent * cost.task_scratch_bytes
-    if cost.slots_key and cost.slots < min(per_round, fit) and cost.devices < n_devices:
+    if cost.slots_key and cost.slots < min(cost.tasks, fit) and cost.devices < n_devices:
         unit = "GPUs" if device.is_gpu else "cores"
         cost.notes.append(
             f"{cost.label}: {n_devices - math.ceil(cost.devices - 1e-9)} of {n_devices} {unit} idle; "
             f"{cost.slots_key}={cost.slots} caps it ('auto' uses them)"
         )
     per_task_seconds = (cost.flops / cost.tasks) / (rate * cost.devices / cost.concurrent)
-    cost.wall_seconds = cost.sequential * cost.waves * per_task_seconds
+    cost.wall_seconds = cost.waves * per_task_seconds
     return cost
 
 
@@ -232,7 +230,6 @@ class FinetuneCost(StageCostModel):
             trials = len(units) * ft.num_samples
             row = StageCost(ctx.severity, "finetune", method, total, trials,
                             max_concurrent_trials(ft) or max(1, trials), share,
-                            sequential=len(units) if ft.num_samples > 1 else 1,
                             slots_key="finetune.max_concurrent_trials")
             _finetune_disk(ctx, method, row, len(units))
             if ft.num_samples > 1:
