@@ -1,7 +1,10 @@
-"""Run every benchmark, keep each one's JSON (its last line) in benchmarks/results/, and
-print the markdown table of figures.
+"""Run every benchmark, keep each one's JSON (its last line) in benchmarks/results/, print the
+markdown table of figures, and exit non-zero when a benchmark fails or misses its target.
 
     python benchmarks/run_all.py [--only NAME ...] [--quick]
+
+--quick passes each script smaller sizes (its own --quick, or the arguments below): the same
+code paths, figures for a smoke check rather than for quoting.
 """
 
 from __future__ import annotations
@@ -12,55 +15,99 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    better: str | None  # "higher": value >= target; "lower": value <= target; None: a figure to read
+    target: float | None = None  # where the script's own target is not a number
+    quick: tuple[str, ...] = ()  # arguments for --quick, where the script has no --quick
+
+    def met(self, result: dict) -> bool | None:
+        """Whether the result meets its target; None when there is nothing to meet."""
+        if "all_met" in result:
+            return bool(result["all_met"])
+        target = self.target if self.target is not None else result.get("target")
+        value = result.get("value")
+        if self.better is None or not isinstance(target, (int, float)) or not isinstance(value, (int, float)):
+            return None
+        return value >= target if self.better == "higher" else value <= target
+
+
 BENCHMARKS = [
-    "tiny_model_quality",
-    "cluster_speed",
-    "sampling_throughput",
-    "finetune_scaling",
-    "train_throughput",
-    "pipeline_breakdown",
+    Benchmark("tiny_model_quality", "higher", quick=("--per-prompt", "4", "--judge-images", "600", "--judge-steps", "100")),
+    Benchmark("cluster_speed", "higher", target=1.0, quick=("--n", "20000")),
+    Benchmark("sampling_throughput", "higher"),
+    Benchmark("finetune_scaling", "higher", quick=("--steps", "40")),
+    Benchmark("finetune_fidelity", "higher", quick=("--images", "4")),
+    Benchmark("search_concurrency", "lower", quick=("--steps", "10")),
+    Benchmark("train_throughput", "higher"),
+    Benchmark("eval_memory", "lower", quick=("--images", "2000", "--no-whole")),
+    Benchmark("unit_artifact_size", None),
+    Benchmark("benchmark_calibration", "higher", quick=("--seeds", "0")),
+    Benchmark("pipeline_breakdown", None),
 ]
+BY_NAME = {b.name: b for b in BENCHMARKS}
+
+
+def run_one(bench: Benchmark, quick: bool) -> tuple[dict | None, str]:
+    """The script's JSON result (or None) and, on failure, why."""
+    script = HERE / f"{bench.name}.py"
+    extra = ["--quick"] if quick and "--quick" in script.read_text() else list(bench.quick) if quick else []
+    out = subprocess.run([sys.executable, str(script), *extra], capture_output=True, text=True)
+    lines = [line for line in out.stdout.strip().splitlines() if line.strip()]
+    if out.returncode != 0 or not lines:
+        return None, f"exit {out.returncode}\n{out.stderr[-2000:]}"
+    try:
+        return json.loads(lines[-1]), ""
+    except json.JSONDecodeError:
+        return None, f"its last line is not JSON: {lines[-1][:200]!r}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", default=None, help="benchmark names to run")
-    parser.add_argument("--quick", action="store_true", help="pass --quick to each benchmark that has it")
+    parser.add_argument("--only", nargs="*", default=None, help=f"benchmark names to run: {', '.join(BY_NAME)}")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes for every benchmark")
     args = parser.parse_args()
+    unknown = [n for n in args.only or [] if n not in BY_NAME]
+    if unknown:
+        print(f"unknown benchmark {unknown[0]!r}; valid: {', '.join(BY_NAME)}", file=sys.stderr)
+        sys.exit(2)
     results_dir = HERE / "results"
     results_dir.mkdir(exist_ok=True)
-    rows = []
-    for name in args.only or BENCHMARKS:
-        script = HERE / f"{name}.py"
-        if not script.exists():
-            print(f"{name}: missing {script}", file=sys.stderr)
-            continue
+    rows, failed, missed = [], [], []
+    for bench in [BY_NAME[n] for n in args.only] if args.only else BENCHMARKS:
         start = time.perf_counter()
-        takes_quick = "--quick" in script.read_text()
-        cmd = [sys.executable, str(script)] + (["--quick"] if args.quick and takes_quick else [])
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        result, why = run_one(bench, args.quick)
         seconds = time.perf_counter() - start
-        lines = [line for line in out.stdout.strip().splitlines() if line.strip()]
-        if out.returncode != 0 or not lines:
-            print(f"{name}: failed (exit {out.returncode})\n{out.stderr[-2000:]}", file=sys.stderr)
+        if result is None:
+            print(f"{bench.name}: failed ({why})", file=sys.stderr, flush=True)
+            failed.append(bench.name)
             continue
-        result = json.loads(lines[-1])
         result.setdefault("host", platform.node())
-        result["seconds"] = round(seconds, 1)
-        (results_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        result.update(seconds=round(seconds, 1), quick=args.quick, met=bench.met(result))
+        (results_dir / f"{bench.name}.json").write_text(json.dumps(result, indent=2) + "\n")
         rows.append(result)
-        print(f"{name}: {result.get('metric')} = {result.get('value')} (target {result.get('target')}) in {seconds:.0f}s",
-              flush=True)
+        if result["met"] is False:
+            missed.append(bench.name)
+        print(f"{bench.name}: {result.get('metric')} = {result.get('value')} (target {result.get('target')}, "
+              f"met: {result['met']}) in {seconds:.0f}s", flush=True)
     print()
-    print("| benchmark | metric | value | target | device | seconds |")
-    print("|---|---|---|---|---|---|")
+    print("| benchmark | metric | value | target | met | device | seconds |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         value = r.get("value")
         shown = f"{value:.3g}" if isinstance(value, float) else value
-        print(f"| {r['benchmark']} | {r.get('metric')} | {shown} | {r.get('target')} | {r.get('device')} | {r['seconds']} |")
+        met = {True: "yes", False: "**no**", None: "-"}[r["met"]]
+        print(f"| {r['benchmark']} | {r.get('metric')} | {shown} | {r.get('target')} | {met} | {r.get('device')} | {r['seconds']} |")
+    if failed or missed:
+        print(f"failed: {', '.join(failed) or 'none'}; missed the target: {', '.join(missed) or 'none'}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
