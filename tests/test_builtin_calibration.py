@@ -39,6 +39,13 @@ def test_records_carry_the_rendering_and_load_image_draws_it():
         assert not np.array_equal(load_image(a, 32), load_image(b, 32))
 
 
+def test_the_default_benchmark_is_the_calibrated_one():
+    """The dataset every default run trains on; render() untold still draws classic images."""
+    assert load_config().data.builtin.rendering == "calibrated"
+    assert all(s.endswith("/calibrated") for s in load_dataset(load_config(None, ["data.builtin.n_train=40"]).data).records["source"])
+    assert np.array_equal(builtin.render("gull", "forest", 2), builtin.render("gull", "forest", 2, rendering="classic"))
+
+
 def test_unknown_rendering_fails_at_load_naming_the_valid_ones():
     with pytest.raises(FairsynthError, match="data.builtin.rendering.*classic, calibrated"):
         load_config(None, ["data.builtin.rendering=hard"])
