@@ -122,8 +122,43 @@ def experiment_name(prefix: str, jobs: list[UnitJob], extra: str = "") -> str:
     return f"{prefix}-{digest}"
 
 
+def step_progress(n_trials: int, steps: int, desc: str):
+    """A Tune callback drawing one progress bar (with an ETA) over the fine-tuning steps of
+    every trial of an experiment, from the steps each trial reports. (Tune calls it with
+    keyword arguments, so the hooks keep Tune's parameter names.)"""
+    from ray import tune
+    from tqdm.auto import tqdm
+
+    class StepProgress(tune.Callback):
+        def __init__(self):
+            self.targets: dict[str, int] = {}
+            self.done: dict[str, int] = {}
+            self.bar = tqdm(total=n_trials * steps, unit="step", desc=desc, smoothing=0.1)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            # A searched trial has its own step count; one ASHA stops early ends at its last.
+            self.targets[trial.trial_id] = int(result.get("target_steps", steps))
+            self._set_total()
+            step = int(result.get("step", 0))
+            self.bar.update(max(0, step - self.done.get(trial.trial_id, 0)))
+            self.done[trial.trial_id] = max(step, self.done.get(trial.trial_id, 0))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.targets[trial.trial_id] = self.done.get(trial.trial_id, 0)
+            self._set_total()
+
+        def _set_total(self):
+            self.bar.total = sum(self.targets.values()) + (n_trials - len(self.targets)) * steps
+            self.bar.refresh()
+
+        def on_experiment_end(self, trials, **info):
+            self.bar.close()
+
+    return StepProgress()
+
+
 def _fit(trainable, name: str, storage_path: str, ft: FinetuneConfig, param_space: dict,
-         points: list[dict] | None = None, scheduler=None):
+         points: list[dict] | None = None, scheduler=None, trials: int = 1):
     """Run (or restore) one experiment: a trial per point of ``points`` when given (each a full
     config inside ``param_space``'s space), else one per variant of ``param_space``."""
     from ray import tune
@@ -154,6 +189,7 @@ def _fit(trainable, name: str, storage_path: str, ft: FinetuneConfig, param_spac
                 # holds only the compact artifact (engine/finetune/trainer.py).
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 verbose=0,
+                callbacks=[step_progress(trials, ft.steps, f"finetune {name.split('-')[0]}")],
             ),
         )
     return tuner.fit(), experiment
@@ -238,7 +274,7 @@ def run_unit_trials(jobs: list[UnitJob], ft: FinetuneConfig, storage_path: str, 
     )
     if ft.num_samples <= 1:
         grid, experiment = _fit(trainable, experiment_name(prefix, jobs), storage_path, ft,
-                                {"unit": tune.grid_search(sorted(by_unit))})
+                                {"unit": tune.grid_search(sorted(by_unit))}, trials=len(jobs))
         return _collect(grid, experiment, ft, lr_field)
     return _search(trainable, jobs, ft, storage_path, prefix, strategy.learning_rate(ft), lr_field)
 
@@ -267,7 +303,7 @@ def _search(trainable, jobs: list[UnitJob], ft: FinetuneConfig, storage_path: st
     scheduler = PerUnitASHA(time_attr="step", metric="heldout_loss", mode="min", max_t=max_steps,
                             grace_period=min(ft.checkpoint_every, max_steps), reduction_factor=2)
     grid, experiment = _fit(trainable, experiment_name(prefix, jobs, "search"), storage_path, ft, space,
-                            points, scheduler)
+                            points, scheduler, trials=len(points))
     chosen = _collect(grid, experiment, ft, lr_field)
     for unit, result in sorted(chosen.items()):
         log.info("unit %s: search chose learning rate %.2e, %d steps", unit, result.learning_rate, result.steps)
