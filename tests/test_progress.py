@@ -21,3 +21,13 @@ def test_fine_tuning_bar_sums_steps_over_trials_and_ends_full():
     callback.on_trial_complete(iteration=0, trials=[], trial=b)
     assert sum(callback.done.values()) == callback.bar.total == 100 + 200 + 40
     callback.on_experiment_end(trials=[])
+
+
+def test_training_bar_follows_the_reported_epochs_and_closes_at_the_last():
+    from engine.train.stage import epoch_progress
+
+    callback = epoch_progress(epochs=3, desc="train erm")
+    callback.after_report(None, [{"epoch": 1}], None)  # restored after epoch 0 was done
+    assert callback.bar.n == 2 and not callback.bar._closed
+    callback.after_report(None, [{"epoch": 2}], None)
+    assert callback.bar.n == 3 and callback.bar._closed

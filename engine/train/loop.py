@@ -412,11 +412,21 @@ def _final_evaluation(run: WorkerRun, module: Classifier, writer) -> dict:
     return {"best_epoch": state["epoch"] - 1, "val": val, "test": test}
 
 
+def _quiet_train_reports(level: str) -> None:
+    """Ray Train logs every ray.train.report at INFO, from loggers named by their file path
+    (outside "ray.train", so neither Train's level filter nor ray.log_level reaches them):
+    they follow ray.log_level here, and the stage's progress bar shows the epochs."""
+    for name in list(logging.root.manager.loggerDict):
+        if "/ray/train/" in name.replace("\\", "/"):
+            logging.getLogger(name).setLevel(level)
+
+
 def train_loop(config: dict) -> dict:
     """Ray Train worker entry point; ``config`` is built by ``engine.train.stage``."""
     # A 1x1 convolution's gradient has other (equivalent) strides on its size-1 axes than
     # DDP's bucket view; DDP copies it, correctly, and warns on every run.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    _quiet_train_reports(config.get("log_level", "WARNING"))
 
     run = WorkerRun.from_config(config)
     seed_torch(run.cfg.seed, run.cfg.deterministic)

@@ -116,7 +116,29 @@ def _training_datasets(t, phases: list, records, train_counts: list[int], shards
     return datasets
 
 
-def _trainer(t, loop_config: dict, datasets: dict, storage_path: str, name: str):
+def epoch_progress(epochs: int, desc: str):
+    """A Ray Train callback drawing one bar (with an ETA) over a fit's epochs. It runs in
+    Train's controller actor, so the bar is Ray's tqdm, which the driver's console draws."""
+    from ray.train import UserCallback
+
+    class EpochProgress(UserCallback):
+        def __init__(self):
+            self.bar = None
+
+        def after_report(self, run_context, metrics, checkpoint):
+            from ray.experimental import tqdm_ray
+
+            if self.bar is None:
+                self.bar = tqdm_ray.tqdm(total=epochs, desc=desc, unit="epoch")
+            # Epochs count from 0; a fit restored from a checkpoint starts past its first.
+            self.bar.update(int(metrics[0].get("epoch", 0)) + 1 - self.bar.n)
+            if self.bar.n >= epochs:
+                self.bar.close()
+
+    return EpochProgress()
+
+
+def _trainer(t, loop_config: dict, datasets: dict, storage_path: str, name: str, epochs: int):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -137,6 +159,7 @@ def _trainer(t, loop_config: dict, datasets: dict, storage_path: str, name: str)
                 checkpoint_score_attribute=SCORE,
                 checkpoint_score_order="max",
             ),
+            callbacks=[epoch_progress(epochs, f"train {name.split('-')[0]}")],
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split="all", execution_options=_ordered_ingest()),
@@ -204,9 +227,10 @@ def run_train_stage(cfg: Config, run: RunDir, method: str) -> dict:
         "train_group_counts": train_counts,
         "eval_refs": eval_refs,
         "tensorboard_dir": storage.uri(run / f"{stage}/tensorboard"),
+        "log_level": cfg.ray.log_level,
         "failure_marker": str(Path(storage_path) / name / "injected_failure") if "://" not in storage_path else None,
     }
-    trainer = _trainer(t, loop_config, datasets, storage_path, name)
+    trainer = _trainer(t, loop_config, datasets, storage_path, name, sum(p.epochs for p in phases))
     log.info("%s: training %s on %d worker(s)", stage, " -> ".join(f"{p.name}({p.epochs} epochs, {p.objective(t)})" for p in phases), t.num_workers)
     log.info("%s: inputs ready after %.1f s", stage, time.perf_counter() - started)
     result = trainer.fit()
