@@ -375,6 +375,7 @@ def test_weight_changes_keep_the_best_rank_r_approximation():
     assert torch.allclose(module.state_dict()["0.bias"], changed["0.bias"], atol=1e-7)
 
 
+@pytest.mark.slow  # 36 s; the default suite's gpu_smoke test checks one class-image set per prompt
 def test_dreambooth_and_clustered_dreambooth_share_cached_class_images(dreambooth_run):
     cfg, run, manifest = dreambooth_run
     units = {u["unit"]: u for u in manifest["units"]}

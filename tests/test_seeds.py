@@ -92,6 +92,8 @@ def test_bad_seeds_fail_at_load_naming_the_key(bad):
         load_config(None, [bad])
 
 
+# Slow (a minute and more): the aggregation tests above cover the arithmetic; this one the job.
+@pytest.mark.slow
 @pytest.mark.timeout(1200)  # two Ray Train fits: about a minute each on 2 idle cores, more when shared
 def test_full_job_with_seeds_reports_each_seed_and_their_mean(tmp_path):
     """jobs/full.py --seeds on ERM at a tiny size: a run per seed, the data stage copied, and

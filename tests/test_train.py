@@ -346,7 +346,8 @@ def shared_run(tmp_path_factory, ray_session):
     return cfg, run
 
 
-@pytest.mark.parametrize("method", ["erm", "vanilla"])
+# Synthetic-then-real training also runs in the gpu_smoke test (LoRA, clustered DreamBooth).
+@pytest.mark.parametrize("method", ["erm", pytest.param("vanilla", marks=pytest.mark.slow)])
 def test_each_method_trains_one_epoch_with_two_ddp_workers(shared_run, method):
     from engine.train import run_train_stage
 
@@ -379,6 +380,7 @@ def test_each_method_trains_one_epoch_with_two_ddp_workers(shared_run, method):
     assert again["stage_seconds"] == metrics["stage_seconds"]
 
 
+@pytest.mark.slow  # 40 s and more; tests/test_reliability.py loses workers in the default suite too
 def test_group_dro_survives_a_lost_worker(shared_run):
     """Group-DRO's short run, with a worker process killed after its first epoch: Ray Train
     restores the workers from that epoch's checkpoint and the run completes."""
