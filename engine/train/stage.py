@@ -139,7 +139,14 @@ def epoch_progress(epochs: int, desc: str):
 
 
 def _trainer(t, loop_config: dict, datasets: dict, storage_path: str, name: str, epochs: int):
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     resources = {"CPU": t.cpus_per_worker}
@@ -160,6 +167,8 @@ def _trainer(t, loop_config: dict, datasets: dict, storage_path: str, name: str,
                 checkpoint_score_order="max",
             ),
             callbacks=[epoch_progress(epochs, f"train {name.split('-')[0]}")],
+            # Train logs each checkpoint it persists at INFO; its own level follows ray.log_level.
+            logging_config=LoggingConfig(log_level=loop_config["log_level"]),
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split="all", execution_options=_ordered_ingest()),
