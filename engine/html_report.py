@@ -20,13 +20,12 @@ import logging
 from datetime import datetime, timezone
 
 from engine import storage
-from engine.report import METHOD_TITLES, _fidelity_cell, _pct, severity_title
+from engine.report import METHOD_TITLES, STAGE_ORDER, _fidelity_cell, _pct, severity_title
 from engine.runs import RunPath, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.html"
-STAGE_ORDER = ("data", "cluster", "finetune", "generate", "filter", "train")
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; padding: 0 1em; }

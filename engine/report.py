@@ -90,6 +90,7 @@ def aggregate_seeds(per_seed: dict[int, list[dict]]) -> list[dict]:
 
 # Stages run once per severity (and seed) for every method; each method's row repeats their time.
 SHARED_STAGES = ("data", "cluster")
+STAGE_ORDER = ("data", "cluster", "finetune", "generate", "filter", "train")
 
 
 def stage_totals(rows: list[dict]) -> dict[str, float]:
@@ -100,7 +101,7 @@ def stage_totals(rows: list[dict]) -> dict[str, float]:
         for stage in dict.fromkeys(k for s in chosen for k in s):
             values = [s[stage] for s in chosen if s.get(stage) is not None]
             totals[stage] = totals.get(stage, 0.0) + (max(values) if stage in SHARED_STAGES else sum(values))
-    return totals
+    return dict(sorted(totals.items(), key=lambda kv: STAGE_ORDER.index(kv[0]) if kv[0] in STAGE_ORDER else 99))
 
 
 def console_summary(rows: list[dict], table: str, run_root) -> str:

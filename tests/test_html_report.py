@@ -68,6 +68,7 @@ def test_console_summary_fits_a_screen_and_counts_shared_stages_once(finished_ru
     rows = json.loads((finished_run / "results.json").read_text())
     # erm, group_dro and lora each list data 0.1 and cluster 12 (run once) and their own train.
     assert stage_totals(rows) == pytest.approx({"data": 0.1, "cluster": 12.0, "train": 40.0 + 41.0 + 42.0})
+    assert list(stage_totals(rows)) == ["data", "cluster", "train"]  # in the order the stages run
     summary = console_summary(rows, (finished_run / "results.md").read_text(), finished_run)
     assert len(summary.splitlines()) < 25
     assert f"report: {finished_run}/report.html" in summary and "train 123 s" in summary
