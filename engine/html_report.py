@@ -20,7 +20,7 @@ import logging
 from datetime import datetime, timezone
 
 from engine import storage
-from engine.report import METHOD_TITLES, STAGE_ORDER, _fidelity_cell, _pct, severity_title
+from engine.report import METHOD_TITLES, _fidelity_cell, _pct, in_run_order, severity_title
 from engine.runs import RunPath, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def timings_section(root: RunPath) -> str:
     body = []
     for severity, methods in seconds.items():
         for method, stages in methods.items():
-            for stage in sorted(stages, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else 99):
+            for stage in in_run_order(stages):
                 shared = "" if stage == "cluster" else method
                 guess = predicted.get((severity, shared, stage))
                 body.append(

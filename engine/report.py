@@ -93,6 +93,11 @@ SHARED_STAGES = ("data", "cluster")
 STAGE_ORDER = ("data", "cluster", "finetune", "generate", "filter", "train")
 
 
+def in_run_order(stages) -> list[str]:
+    """Stage names in the order the stages run (stage_seconds.json stores them sorted by name)."""
+    return sorted(stages, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else len(STAGE_ORDER))
+
+
 def stage_totals(rows: list[dict]) -> dict[str, float]:
     """Wall seconds per stage over the job (a mean seed's, with several seeds)."""
     totals: dict[str, float] = {}
@@ -101,7 +106,7 @@ def stage_totals(rows: list[dict]) -> dict[str, float]:
         for stage in dict.fromkeys(k for s in chosen for k in s):
             values = [s[stage] for s in chosen if s.get(stage) is not None]
             totals[stage] = totals.get(stage, 0.0) + (max(values) if stage in SHARED_STAGES else sum(values))
-    return dict(sorted(totals.items(), key=lambda kv: STAGE_ORDER.index(kv[0]) if kv[0] in STAGE_ORDER else 99))
+    return {stage: totals[stage] for stage in in_run_order(totals)}
 
 
 def console_summary(rows: list[dict], table: str, run_root) -> str:
