@@ -25,7 +25,7 @@ from engine import storage
 from engine.cli import config_help, run_job
 from engine.config import REPO_ROOT, Config
 from engine.errors import FairsynthError
-from engine.html_report import REPORT_NAME, write_html_report
+from engine.html_report import REPORT_NAME
 from engine.report import aggregate_seeds, collect_rows, seed_tag, severity_tag, write_results
 from engine.runs import read_json
 
@@ -114,9 +114,10 @@ def rebuild_report(run_dir: str) -> str:
             f"{run_dir} holds no trained method yet (no train/<method>/metrics.json in its severity folders); "
             f"finish it with `fairsynth run --run-dir {run_dir}`"
         )
-    table = write_results(root, rows, cfg.data.name)
-    write_html_report(root)
-    return table
+    from engine.pipeline import finish_report
+    from engine.tracking import Tracker
+
+    return finish_report(cfg, root, rows, Tracker())  # the base Tracker logs nothing
 
 
 def report_main(args: list[str]) -> None:

@@ -20,7 +20,7 @@ import logging
 from datetime import datetime, timezone
 
 from engine import storage
-from engine.report import METHOD_TITLES, _fidelity_cell, _pct, in_run_order, severity_title
+from engine.report import METHOD_TITLES, _fidelity_cell, in_run_order, metric_cell, severity_title
 from engine.runs import RunPath, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,7 @@ def _table(header: list[str], rows: list[str]) -> str:
 
 def _metric_td(row: dict, metric: str) -> str:
     """One accuracy in percent; the cell carries the exact value it shows, for checking."""
-    value = row[metric]
-    std = row.get(f"{metric}_std")
-    shown = _pct(value) + (f" ± {_pct(std)}" if "seeds" in row and std is not None else "")
+    value, shown = row[metric], metric_cell(row, metric)
     return (f'<td class="num" data-method="{_escape(row["method"])}" data-severity="{_escape(row["severity"])}" '
             f'data-metric="{metric}" data-value="{_escape(value)}">{_escape(shown)}</td>')
 

@@ -199,10 +199,11 @@ def _pct(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
-def _metric_cell(row: dict, metric: str) -> str:
-    """A metric in percent, '± std' after it when the row is a mean over seeds."""
+def metric_cell(row: dict, metric: str) -> str:
+    """A metric in percent, '± std' after it when the row is a mean over seeds (one seed's
+    std is None: nothing to show)."""
     std = row.get(f"{metric}_std")
-    return _pct(row[metric]) + (f" ± {_pct(std)}" if "seeds" in row else "")
+    return _pct(row[metric]) + (f" ± {_pct(std)}" if "seeds" in row and std is not None else "")
 
 
 def per_seed_markdown(rows: list[dict]) -> str:
@@ -222,7 +223,7 @@ def per_seed_markdown(rows: list[dict]) -> str:
             f"{_pct(by_seed[s]['test_worst_group'])} / {_pct(by_seed[s]['test_average_group'])}" if s in by_seed else "-"
             for s in seeds
         ]
-        mean = f"{_metric_cell(r, 'test_worst_group')} / {_metric_cell(r, 'test_average_group')}"
+        mean = f"{metric_cell(r, 'test_worst_group')} / {metric_cell(r, 'test_average_group')}"
         lines.append(f"| {METHOD_TITLES[r['method']]} | {severity_title(r['severity'])} | " + " | ".join(cells) + f" | {mean} |")
     return "\n".join(lines) + "\n"
 
@@ -250,7 +251,7 @@ def results_markdown(rows: list[dict], title: str) -> str:
         cells = []
         for s in severities:
             r = by_key.get((method, s))
-            cells.append(f"{_metric_cell(r, 'test_worst_group')} / {_metric_cell(r, 'test_average_group')}" if r else "-")
+            cells.append(f"{metric_cell(r, 'test_worst_group')} / {metric_cell(r, 'test_average_group')}" if r else "-")
         for s in severities:
             r = by_key.get((method, s))
             cells.append(_fidelity_cell(r.get("synthetic_fidelity")) if r else "-")

@@ -24,6 +24,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -249,11 +250,12 @@ class WorkerRun:
     tensorboard_dir: str | None = None
     failure_marker: str | None = None
 
-    @property
+    # Computed once: every epoch asks for them, and the phases never change within a run.
+    @cached_property
     def schedule(self) -> list[tuple[int, int]]:
         return _schedule(self.phases)
 
-    @property
+    @cached_property
     def first_scored_epoch(self) -> int:
         # The selection phase is the last one; its first epoch is the first candidate.
         return len(self.schedule) - self.phases[-1].epochs

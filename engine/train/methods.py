@@ -26,7 +26,7 @@ decay's relative weight), so this is the paper's stage 2 computed without the de
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args, get_type_hints
+from typing import Literal, get_args
 
 from engine.config import GENERATIVE_METHODS, TrainConfig
 from engine.errors import FairsynthError
@@ -55,9 +55,9 @@ class Phase:
     balanced: bool = False  # group-balanced sampling of the phase's dataset
 
     def __post_init__(self) -> None:
-        hints = get_type_hints(type(self))
-        for field in ("dataset", "trainable", "sample_loss", "aggregate"):
-            valid = get_args(hints[field])
+        for field, kind in (("dataset", Dataset), ("trainable", Trainable), ("sample_loss", SampleLoss),
+                            ("aggregate", Aggregate)):
+            valid = get_args(kind)
             if getattr(self, field) not in valid:
                 raise ValueError(f"phase {self.name!r}: {field}={getattr(self, field)!r}; valid: {', '.join(valid)}")
         if self.sample_loss == "ce_supcon" and self.trainable == "head":
