@@ -4,6 +4,7 @@ phases whose results are in --work-dir.
 
     python jobs/pretrain_tiny.py                                  # everything, ~1 h on 2 cores
     python jobs/pretrain_tiny.py --phases clip                    # only the tiny CLIP
+    python jobs/pretrain_tiny.py --phases vae,unet --init-from engine/models/tiny_sd  # continue
     python jobs/pretrain_tiny.py --smoke --out-sd /tmp/sd --out-clip /tmp/clip
 """
 
@@ -30,7 +31,8 @@ def parse_settings(argv=None):
         if setting.name == "phases":
             parser.add_argument(option, default=",".join(default), help=f"comma-separated, {doc}")
         else:
-            parser.add_argument(option, type=float if default is None else type(default), default=default, help=doc)
+            kind = setting.metadata.get("type") or (float if default is None else type(default))
+            parser.add_argument(option, type=kind, default=default, help=doc)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--smoke", action="store_true", help="a few steps of every phase on a tiny corpus")
     values = vars(parser.parse_args(argv))

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +67,35 @@ def test_smoke_run_ships_models_that_load_and_a_rerun_reuses_the_vae(tmp_path):
 
     again = _job("--smoke", "--phases", "vae", *paths)
     assert again.returncode == 0 and json.loads(again.stdout.splitlines()[0].split(": ", 1)[1]) == stats["vae"]
+
+
+def test_continued_pretraining_starts_from_the_given_model_and_keeps_its_lineage(tmp_path):
+    """--init-from reuses the model's VAE (and its latent scaling) and starts the UNet and text
+    encoder from its weights: one step at a negligible learning rate leaves them as they were."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from engine.models.tiny import tiny_model_path
+
+    shipped = tiny_model_path()
+    settings = replace(PretrainSettings(phases=("vae", "unet"), init_from=shipped, out_sd=tmp_path / "sd",
+                                        work_dir=tmp_path / "work").smoke(),
+                       corpus_size=32, unet_steps=1, unet_lr=1e-12)
+    stats = run_pretraining(settings)
+    assert stats["vae"]["steps"] == 0 and stats["vae"]["reused_from"] == str(shipped)
+    info = json.loads((tmp_path / "sd" / "pretrain.json").read_text())
+    assert info["continued_from"] == json.loads((shipped / "pretrain.json").read_text())
+    assert info["vae"]["scaling_factor"] == info["continued_from"]["vae"]["scaling_factor"]
+    before = UNet2DConditionModel.from_pretrained(shipped / "unet").state_dict()
+    after = UNet2DConditionModel.from_pretrained(tmp_path / "sd" / "unet").state_dict()
+    for name, weight in before.items():
+        torch.testing.assert_close(after[name], weight, atol=1e-6, rtol=0)
+
+
+def test_continuing_from_a_folder_without_a_model_is_one_line(tmp_path):
+    out = _job("--phases", "vae,unet", "--init-from", str(tmp_path), "--work-dir", str(tmp_path / "w"),
+               "--out-sd", str(tmp_path / "sd"), "--smoke")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"error: init_from: {tmp_path} has no vae/ folder; give a tiny SD folder such as "
+        f"{ROOT / 'engine/models/tiny_sd'}"]

@@ -225,8 +225,33 @@ class BaseCorpus:
     background_index: np.ndarray  # index into BACKGROUNDS
 
 
+# How often a base-corpus caption names the object by its sub-type, its class word or "bird",
+# and the background by its sub-type, its attribute word or not at all. The class and
+# attribute words are those of the engine's prompts ("a photo of a waterbird on land"), so the
+# tiny generator learns them as Stable Diffusion knows its words, and can draw a pair it
+# never saw together in the benchmark's training set.
+OBJECT_WORD_SHARES = (0.45, 0.4, 0.15)
+BACKGROUND_WORD_SHARES = (0.45, 0.45, 0.1)
+
+
+def true_words(object_name: str, background_name: str) -> tuple[tuple[str, ...], tuple[str | None, ...]]:
+    """Every word that truly names the object, and the background (None: left unsaid), in the
+    order of OBJECT_WORD_SHARES and BACKGROUND_WORD_SHARES."""
+    return ((object_name, CLASS_NAMES[OBJECT_CLASS[object_name]], "bird"),
+            (background_name, ATTRIBUTE_NAMES[BACKGROUND_ATTRIBUTE[background_name]], None))
+
+
+def varied_caption(object_name: str, background_name: str, rng: np.random.Generator) -> str:
+    """A true caption of a base-corpus image in words drawn at the shares above."""
+    object_words, background_words = true_words(object_name, background_name)
+    what = object_words[rng.choice(len(object_words), p=OBJECT_WORD_SHARES)]
+    where = background_words[rng.choice(len(background_words), p=BACKGROUND_WORD_SHARES)]
+    return caption(what, where) if where else f"a photo of a {what}"
+
+
 def base_corpus(n: int, seed: int, size: int = 32) -> BaseCorpus:
-    """n images covering every (object, background) pair uniformly, in the base style."""
+    """n images covering every (object, background) pair uniformly, in the base style, with
+    varied true captions (:func:`varied_caption`)."""
     rng = np.random.default_rng(seed)
     obj = rng.integers(0, len(OBJECTS), size=n)
     bg = rng.integers(0, len(BACKGROUNDS), size=n)
@@ -234,5 +259,6 @@ def base_corpus(n: int, seed: int, size: int = 32) -> BaseCorpus:
     images = np.stack(
         [render(OBJECTS[o], BACKGROUNDS[b], int(s), "base", size) for o, b, s in zip(obj, bg, seeds)]
     ) if n else np.zeros((0, size, size, 3), np.uint8)
-    captions = [caption(OBJECTS[o], BACKGROUNDS[b]) for o, b in zip(obj, bg)]
+    # Drawn after the images, so a seed gives the same images as before captions varied.
+    captions = [varied_caption(OBJECTS[o], BACKGROUNDS[b], rng) for o, b in zip(obj, bg)]
     return BaseCorpus(images, captions, obj, bg)

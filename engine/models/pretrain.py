@@ -9,6 +9,8 @@ Phases, run in order (:attr:`PretrainSettings.phases` picks some):
   clip  the tiny contrastive image/text encoder.
 
 Each phase keeps its result in ``work_dir``, so a re-run after a crash skips finished phases.
+With ``init_from`` the vae phase only encodes the corpus with that model's VAE, and the unet
+phase continues from its UNet and text encoder; pretrain.json keeps the lineage.
 Outputs are written to a temporary folder and renamed into place.
 """
 
@@ -18,8 +20,6 @@ import copy
 import json
 import logging
 import math
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -34,6 +34,7 @@ from engine.data.builtin import BACKGROUNDS, OBJECTS, base_corpus, caption
 from engine.errors import FairsynthError
 from engine.models import tiny
 from engine.models.tokenizer import build_clip_tokenizer, write_clip_vocab_files
+from engine.storage import atomic_local_directory
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,10 @@ PHASES = ("vae", "unet", "clip")
 DEFAULT_WORK_DIR = Path("runs/pretrain_tiny")
 
 
-def _knob(default, doc: str):
-    """A setting with the help text its command-line option shows."""
-    return field(default=default, metadata={"help": doc})
+def _knob(default, doc: str, kind: type | None = None):
+    """A setting with the help text its command-line option shows (and the type it parses to,
+    where the default does not tell it)."""
+    return field(default=default, metadata={"help": doc, "type": kind})
 
 
 @dataclass
@@ -72,6 +74,9 @@ class PretrainSettings:
     max_minutes_vae: float | None = _knob(None, "end the VAE phase after this long, its learning rate fully decayed")
     max_minutes_unet: float | None = _knob(None, "as --max-minutes-vae, for the UNet phase")
     max_minutes_clip: float | None = _knob(None, "as --max-minutes-vae, for the CLIP phase")
+    init_from: Path | None = _knob(
+        None, "continue from this tiny SD folder: reuse its VAE, start the UNet and text encoder "
+        "from its weights (e.g. to teach a shipped model new caption words)", kind=Path)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.phases) - set(PHASES))
@@ -145,15 +150,6 @@ def progress(steps: int, desc: str):
                 ascii=True)
 
 
-def atomic_replace(tmp: Path, out: Path) -> None:
-    """Move a finished temporary folder to ``out``, replacing what was there."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------- vae
 
 
@@ -208,18 +204,35 @@ def run_vae_phase(settings: PretrainSettings, corpus) -> dict:
         log.info("vae: reusing %s", out)
         return json.loads((out / "done.json").read_text())
     t0 = time.time()
-    vae, steps_done = train_vae(settings, corpus.images)
+    if settings.init_from is None:
+        vae, steps_done = train_vae(settings, corpus.images)
+    else:
+        vae, steps_done = load_part(settings.init_from, "vae"), 0
     mean, std, mse = encode_corpus(vae, corpus.images)
-    scaling = float(1.0 / mean.std())
+    # A reused VAE keeps the scaling its UNet was trained with.
+    scaling = float(1.0 / mean.std()) if settings.init_from is None else vae.config.scaling_factor
     vae.register_to_config(scaling_factor=scaling)
-    tmp = settings.work_dir / f".vae.tmp-{os.getpid()}"
-    vae.save_pretrained(tmp, safe_serialization=True)
-    np.savez(tmp / "latents.npz", mean=mean, std=std)
     stats = {"recon_mse": mse, "scaling_factor": scaling, "steps": steps_done,
              "seconds": round(time.time() - t0, 1)}
-    (tmp / "done.json").write_text(json.dumps(stats, indent=1))
-    atomic_replace(tmp, out)
+    if settings.init_from is not None:
+        stats["reused_from"] = str(settings.init_from)
+    with atomic_local_directory(out) as tmp:
+        vae.save_pretrained(tmp, safe_serialization=True)
+        np.savez(tmp / "latents.npz", mean=mean, std=std)
+        (tmp / "done.json").write_text(json.dumps(stats, indent=1))
     return stats
+
+
+def load_part(folder: Path, part: str):
+    """One trained part (vae, unet, text_encoder) of a tiny SD folder, in train mode."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    classes = {"vae": AutoencoderKL, "unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}
+    if not (Path(folder) / part).is_dir():
+        raise FairsynthError(f"init_from: {folder} has no {part}/ folder; give a tiny SD folder "
+                             f"such as {tiny.tiny_model_path()}")
+    return classes[part].from_pretrained(Path(folder) / part, use_safetensors=True).train()
 
 
 # --------------------------------------------------------------------------- unet
@@ -237,7 +250,10 @@ def train_unet(settings: PretrainSettings, corpus, latent_mean: np.ndarray, late
     torch.manual_seed(settings.seed + 1)
     rng = np.random.default_rng(settings.seed + 1)
     tokenizer = build_clip_tokenizer()
-    unet, text_encoder = tiny.build_unet(), tiny.build_text_encoder()
+    if settings.init_from is None:
+        unet, text_encoder = tiny.build_unet(), tiny.build_text_encoder()
+    else:
+        unet, text_encoder = load_part(settings.init_from, "unet"), load_part(settings.init_from, "text_encoder")
     noise_sched = tiny.build_training_scheduler()
 
     # Few distinct captions: encode each once per step and gather, the last one is "".
@@ -295,6 +311,11 @@ def run_unet_phase(settings: PretrainSettings, corpus) -> dict:
     lat = np.load(vae_dir / "latents.npz")
     if len(lat["mean"]) != len(corpus.images):
         raise FairsynthError(f"{vae_dir} holds latents of another corpus; delete it and re-run --phases vae")
+    # Read before training: the result may replace the folder it continues from.
+    lineage = None
+    if settings.init_from is not None:
+        earlier = Path(settings.init_from) / "pretrain.json"
+        lineage = json.loads(earlier.read_text()) if earlier.is_file() else {"folder": str(settings.init_from)}
     unet, text_encoder, tokenizer, steps_done = train_unet(
         settings, corpus, lat["mean"], lat["std"], vae.config.scaling_factor
     )
@@ -310,25 +331,30 @@ def run_unet_phase(settings: PretrainSettings, corpus) -> dict:
         "parameters": {name: tiny.count_parameters(m) for name, m in
                        (("vae", vae), ("unet", unet), ("text_encoder", text_encoder))},
     }
+    info["captions"] = "varied: sub-type, class or attribute words (engine.data.builtin.varied_caption)"
+    if lineage is not None:
+        info["continued_from"] = lineage
     save_tiny_sd(pipe, settings.out_sd, info)
     return info["unet"]
 
 
 def save_tiny_sd(pipe, out: Path, info: dict) -> None:
+    with atomic_local_directory(Path(out)) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        _finish_tiny_sd_folder(tmp, info)
+
+
+def _finish_tiny_sd_folder(tmp: Path, info: dict) -> None:
+    """Complete a saved pipeline folder, and check it loads offline and samples before it
+    replaces the shipped one."""
     from diffusers import StableDiffusionPipeline
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
     # Stable Diffusion 1.x tokenizer folders hold vocab.json and merges.txt, not tokenizer.json.
     (tmp / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
     write_clip_vocab_files(tmp / "tokenizer")
     (tmp / "pretrain.json").write_text(json.dumps(info, indent=1))
     for path in tmp.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
-    # Check the folder loads offline and samples before it replaces the shipped one.
     check = StableDiffusionPipeline.from_pretrained(tmp, safety_checker=None, use_safetensors=True,
                                                     local_files_only=True)
     check.set_progress_bar_config(disable=True)
@@ -339,7 +365,6 @@ def save_tiny_sd(pipe, out: Path, info: dict) -> None:
                    width=32, output_type="np").images
     if not np.isfinite(images).all():
         raise FairsynthError(f"the saved pipeline in {tmp} samples non-finite images")
-    atomic_replace(tmp, out)
 
 
 # --------------------------------------------------------------------------- clip
@@ -351,21 +376,17 @@ def run_clip_phase(settings: PretrainSettings) -> dict:
 
     t0 = time.time()
     corpus = base_corpus(settings.clip_corpus_size, seed=settings.seed + 2)
-    out = Path(settings.out_clip)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    stats = train_tiny_clip(corpus, tmp, steps=settings.clip_steps, batch_size=settings.clip_batch,
-                            lr=settings.clip_lr, seed=settings.seed + 2,
-                            progress=lambda n: progress(n, "clip"),
-                            max_minutes=settings.max_minutes_clip)
-    stats["seconds"] = round(time.time() - t0, 1)
-    # Does k-means on its embeddings of benchmark-style images find the object sub-types?
-    nmi = subtype_nmi(TinyClipEncoder(tmp), per_pair=20, seed=settings.seed + 3)
-    stats["benchmark_subtype_nmi"] = {k: round(v, 4) if isinstance(v, float) else
-                                      {g: round(x, 4) for g, x in v.items()} for k, v in nmi.items()}
-    (tmp / "training.json").write_text(json.dumps(stats, indent=1))
-    for path in tmp.iterdir():
-        path.chmod(0o644)
-    atomic_replace(tmp, out)
+    with atomic_local_directory(Path(settings.out_clip)) as tmp:
+        stats = train_tiny_clip(corpus, tmp, steps=settings.clip_steps, batch_size=settings.clip_batch,
+                                lr=settings.clip_lr, seed=settings.seed + 2,
+                                progress=lambda n: progress(n, "clip"),
+                                max_minutes=settings.max_minutes_clip)
+        stats["seconds"] = round(time.time() - t0, 1)
+        # Does k-means on its embeddings of benchmark-style images find the object sub-types?
+        nmi = subtype_nmi(TinyClipEncoder(tmp), per_pair=20, seed=settings.seed + 3)
+        stats["benchmark_subtype_nmi"] = {k: round(v, 4) if isinstance(v, float) else
+                                          {g: round(x, 4) for g, x in v.items()} for k, v in nmi.items()}
+        (tmp / "training.json").write_text(json.dumps(stats, indent=1))
+        for path in tmp.iterdir():
+            path.chmod(0o644)
     return stats
