@@ -270,7 +270,9 @@ class TrainConfig(Section):
     learning_rate: float = Field(2e-3, gt=0)
     finetune_learning_rate: float = Field(1e-2, gt=0, description="stage 2 learning rate")
     weight_decay: float = Field(1e-4, ge=0)
-    stage2: Literal["last_layer", "full", "group_dro"] = "last_layer"
+    stage2: Literal["last_layer", "full", "group_dro", "none"] = Field(
+        "last_layer", description="generative methods' real-data stage; 'none': synthetic images only (an ablation)"
+    )
     loss_beta: float = Field(0.5, ge=0, le=1, description="beta * CE + (1 - beta) * SupCon")
     supcon_temperature: float = Field(0.1, gt=0)
     group_dro_eta: float = Field(0.01, gt=0)
@@ -295,6 +297,12 @@ class TrainConfig(Section):
         True, description="deterministic torch kernels (cuDNN included), so a seed repeats its metrics"
     )
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _some_training_left(self) -> TrainConfig:
+        if self.stage2 == "none" and self.pretrain_epochs == 0:
+            raise ValueError("stage2 = 'none' with pretrain_epochs = 0 trains nothing; set pretrain_epochs >= 1")
+        return self
 
 
 class GpuStageMfu(Section):

@@ -145,6 +145,7 @@ def test_stage2_modes_choose_what_trains():
     assert (phases("full")[1].trainable, phases("full")[1].sample_loss) == ("all", "ce_supcon")
     assert phases("group_dro")[1].aggregate == "group_dro"
     assert phases("group_dro")[1].objective(cfg) == "Group-DRO over CE"
+    assert [p.name for p in phases("none")] == ["pretrain"]  # synthetic images alone
     erm, = get_method("erm").phases(load_config().train)
     assert (erm.aggregate, erm.balanced) == ("mean", False)
 

@@ -12,7 +12,8 @@ phases; it never asks which method it is running.
   on real data in the mode ``train.stage2`` names:
   ``last_layer`` (the paper: encoder frozen, cross-entropy, at ``finetune_learning_rate``),
   ``full`` (FFR's: every layer, beta * CE + (1 - beta) * SupCon, at ``learning_rate``), or
-  ``group_dro`` (every layer, Group-DRO over cross-entropy, at ``learning_rate``).
+  ``group_dro`` (every layer, Group-DRO over cross-entropy, at ``learning_rate``), or
+  ``none`` (no stage 2: the classifier trained on synthetic images alone, an ablation).
 
 Why ``last_layer`` drops SupCon: the paper uses beta * CE + (1 - beta) * SupCon in both
 stages, but its stage 2 freezes the encoder, and SupCon acts only on the encoder's features.
@@ -122,6 +123,8 @@ class SyntheticPretraining(Method):
             phases.append(Phase(name="pretrain", dataset=SYNTHETIC, epochs=cfg.pretrain_epochs,
                                 learning_rate=cfg.learning_rate, trainable="all", sample_loss="ce_supcon"))
         finetune = {"name": "finetune", "dataset": REAL, "epochs": cfg.epochs}
+        if cfg.stage2 == "none":
+            return phases
         if cfg.stage2 == "last_layer":
             # The encoder is frozen: SupCon on its features has no gradient (module docstring).
             stage2 = Phase(**finetune, learning_rate=cfg.finetune_learning_rate, trainable="head", sample_loss="ce")
