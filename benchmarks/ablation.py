@@ -11,6 +11,7 @@ train; more images per group re-runs generate, filter and train).
     stage2_full    stage 2 trains every layer (CE + SupCon)
     stage2_dro     stage 2 trains every layer with Group-DRO
     no_filter      every generated image kept (filter.keep_fraction=1)
+    group_prompt_filter  the filter's text term names the attribute too (the paper's names the class)
     images_400     400 synthetic images per group
 
 Prints a markdown table, then, as the last line, one JSON object. A figure to read, with no
@@ -39,6 +40,7 @@ VARIANTS = {
     "stage2_full": ["train.stage2=full"],
     "stage2_dro": ["train.stage2=group_dro"],
     "no_filter": ["filter.keep_fraction=1.0"],
+    "group_prompt_filter": ["filter.class_prompt_template=a photo of a {class_name} on {attribute_name}"],
     "images_400": ["generate.images_per_group=400"],
 }
 TITLES = {
@@ -47,6 +49,7 @@ TITLES = {
     "stage2_full": "stage 2: every layer, CE + SupCon",
     "stage2_dro": "stage 2: every layer, Group-DRO",
     "no_filter": "no filtering (every generated image kept)",
+    "group_prompt_filter": "filter scored against the group prompt (class and attribute)",
     "images_400": "400 images per group",
 }
 

@@ -243,7 +243,10 @@ class GenerateConfig(ActorStageConfig):
 class FilterConfig(ActorStageConfig):
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the class-prompt similarity")
     keep_fraction: float = Field(0.75, gt=0, le=1, description="top share kept per group")
-    class_prompt_template: str = "a photo of a {class_name}"
+    class_prompt_template: str = Field(
+        "a photo of a {class_name}",
+        description="the text each image is scored against; naming {attribute_name} too scores it against its group",
+    )
     batch_size: int = Field(128, ge=1, description="images per encoder batch")
 
 

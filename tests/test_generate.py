@@ -24,7 +24,7 @@ from PIL import Image
 
 from engine.config import load_config
 from engine.errors import FairsynthError
-from engine.generate.filtering import keep_count, select_top_fraction
+from engine.generate.filtering import filter_prompts, keep_count, select_top_fraction
 from engine.generate.plan import GroupBalancedPlan, split_proportionally
 from engine.runs import RunDir, atomic_write_json
 
@@ -411,3 +411,17 @@ def test_job_without_a_manifest_fails_in_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("error: missing") and "finetune/lora/manifest.json" in error and "jobs/finetune.py" in error
+
+
+def test_filter_prompts_name_the_class_or_the_whole_group():
+    """The paper's filter scores against the class prompt, the same for both groups of a
+    class; a template naming the attribute gives every group its own prompt."""
+    from types import SimpleNamespace
+
+    dataset = SimpleNamespace(class_names=["landbird", "waterbird"], attribute_names=["land", "water"],
+                              n_attributes=2, n_groups=4)
+    assert filter_prompts("a photo of a {class_name}", dataset) == [
+        "a photo of a landbird", "a photo of a landbird", "a photo of a waterbird", "a photo of a waterbird"]
+    assert filter_prompts("a photo of a {class_name} on {attribute_name}", dataset) == [
+        "a photo of a landbird on land", "a photo of a landbird on water",
+        "a photo of a waterbird on land", "a photo of a waterbird on water"]

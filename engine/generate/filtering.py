@@ -2,7 +2,8 @@
 
 score = alpha * sim(image, class prompt) + (1 - alpha) * sim(image, group centroid), where
 sim is the cosine similarity of image-text encoder embeddings, the class prompt is
-``filter.class_prompt_template`` and the group centroid is the mean embedding of the group's
+``filter.class_prompt_template`` (the paper's: the class alone; a template that also names
+``{attribute_name}`` scores each image against its whole group) and the group centroid is the mean embedding of the group's
 real training images (``RUN/cluster/group_means.npy``). A group with no real training image
 has no centroid; its images are ranked by the class-prompt term alone. Real runs use CLIP
 (``model.encoder``); the tiny default uses the shipped offline tiny encoder, which sees the
@@ -89,7 +90,7 @@ class SyntheticImageScorer:
     the fidelity judge's reading (judged_label, judged_attribute) when one is given."""
 
     def __init__(self, encoder: str, model_device: str, num_gpus: float, image_size: int,
-                 class_prompts: list[str], group_means: np.ndarray, alpha: float,
+                 group_prompts: list[str], group_means: np.ndarray, alpha: float,
                  judge: str | None = None, judge_prompts: tuple[list[str], list[str]] | None = None):
         from engine.models.encoders import load_encoder
         from engine.raylib import device_for
@@ -102,7 +103,9 @@ class SyntheticImageScorer:
             )
         # The side the cluster stage embedded real images at, so both live in one space.
         self.image_size = int(getattr(self.encoder, "image_size", None) or image_size)
-        self.class_embeddings = np.asarray(self.encoder.encode_texts(class_prompts), dtype=np.float32)
+        # One prompt per group (a class prompt repeats across its groups unless the template
+        # names the attribute too).
+        self.prompt_embeddings = np.asarray(self.encoder.encode_texts(group_prompts), dtype=np.float32)
         self.group_means = group_means
         self.alpha = alpha
         self.judge = None
@@ -123,9 +126,8 @@ class SyntheticImageScorer:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         images = np.stack([decode_png(b, self.image_size) for b in batch["image"]])
         embeddings = np.asarray(self.encoder.encode_images(images), dtype=np.float32)
-        labels = batch["label"].to_numpy()
         groups = batch["group"].to_numpy()
-        sim_class = np.einsum("nd,nd->n", embeddings, self.class_embeddings[labels])
+        sim_class = np.einsum("nd,nd->n", embeddings, self.prompt_embeddings[groups])
         sim_centroid = np.einsum("nd,nd->n", embeddings, self.group_means[groups])
         has_centroid = np.isfinite(sim_centroid)
         score = np.where(
@@ -144,7 +146,15 @@ class SyntheticImageScorer:
         })
 
 
-def score_images(cfg: Config, run: RunDir, method: str, class_prompts: list[str],
+def filter_prompts(template: str, dataset) -> list[str]:
+    """The filter's text prompt for each group, in group order: the template with the group's
+    class word and, where the template names it, its attribute word."""
+    return [template.format(class_name=dataset.class_names[g // dataset.n_attributes],
+                            attribute_name=dataset.attribute_names[g % dataset.n_attributes])
+            for g in range(dataset.n_groups)]
+
+
+def score_images(cfg: Config, run: RunDir, method: str, group_prompts: list[str],
                  group_means: np.ndarray, judge: str | None = None,
                  judge_prompts: tuple[list[str], list[str]] | None = None) -> pd.DataFrame:
     """One row per synthetic image: unit, seed, group, score, sim_class, sim_centroid (and,
@@ -166,7 +176,7 @@ def score_images(cfg: Config, run: RunDir, method: str, class_prompts: list[str]
     context.enable_progress_bars = False
     try:
         ds = ray.data.read_parquet(**storage.dataset_source(paths))
-        ds = ds.select_columns(["image", "unit", "seed", "group", "label"])
+        ds = ds.select_columns(["image", "unit", "seed", "group"])
         ds = ds.map_batches(
             SyntheticImageScorer,
             fn_constructor_kwargs={
@@ -174,7 +184,7 @@ def score_images(cfg: Config, run: RunDir, method: str, class_prompts: list[str]
                 "model_device": cfg.model.device,
                 "num_gpus": resources.num_gpus,
                 "image_size": cfg.data.image_size,
-                "class_prompts": class_prompts,
+                "group_prompts": group_prompts,
                 "group_means": group_means,
                 "alpha": flt.alpha,
                 "judge": judge,
@@ -261,10 +271,10 @@ def run_filter_stage(cfg: Config, run: RunDir, method: str) -> dict:
     started = time.perf_counter()
     dataset = load_run_dataset(run)
     group_means = load_group_means(run, dataset.n_groups)
-    class_prompts = [cfg.filter.class_prompt_template.format(class_name=c) for c in dataset.class_names]
+    group_prompts = filter_prompts(cfg.filter.class_prompt_template, dataset)
     judge = fidelity.judge_kind(cfg)
     judge_prompts = fidelity.judge_prompts(cfg, dataset.class_names, dataset.attribute_names)
-    scores = score_images(cfg, run, method, class_prompts, group_means, judge, judge_prompts)
+    scores = score_images(cfg, run, method, group_prompts, group_means, judge, judge_prompts)
     if scores.duplicated(["unit", "seed"]).any():
         raise FairsynthError(f"{synthetic_dir(run, method)} holds a (unit, seed) twice; delete it and re-run generate")
     scores["kept"] = select_top_fraction(scores, cfg.filter.keep_fraction)
@@ -295,7 +305,8 @@ def run_filter_stage(cfg: Config, run: RunDir, method: str) -> dict:
         "encoder": cfg.model.encoder,
         "alpha": cfg.filter.alpha,
         "keep_fraction": cfg.filter.keep_fraction,
-        "class_prompts": class_prompts,
+        "class_prompts": list(dict.fromkeys(group_prompts)),
+        "group_prompts": group_prompts,
         "images": int(len(scores)),
         "kept": int(scores["kept"].sum()),
         "per_group": per_group,
