@@ -74,7 +74,8 @@ def test_the_filter_scorer_reads_each_image_with_the_judge(judge):
 
     images, labels, attributes = _renders("benchmark", 6, seed=1)
     prompts = fidelity.judge_prompts(load_config(), list(builtin.CLASS_NAMES), list(builtin.ATTRIBUTE_NAMES))
-    scorer = SyntheticImageScorer("tiny", "cpu", 0.0, 32, ["a photo of a landbird", "a photo of a waterbird"],
+    group_prompts = [f"a photo of a {builtin.CLASS_NAMES[g // 2]}" for g in range(4)]
+    scorer = SyntheticImageScorer("tiny", "cpu", 0.0, 32, group_prompts,
                                   np.ones((4, 64), np.float32) / 8.0, 0.5, judge=judge, judge_prompts=prompts)
     batch = pd.DataFrame({
         "image": [encode_png(im) for im in images], "unit": [f"g{i}" for i in range(6)], "seed": range(6),

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from engine.errors import FairsynthError
 from engine.generate.filtering import SyntheticImageScorer, select_top_fraction
 from engine.generate.shards import encode_png
 
@@ -20,6 +21,8 @@ from engine.generate.shards import encode_png
 # or another class's prompt.
 CLASS_PROMPTS = ["a photo of a landbird", "a photo of a waterbird"]
 TEXT = {CLASS_PROMPTS[0]: [1, 0, 0, 0], CLASS_PROMPTS[1]: [0, 0, 0, 1]}
+# The scorer takes one prompt per group; with a class-only template a class's prompt repeats.
+GROUP_PROMPTS = [CLASS_PROMPTS[0], CLASS_PROMPTS[0], CLASS_PROMPTS[1], CLASS_PROMPTS[1]]
 GROUP_MEANS = np.array([[0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 0], [np.nan] * 4], dtype=np.float32)
 IMAGES = {
     # group 0: (sim to class 0, sim to centroid 0); filler on axis 2 (group 1's centroid)
@@ -85,7 +88,7 @@ def test_the_kept_75_percent_are_those_worked_out_by_hand(monkeypatch, batch, al
     import engine.models.encoders
 
     monkeypatch.setattr(engine.models.encoders, "load_encoder", lambda name, device: HandMadeEncoder())
-    scorer = SyntheticImageScorer("hand-made", "cpu", 0.0, 32, CLASS_PROMPTS, GROUP_MEANS, alpha)
+    scorer = SyntheticImageScorer("hand-made", "cpu", 0.0, 32, GROUP_PROMPTS, GROUP_MEANS, alpha)
     scores = scorer(batch)
     kept = select_top_fraction(scores, 0.75)
     dropped = {NAMES[i] for i in scores.loc[~kept, "seed"]}
@@ -95,3 +98,11 @@ def test_the_kept_75_percent_are_those_worked_out_by_hand(monkeypatch, batch, al
         assert by_name == pytest.approx(SCORES_AT_HALF, abs=1e-6)
         # Group 3 has no centroid: its similarity to one is NaN, not a number that ranks.
         assert scores.loc[scores["group"] == 3, "sim_centroid"].isna().all()
+
+
+def test_one_prompt_per_class_instead_of_per_group_is_a_clear_error(monkeypatch):
+    import engine.models.encoders
+
+    monkeypatch.setattr(engine.models.encoders, "load_encoder", lambda name, device: HandMadeEncoder())
+    with pytest.raises(FairsynthError, match="2 prompts for 4 groups"):
+        SyntheticImageScorer("hand-made", "cpu", 0.0, 32, CLASS_PROMPTS, GROUP_MEANS, 0.5)

@@ -105,6 +105,11 @@ class SyntheticImageScorer:
         self.image_size = int(getattr(self.encoder, "image_size", None) or image_size)
         # One prompt per group (a class prompt repeats across its groups unless the template
         # names the attribute too).
+        if len(group_prompts) != group_means.shape[0]:
+            raise FairsynthError(
+                f"the filter has {len(group_prompts)} prompts for {group_means.shape[0]} groups; "
+                "pass one prompt per group (filtering.filter_prompts makes them)"
+            )
         self.prompt_embeddings = np.asarray(self.encoder.encode_texts(group_prompts), dtype=np.float32)
         self.group_means = group_means
         self.alpha = alpha
