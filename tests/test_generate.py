@@ -425,3 +425,19 @@ def test_filter_prompts_name_the_class_or_the_whole_group():
     assert filter_prompts("a photo of a {class_name} on {attribute_name}", dataset) == [
         "a photo of a landbird on land", "a photo of a landbird on water",
         "a photo of a waterbird on land", "a photo of a waterbird on water"]
+
+
+def test_half_written_shards_are_swept_and_whole_ones_kept(tmp_path):
+    """A writer killed between its temporary write and the rename leaves a dot-file; the
+    stage sweeps those (before and after its pipeline) and never touches finished shards."""
+    from engine.generate.shards import remove_partial_shards
+
+    whole = tmp_path / "part-abc-00000.parquet"
+    whole.write_bytes(b"whole")
+    partial = tmp_path / ".part-abc-00001.parquet.x1y2z3.tmp"
+    partial.write_bytes(b"half")
+    bookkeeping = tmp_path / "_summary.json"
+    bookkeeping.write_text("{}")
+    assert remove_partial_shards(tmp_path) == [partial.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([whole.name, bookkeeping.name])
+    assert remove_partial_shards(tmp_path / "absent") == []

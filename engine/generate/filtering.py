@@ -35,6 +35,7 @@ from engine.generate import fidelity
 from engine.generate.shards import (
     decode_png,
     read_shard,
+    remove_partial_shards,
     shard_paths,
     shard_row_counts,
     synthetic_dir,
@@ -284,6 +285,7 @@ def run_filter_stage(cfg: Config, run: RunDir, method: str) -> dict:
         raise FairsynthError(f"{synthetic_dir(run, method)} holds a (unit, seed) twice; delete it and re-run generate")
     scores["kept"] = select_top_fraction(scores, cfg.filter.keep_fraction)
     rewritten = _rewrite_shards(run, method, scores)
+    remove_partial_shards(synthetic_dir(run, method))  # a rewrite on a lost node leaves one
     write_sample_grid(run, method)
     group_names = [dataset.group_name(g) for g in range(dataset.n_groups)]
     synthetic_fidelity = fidelity.group_fidelity(scores, dataset.n_attributes, group_names, judge)

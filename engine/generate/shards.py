@@ -64,6 +64,8 @@ SYNTHETIC_SCHEMA = _COLUMNS.with_metadata(
     {"huggingface": json.dumps({"info": {"features": _hf_features(_COLUMNS)}})}
 )
 SHARD_GLOB = "part-*.parquet"
+# What a local writer that died before its rename leaves (engine.storage's temporary names).
+PARTIAL_SHARD_GLOB = ".part-*.tmp"
 # Seconds a sampler spent on a shard's rows, by kind; they travel with the rows to the writer
 # and into the stage summary, never into a shard.
 TIMING_COLUMNS = ("switch_seconds", "sampling_seconds", "png_seconds")
@@ -195,6 +197,21 @@ def read_synthetic(run: RunDir, method: str, columns: list[str] | None = None,
 def shard_row_counts(paths: list[RunPath]) -> dict[str, int]:
     """Rows per shard from the Parquet footers, without reading images."""
     return {p.name: storage.parquet_file(p).metadata.num_rows for p in paths}
+
+
+def remove_partial_shards(out_dir: RunPath) -> list[str]:
+    """Delete half-written shards: temporary files of writers whose process died before the
+    rename (a node lost mid-write). Only while no writer of the folder runs: before a stage's
+    pipeline starts, or after it ended. On object storage an upload is whole or absent, so
+    nothing is ever left there."""
+    if storage.is_remote(out_dir) or not out_dir.exists():
+        return []
+    partial = sorted(out_dir.glob(PARTIAL_SHARD_GLOB))
+    for path in partial:
+        path.unlink(missing_ok=True)
+    if partial:
+        log.info("removed %d half-written shards from %s (a writer died before finishing)", len(partial), out_dir)
+    return [p.name for p in partial]
 
 
 def remove_stale_shards(out_dir: RunPath, keep: set[str]) -> list[str]:

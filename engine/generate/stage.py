@@ -24,6 +24,7 @@ from engine.errors import FairsynthError
 from engine.generate.plan import GroupBalancedPlan
 from engine.generate.shards import (
     TIMING_COLUMNS,
+    remove_partial_shards,
     remove_stale_shards,
     shard_row_counts,
     synthetic_dir,
@@ -84,6 +85,7 @@ def run_generate_stage(cfg: Config, run: RunDir, method: str) -> dict:
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_shards(out_dir, set(expected))
+    remove_partial_shards(out_dir)
     missing = [name for name in plan.shard_names if not (out_dir / name).exists()]
     log.info(
         "generate %s: plan %s, %d images in %d shards, %d shards to write",
@@ -94,6 +96,8 @@ def run_generate_stage(cfg: Config, run: RunDir, method: str) -> dict:
         # New rows invalidate any earlier filtering: it ranks every image of a group together.
         run.clear_marker(f"filter/{method}")
         timing = _generate_shards(cfg, run, plan, missing)
+        # Every writer has finished; one on a lost node may have left its temporary file.
+        remove_partial_shards(out_dir)
 
     counts = shard_row_counts(sorted(out_dir.glob("part-*.parquet")))
     wrong = {n: c for n, c in counts.items() if expected.get(n) != c}
