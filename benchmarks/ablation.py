@@ -3,13 +3,14 @@ method on one config (default: the embedded default, clustered DreamBooth, sever
 
 Each variant is one ``jobs/full.py`` run, the command printed beside its row, all in one run
 directory: the stages cache by what their inputs hash to, so a variant re-runs only the
-stages its change reaches (a stage-2 mode re-runs train; filtering off re-runs filter and
+stages its change reaches (a stage-2 choice re-runs train; filtering off re-runs filter and
 train; more images per group re-runs generate, filter and train).
 
     base           the config as given (train.stage2=last_layer, 96 images per group, filter on)
     synthetic_only no stage 2: the classifier trained on synthetic images alone
     stage2_full    stage 2 trains every layer (CE + SupCon)
     stage2_dro     stage 2 trains every layer with Group-DRO
+    unbalanced_stage2  stage 2 reads the real set as it is, not group-balanced
     no_filter      every generated image kept (filter.keep_fraction=1)
     group_prompt_filter  the filter's text term names the attribute too (the paper's names the class)
     images_400     400 synthetic images per group
@@ -39,6 +40,7 @@ VARIANTS = {
     "synthetic_only": ["train.stage2=none"],
     "stage2_full": ["train.stage2=full"],
     "stage2_dro": ["train.stage2=group_dro"],
+    "unbalanced_stage2": ["train.group_balanced_sampling=false"],
     "no_filter": ["filter.keep_fraction=1.0"],
     "group_prompt_filter": ["filter.class_prompt_template=a photo of a {class_name} on {attribute_name}"],
     "images_400": ["generate.images_per_group=400"],
@@ -48,6 +50,7 @@ TITLES = {
     "synthetic_only": "synthetic images only (no stage 2)",
     "stage2_full": "stage 2: every layer, CE + SupCon",
     "stage2_dro": "stage 2: every layer, Group-DRO",
+    "unbalanced_stage2": "stage 2 on the real set as it is (not group-balanced)",
     "no_filter": "no filtering (every generated image kept)",
     "group_prompt_filter": "filter scored against the group prompt (class and attribute)",
     "images_400": "400 images per group",

@@ -280,7 +280,10 @@ class TrainConfig(Section):
     supcon_temperature: float = Field(0.1, gt=0)
     group_dro_eta: float = Field(0.01, gt=0)
     group_dro_adjustment: float = Field(0.0, ge=0, description="C in C / sqrt(n_g)")
-    group_balanced_sampling: bool = True
+    group_balanced_sampling: bool = Field(
+        True, description="resample the real training set group-balanced for Group-DRO and every generative "
+        "method's stage 2 (ERM always reads it as it is)"
+    )
     augment: bool = True
     num_workers: Concurrency = Field(
         2, description="DDP workers, or 'auto': one per GPU the cluster can reach (use_gpu) or per free CPU share"

@@ -146,6 +146,12 @@ def test_stage2_modes_choose_what_trains():
     assert phases("group_dro")[1].aggregate == "group_dro"
     assert phases("group_dro")[1].objective(cfg) == "Group-DRO over CE"
     assert [p.name for p in phases("none")] == ["pretrain"]  # synthetic images alone
+    # Stage 2 reads the real set group-balanced in every mode, as Group-DRO does; stage 1's
+    # synthetic set is balanced by construction.
+    assert [phases(m)[1].balanced for m in ("last_layer", "full", "group_dro")] == [True] * 3
+    assert not pretrain.balanced
+    as_is = get_method("dreambooth").phases(load_config(None, ["train.group_balanced_sampling=false"]).train)
+    assert not as_is[1].balanced
     erm, = get_method("erm").phases(load_config().train)
     assert (erm.aggregate, erm.balanced) == ("mean", False)
 
