@@ -9,8 +9,9 @@ then assigns every point, over its BLAS distance path; scikit-learn fits on ever
 Inertia is measured on every point for both, so the sampling's cost shows there. Target:
 FAISS at least 5x faster at 100k x 512 with inertia within 1% of scikit-learn's.
 
-The comparison is Euclidean (spherical=false), since scikit-learn has no spherical k-means and inertia is only comparable in one geometry; scikit-learn stops at its default
-tolerance, FAISS always runs ``niter`` iterations. Inertia of both is recomputed the same way
+The comparison is Euclidean (spherical=false), since scikit-learn has no spherical k-means
+and inertia is only comparable in one geometry; scikit-learn stops at its default tolerance,
+FAISS always runs ``niter`` iterations. Inertia of both is recomputed the same way
 (sum of squared distances to the nearest centroid). Prints a markdown row per data set, then,
 as the last line, one JSON object.
 
