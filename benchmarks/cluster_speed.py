@@ -3,9 +3,15 @@ KMeans on the same embeddings: wall time and inertia, on random data (default 10
 on the built-in benchmark's real training embeddings.
 
 Both libraries get the same k, restarts, iteration cap, seed and thread count, and k-means++
-seeding. The comparison is Euclidean (spherical=false), since scikit-learn has no spherical
-k-means and inertia is only comparable in one geometry; scikit-learn stops at its default
-tolerance, FAISS always runs ``niter`` iterations. Inertia of both is recomputed the same way
+seeding. FAISS runs as the stage configures it, with its own strengths: it fits the centroids
+on a random sample of k x ``cluster.max_points_per_centroid`` points (1,024 by default) and
+then assigns every point, over its BLAS distance path; scikit-learn fits on every point.
+Inertia is measured on every point for both, so the sampling's cost shows there. Target:
+FAISS at least 5x faster at 100k x 512 with inertia within 1% of scikit-learn's.
+
+The comparison is Euclidean (spherical=false), since scikit-learn has no spherical k-means
+and inertia is only comparable in one geometry; scikit-learn stops at its default tolerance,
+FAISS always runs ``niter`` iterations. Inertia of both is recomputed the same way
 (sum of squared distances to the nearest centroid). Prints a markdown row per data set, then,
 as the last line, one JSON object.
 
@@ -47,7 +53,7 @@ def inertia(x: np.ndarray, centroids: np.ndarray) -> float:
     return total
 
 
-def compare(x: np.ndarray, k: int, niter: int, nredo: int, seed: int, threads: int) -> dict:
+def compare(x: np.ndarray, k: int, niter: int, nredo: int, seed: int, threads: int, max_points: int) -> dict:
     import faiss
     from sklearn.cluster import KMeans
     from threadpoolctl import threadpool_limits
@@ -55,7 +61,7 @@ def compare(x: np.ndarray, k: int, niter: int, nredo: int, seed: int, threads: i
     from engine.cluster import kmeans
     from engine.config import ClusterConfig
 
-    cfg = ClusterConfig(k=k, niter=niter, nredo=nredo, seed=seed, spherical=False)
+    cfg = ClusterConfig(k=k, niter=niter, nredo=nredo, seed=seed, spherical=False, max_points_per_centroid=max_points)
     faiss.omp_set_num_threads(threads)
     start, cpu = time.perf_counter(), time.process_time()
     faiss_centroids, _ = kmeans(x, k, cfg, seed)
@@ -78,6 +84,7 @@ def compare(x: np.ndarray, k: int, niter: int, nredo: int, seed: int, threads: i
         "n": int(len(x)),
         "dim": int(x.shape[1]),
         "k": k,
+        "faiss_fit_points": int(min(len(x), k * max_points)),
         "faiss_s": round(faiss_s, 3),
         "sklearn_s": round(sklearn_s, 3),
         "sklearn_iterations": int(sk.n_iter_),
@@ -131,18 +138,22 @@ def main() -> None:
     parser.add_argument("--nredo", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-points-per-centroid", type=int, default=None,
+                        help="FAISS's fit sample per centroid (default: the cluster config's)")
     parser.add_argument("--run-dir", default=None, help="reuse RUN/cluster/embeddings.npy")
     parser.add_argument("--skip-real", action="store_true", help="random data only")
     args = parser.parse_args()
+    from engine.config import ClusterConfig
 
+    max_points = args.max_points_per_centroid or ClusterConfig().max_points_per_centroid
     random = np.random.default_rng(args.seed).standard_normal((args.n, args.dim), dtype=np.float32)
-    results = {"random": compare(random, args.k, args.niter, args.nredo, args.seed, args.threads)}
+    results = {"random": compare(random, args.k, args.niter, args.nredo, args.seed, args.threads, max_points)}
     del random
     if not args.skip_real:
         x, origin = real_embeddings(args.run_dir, args.threads)
         results["real"] = {
             "source": origin,
-            **compare(x, args.k_real, args.niter, args.nredo, args.seed, args.threads),
+            **compare(x, args.k_real, args.niter, args.nredo, args.seed, args.threads, max_points),
         }
 
     device = f"cpu ({args.threads} threads)"
@@ -164,7 +175,9 @@ def main() -> None:
                 "benchmark": "cluster_speed",
                 "metric": "sklearn_time_over_faiss_time",
                 "value": headline["time_ratio"],
-                "target": ">= 1 at inertia ratio <= 1.01",
+                "target": ">= 5 at inertia ratio <= 1.01",
+                "all_met": headline["time_ratio"] >= 5 and headline["inertia_ratio"] <= 1.01,
+                "max_points_per_centroid": max_points,
                 "device": device,
                 "inertia_ratio": headline["inertia_ratio"],
                 "niter": args.niter,

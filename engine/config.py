@@ -165,6 +165,10 @@ class ClusterConfig(ActorStageConfig):
     spherical: bool = True
     niter: int = Field(30, ge=1)
     nredo: int = Field(3, ge=1)
+    max_points_per_centroid: int = Field(
+        1024, ge=1, description="k-means trains on a random sample of at most k x this many points, then "
+        "assigns every point (a built-in group, under 1,000 points, is fitted whole)"
+    )
     seed: int = 0
     batch_size: int = Field(128, ge=1, description="images per embedding batch")
 

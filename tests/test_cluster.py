@@ -17,6 +17,7 @@ import pytest
 
 from engine.cluster import (
     cluster_group,
+    kmeans,
     load_centroids,
     merge_small_clusters,
     run_cluster_stage,
@@ -68,6 +69,18 @@ def test_clustering_is_seeded():
     first, second = cluster_group(x, cfg, seed=7), cluster_group(x, cfg, seed=7)
     assert np.array_equal(first.labels, second.labels)
     assert np.array_equal(first.centroids, second.centroids)
+
+
+def test_large_group_fits_on_a_sample_and_assigns_every_point():
+    """Centroids fitted on k x max_points_per_centroid sampled points: every point is still
+    labelled, the blobs are found, and a group under the sample size is fitted whole."""
+    x, truth = blobs([3000, 2000, 1000], seed=1)
+    sampled, full = cluster_cfg(max_points_per_centroid=64), cluster_cfg(max_points_per_centroid=10**6)
+    centroids, labels = kmeans(x, 3, sampled, seed=0)
+    assert labels.shape == (6000,) and set(labels.tolist()) == {0, 1, 2}
+    assert subtype_nmi(pd.Series(truth.astype(str)), labels) == pytest.approx(1.0)
+    small = x[::40]  # 150 points < 3 x 64: fitted whole, as with no sampling at all
+    assert np.array_equal(kmeans(small, 3, sampled, seed=0)[1], kmeans(small, 3, full, seed=0)[1])
 
 
 def test_unstructured_group_stays_one_cluster():
