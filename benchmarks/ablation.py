@@ -6,7 +6,8 @@ directory: the stages cache by what their inputs hash to, so a variant re-runs o
 stages its change reaches (a stage-2 choice re-runs train; filtering off re-runs filter and
 train; more images per group re-runs generate, filter and train).
 
-    base           the config as given (train.stage2=last_layer, 96 images per group, filter on)
+    base           the config as given (train.stage2=last_layer on group-balanced real data, 96 images
+                   per group, filter on)
     synthetic_only no stage 2: the classifier trained on synthetic images alone
     stage2_full    stage 2 trains every layer (CE + SupCon)
     stage2_dro     stage 2 trains every layer with Group-DRO
@@ -46,7 +47,7 @@ VARIANTS = {
     "images_400": ["generate.images_per_group=400"],
 }
 TITLES = {
-    "base": "as configured (stage 2 last layer, 96 images per group, filtered)",
+    "base": "as configured (stage 2 last layer, group-balanced; 96 images per group; filtered)",
     "synthetic_only": "synthetic images only (no stage 2)",
     "stage2_full": "stage 2: every layer, CE + SupCon",
     "stage2_dro": "stage 2: every layer, Group-DRO",

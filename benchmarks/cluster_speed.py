@@ -98,6 +98,13 @@ def compare(x: np.ndarray, k: int, niter: int, nredo: int, seed: int, threads: i
     }
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 8:
+        raise argparse.ArgumentTypeError(f"{text} is below 8 (the cluster config's minimum)")
+    return value
+
+
 def real_embeddings(run_dir: str | None, threads: int) -> tuple[np.ndarray, str]:
     """The built-in benchmark's training embeddings, from a run directory or by running the
     cluster stage's embedding step in a temporary one."""
@@ -138,14 +145,16 @@ def main() -> None:
     parser.add_argument("--nredo", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-points-per-centroid", type=int, default=None,
+    parser.add_argument("--max-points-per-centroid", type=positive_int, default=None,
                         help="FAISS's fit sample per centroid (default: the cluster config's)")
     parser.add_argument("--run-dir", default=None, help="reuse RUN/cluster/embeddings.npy")
     parser.add_argument("--skip-real", action="store_true", help="random data only")
     args = parser.parse_args()
     from engine.config import ClusterConfig
 
-    max_points = args.max_points_per_centroid or ClusterConfig().max_points_per_centroid
+    max_points = args.max_points_per_centroid
+    if max_points is None:
+        max_points = ClusterConfig().max_points_per_centroid
     random = np.random.default_rng(args.seed).standard_normal((args.n, args.dim), dtype=np.float32)
     results = {"random": compare(random, args.k, args.niter, args.nredo, args.seed, args.threads, max_points)}
     del random

@@ -67,6 +67,7 @@ CLUSTERING_FIELDS = tuple(
         "spherical",
         "niter",
         "nredo",
+        "max_points_per_centroid",
         "seed",
     )
 )

@@ -166,7 +166,7 @@ class ClusterConfig(ActorStageConfig):
     niter: int = Field(30, ge=1)
     nredo: int = Field(3, ge=1)
     max_points_per_centroid: int = Field(
-        1024, ge=1, description="k-means trains on a random sample of at most k x this many points, then "
+        1024, ge=8, description="k-means trains on a random sample of at most k x this many points, then "
         "assigns every point (a built-in group, under 1,000 points, is fitted whole)"
     )
     seed: int = 0

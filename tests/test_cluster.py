@@ -79,8 +79,18 @@ def test_large_group_fits_on_a_sample_and_assigns_every_point():
     centroids, labels = kmeans(x, 3, sampled, seed=0)
     assert labels.shape == (6000,) and set(labels.tolist()) == {0, 1, 2}
     assert subtype_nmi(pd.Series(truth.astype(str)), labels) == pytest.approx(1.0)
+    # The sample reached FAISS: centroids fitted on 192 points are not those of all 6,000.
+    assert not np.array_equal(centroids, kmeans(x, 3, full, seed=0)[0])
     small = x[::40]  # 150 points < 3 x 64: fitted whole, as with no sampling at all
     assert np.array_equal(kmeans(small, 3, sampled, seed=0)[1], kmeans(small, 3, full, seed=0)[1])
+
+
+def test_the_fit_sample_size_is_part_of_the_clustering_key():
+    from engine.cluster import cluster_hash
+
+    base = load_config()
+    assert cluster_hash(base) != cluster_hash(load_config(None, ["cluster.max_points_per_centroid=64"]))
+    assert cluster_hash(base) == cluster_hash(load_config(None, ["cluster.batch_size=7"]))
 
 
 def test_unstructured_group_stays_one_cluster():

@@ -19,11 +19,11 @@ phases; it never asks which method it is running.
 Why stage 2 resamples the real set group-balanced: at severity 0.999 a class's minority
 group holds one or two of its ~1,000 real images, so an unweighted stage 2 is a fit to the
 majority groups; it re-learns the shortcut on top of whatever the synthetic pretraining
-taught the encoder, and worst-group accuracy then depends on which epoch's batches happened
-to hold the one minority image. The paper fine-tunes the last layer "on the real (biased)
-data" and does not say how it samples; we give stage 2 the same group-balanced sampling the
-Group-DRO baseline gets (as DFR retrains a last layer on group-balanced data), so the
-comparison is fair and the result repeats. ``benchmarks/ablation.py`` measures the
+taught the encoder, and worst-group accuracy then depends on which batch, early or late in
+an epoch, happened to hold the one minority image. The paper fine-tunes the last layer "on
+the real (biased) data" and does not say how it samples; we give stage 2 the same
+group-balanced sampling the Group-DRO baseline gets (as DFR retrains a last layer on
+group-balanced data), so the comparison is fair. ``benchmarks/ablation.py`` measures the
 unbalanced stage 2 as a variant.
 
 Why ``last_layer`` drops SupCon: the paper uses beta * CE + (1 - beta) * SupCon in both
