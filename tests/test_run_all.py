@@ -34,7 +34,7 @@ def test_every_script_is_listed_and_targets_read_both_ways():
 def test_exit_code_follows_failures_and_misses(monkeypatch, tmp_path, result, code):
     monkeypatch.setattr(run_all, "run_one", lambda bench, quick: result)
     monkeypatch.setattr(run_all, "HERE", tmp_path)
-    monkeypatch.setattr(sys, "argv", ["run_all.py", "--only", "cluster_speed"])
+    monkeypatch.setattr(sys, "argv", ["run_all.py", "--only", "train_throughput"])
     try:
         run_all.main()
         exit_code = 0
@@ -42,7 +42,7 @@ def test_exit_code_follows_failures_and_misses(monkeypatch, tmp_path, result, co
         exit_code = stop.code
     assert exit_code == code
     if result[0] is not None:
-        assert json.loads((tmp_path / "results" / "cluster_speed.json").read_text())["met"] is (code == 0)
+        assert json.loads((tmp_path / "results" / "train_throughput.json").read_text())["met"] is (code == 0)
 
 
 def test_unknown_benchmark_is_one_line_and_exit_2():
