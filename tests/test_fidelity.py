@@ -52,6 +52,29 @@ def test_renderer_judge_sees_no_group_in_noise():
     assert (labels == fidelity.UNREADABLE).all()
 
 
+def _two_colour_bird(width: int, height: int) -> np.ndarray:
+    """A plain ocean image with one elliptical bird, its left half duck orange and its right
+    half sparrow brown: neither colour alone covers MIN_OBJECT_SHARE of the image."""
+    image = np.empty((32, 32, 3), dtype=np.uint8)
+    image[:] = builtin._BACKGROUND_COLOURS["ocean"][0]
+    ys, xs = np.mgrid[:32, :32]
+    bird = ((xs - 16) / (width / 2)) ** 2 + ((ys - 16) / (height / 2)) ** 2 <= 1
+    image[bird & (xs < 16)] = builtin._OBJECT_COLOUR["duck"]
+    image[bird & (xs >= 16)] = builtin._OBJECT_COLOUR["sparrow"]
+    return image
+
+
+def test_renderer_judge_reads_a_bird_shaded_between_two_palette_colours():
+    """Fine-tuned generators draw birds in blends of palette colours; the judge finds the
+    object by any palette colour and reads the class from its shape."""
+    wide, tall = _two_colour_bird(12, 5), _two_colour_bird(5, 12)
+    per_colour = [(wide == builtin._OBJECT_COLOUR[o]).all(-1).sum() for o in ("duck", "sparrow")]
+    assert max(per_colour) < fidelity.MIN_OBJECT_SHARE * 32 * 32 <= sum(per_colour)
+    labels, attributes = fidelity.RendererJudge().read(np.stack([wide, tall]))
+    assert labels.tolist() == [1, 0]  # waterbird (wider than tall), landbird (taller)
+    assert attributes.tolist() == [1, 1]  # water
+
+
 def test_clip_judge_reads_prompts_nearest_each_embedding():
     class Encoder:  # embeddings are the prompts' own one-hot vectors
         vocab = ["a photo of a landbird", "a photo of a waterbird", "a photo of a land", "a photo of a water"]
