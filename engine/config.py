@@ -225,7 +225,12 @@ class FinetuneConfig(Section):
 class GenerateConfig(ActorStageConfig):
     images_per_group: int | Literal["fill"] = Field(96, description="or 'fill' up to the largest real group")
     steps: int = Field(20, ge=1)
-    guidance_scale: float = Field(7.5, ge=0)
+    # 12, not Stable Diffusion's usual 7.5 (which the paper presets set): a fine-tuned tiny
+    # unit follows its prompt's words weakly, and a borrowed minority unit most of all, so the
+    # prompt's direction needs more weight. Seed 0 of the embedded default, group fidelity of
+    # kept images at 7.5 / 12: LoRA 72.9 / 82.6, DreamBooth 89.6 / 95.8, clustered DreamBooth
+    # 68.8 / 75.0 (README, "Synthetic group fidelity").
+    guidance_scale: float = Field(12.0, ge=0)
     scheduler: Literal["dpm_solver_multistep", "ddim", "euler", "pndm"] = "dpm_solver_multistep"
     batch_size: int = Field(16, ge=1, description="images per UNet batch")
     actor_num_cpus: float = Field(1.0, gt=0)
