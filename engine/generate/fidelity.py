@@ -11,8 +11,9 @@ elsewhere):
 - ``renderer``: the built-in benchmark's own drawing rules (``engine.data.builtin``), read
   backwards. The attribute is the background family whose colour ramp the image border lies
   on; the class is the object's shape (landbirds are drawn taller than wide, waterbirds
-  wider than tall), found as the pixels that match some object colour of the palette
-  better than the background (together: a generated bird is often shaded between two).
+  wider than tall). An object is there when enough pixels match some object colour of the
+  palette better than the background (all colours counted together: a generated bird is
+  often shaded between two), and its silhouette is the pixels nearer the most common one.
   It knows nothing the generator or the filter learned, so it is independent of both. On
   8,000 real renders of each it read 99.94% of the classic rendering right (dark crows on
   forest read as waterbirds; backgrounds all right), 99.51% of the calibrated one and 100%
@@ -123,9 +124,10 @@ def read_renderer_image(image: np.ndarray) -> tuple[int, int]:
     to_palette = _distance_to_segments(pixels, _PALETTE_ENDS)
     choice = np.argmin(np.column_stack([to_background, to_palette]), axis=1) - 1
     votes = np.bincount(choice[(choice >= 0) & ~explained], minlength=len(_PALETTE_ENDS))
-    # The object is every pixel some palette colour explains better than the background,
-    # whichever colour: a generator's bird is often shaded between two palette colours
-    # (orange between duck and sparrow), and no single colour then reaches the share.
+    # Whether there is an object counts the pixels of every palette colour together: a
+    # generator's bird is often shaded between two (orange between duck and sparrow), and no
+    # single colour then reaches the share. Its silhouette is read below from the winning
+    # colour, which takes in a neighbouring shade but not a far one (sparrow and gull).
     if votes.sum() < MIN_OBJECT_SHARE * h * w:
         return UNREADABLE, attribute
     # Second pass with this image's own object colour (the renderer shifts it too): the
