@@ -227,9 +227,7 @@ class GenerateConfig(ActorStageConfig):
     steps: int = Field(20, ge=1)
     # 12, not Stable Diffusion's usual 7.5 (which the paper presets set): a fine-tuned tiny
     # unit follows its prompt's words weakly, and a borrowed minority unit most of all, so the
-    # prompt's direction needs more weight. Seed 0 of the embedded default, group fidelity of
-    # kept images at 7.5 / 12: LoRA 72.9 / 82.6, DreamBooth 89.6 / 95.8, clustered DreamBooth
-    # 68.8 / 75.0 (README, "Synthetic group fidelity").
+    # prompt's direction needs more weight (README, "Synthetic group fidelity": both measured).
     guidance_scale: float = Field(12.0, ge=0)
     scheduler: Literal["dpm_solver_multistep", "ddim", "euler", "pndm"] = "dpm_solver_multistep"
     batch_size: int = Field(16, ge=1, description="images per UNet batch")

@@ -92,8 +92,8 @@ def _local(rendering: str, seed: int = 7, size: int = 32):
 @pytest.mark.parametrize("rendering", list(builtin.RENDERINGS))
 def test_renderer_judge_reads_every_rendering(rendering):
     """The fidelity judge (class by shape, attribute by background colour) reads real renders
-    of every rendering right, so it can judge generated images of any: of 8,000 each, classic
-    99.94%, calibrated 99.51% (its misses: dark objects on forest)."""
+    of every rendering right, so it can judge generated images of any (the figures on 8,000
+    each: engine/generate/fidelity.py's docstring)."""
     right = []
     for obj, bg, seed in _pairs(600, 5):
         label, attribute = read_renderer_image(builtin.render(obj, bg, seed, "benchmark", 32, rendering))

@@ -37,8 +37,7 @@ def _renders(style: str, n: int, seed: int):
 
 @pytest.mark.parametrize("style", ["benchmark", "base"])
 def test_renderer_judge_reads_real_renders_right(style):
-    """Measured on 8,000 renders per style: benchmark (classic rendering) 99.94% (dark crows
-    on forest read as waterbirds), base 100%; backgrounds 100% in both."""
+    """A sample of the 8,000-render measurement in engine/generate/fidelity.py's docstring."""
     images, labels, attributes = _renders(style, IMAGES, seed=7)
     read_labels, read_attributes = fidelity.RendererJudge().read(images)
     assert np.mean(read_attributes == attributes) == 1.0
