@@ -144,7 +144,7 @@ def eval_worker(config: dict) -> dict:
     from engine.train.backbones import build_classifier
     from engine.train.loop import WorkerRun, all_reduce_sum, seed_torch, summarize_counts
 
-    run = WorkerRun.from_config(config)
+    run = WorkerRun.from_config(config, {"method": "erm"})
     seed_torch(run.cfg.seed, run.cfg.deterministic)
     module = build_classifier(run.cfg.backbone, run.n_classes).to(run.device)
     before = MemorySampler.read()
@@ -183,7 +183,6 @@ def evaluate_once(cfg, dataset, refs: list, mode: str, storage: str) -> dict:
         train_loop_config={
             "mode": mode,
             "train": t,
-            "method": "erm",
             "n_groups": dataset.n_groups,
             "n_classes": dataset.n_classes,
             "train_group_counts": [1] * dataset.n_groups,

@@ -3,7 +3,9 @@ every configured method and severity, in one Ray session.
 
 Each severity gets its own run directory inside the job's (RUN/severity-<p>/), laid out as
 DESIGN.md describes; stages skip what is complete for the same config slice, so a re-run
-after a failure resumes and adding a method reuses what exists.
+after a failure resumes and adding a method reuses what exists. Every generative method is
+fine-tuned, sampled and filtered first; then one Ray Train fit trains every method's
+classifier, so its workers start once a severity (engine.train.stage).
 
 With ``seeds`` set, the whole job runs once per seed in RUN/seed_<s>/ (each a complete run,
 with its own results), and RUN/results.{json,md} show every method's mean ± std over the
@@ -76,7 +78,7 @@ def run_severity(
     from engine.data.stage import run_data_stage
     from engine.finetune import run_finetune_stage
     from engine.generate import run_filter_stage, run_generate_stage
-    from engine.train import run_train_stage
+    from engine.train import run_train_stages, train_complete
 
     run = RunDir(cfg.run_dir)
     run.prepare(cfg, force=force)
@@ -94,15 +96,17 @@ def run_severity(
     generative = [m for m in cfg.methods if m in GENERATIVE_METHODS]
     if generative:
         shared["cluster"] = timed("cluster", run_cluster_stage, cfg, run)
-    seconds: dict[str, dict[str, float]] = {}
+    seconds: dict[str, dict[str, float]] = {method: dict(shared) for method in cfg.methods}
+    for method in generative:
+        seconds[method]["finetune"] = timed(f"finetune {method}", run_finetune_stage, cfg, run, method)
+        seconds[method]["generate"] = timed(f"generate {method}", run_generate_stage, cfg, run, method)
+        seconds[method]["filter"] = timed(f"filter {method}", run_filter_stage, cfg, run, method)
+    # Every method trains in one fit, which starts its workers once (engine.train.stage).
+    pending = [m for m in cfg.methods if not train_complete(cfg, run, m)]
+    on_stage(f"{severity_tag(cfg.data.severity)}: train {', '.join(pending) or 'complete'}")
+    metrics = run_train_stages(cfg, run, cfg.methods)
     for method in cfg.methods:
-        stages = dict(shared)
-        if method in GENERATIVE_METHODS:
-            stages["finetune"] = timed(f"finetune {method}", run_finetune_stage, cfg, run, method)
-            stages["generate"] = timed(f"generate {method}", run_generate_stage, cfg, run, method)
-            stages["filter"] = timed(f"filter {method}", run_filter_stage, cfg, run, method)
-        stages["train"] = timed(f"train {method}", run_train_stage, cfg, run, method)
-        seconds[method] = stages
+        seconds[method]["train"] = metrics[method]["stage_seconds"] if method in pending else 0.0
     return seconds
 
 

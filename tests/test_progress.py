@@ -26,8 +26,9 @@ def test_fine_tuning_bar_sums_steps_over_trials_and_ends_full():
 def test_training_bar_follows_the_reported_epochs_and_closes_at_the_last():
     from engine.train.stage import epoch_progress
 
-    callback = epoch_progress(epochs=3, desc="train erm")
-    callback.after_report(None, [{"epoch": 1}], None)  # restored after epoch 0 was done
+    # One fit's epochs, every method's together: a second method's epoch 0 is the fit's epoch 1.
+    callback = epoch_progress(epochs=3, desc="train erm, lora")
+    callback.after_report(None, [{"epoch": 0, "fit_epoch": 1}], None)  # restored after epoch 0 was done
     assert callback.bar.n == 2 and not callback.bar._closed
-    callback.after_report(None, [{"epoch": 2}], None)
+    callback.after_report(None, [{"epoch": 1, "fit_epoch": 2}], None)
     assert callback.bar.n == 3 and callback.bar._closed

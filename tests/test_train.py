@@ -391,13 +391,17 @@ def test_each_method_trains_one_epoch_with_two_ddp_workers(shared_run, method):
 def test_group_dro_survives_a_lost_worker(shared_run):
     """Group-DRO's short run, with a worker process killed after its first epoch: Ray Train
     restores the workers from that epoch's checkpoint and the run completes."""
-    from engine.train import run_train_stage
+    from engine.train import run_train_stages
 
     cfg, run = shared_run
     cfg = cfg.model_copy(deep=True)
     cfg.train.epochs, cfg.train.inject_failure_at_epoch = 2, 1
-    metrics = run_train_stage(cfg, run, "group_dro")
+    # ERM shares the fit: the restored workers go on to train it too.
+    both = run_train_stages(cfg, run, ["group_dro", "erm"])
+    metrics = both["group_dro"]
     _check_metrics(metrics, cfg, run, "group_dro")
+    _check_metrics(both["erm"], cfg, run, "erm")
+    assert [e["epoch"] for e in both["erm"]["epochs"]] == [0, 1]
     assert (Path(metrics["checkpoint_dir"]) / "injected_failure").exists(), "the failure hook did not fire"
     # The restored workers went on with epoch 1, with epoch 0's history (and q) from the
     # checkpoint, instead of starting over.
@@ -416,17 +420,22 @@ def _without_timings(metrics: dict) -> dict:
 
 def test_the_same_config_and_seed_repeat_every_metric(tmp_path, ray_session):
     """Two fresh runs of one config, with 2 DDP workers, a shuffled synthetic set, augmentation
-    and group-balanced resampling (stage 2 group_dro): the same metrics.json, bit for bit."""
-    from engine.train import run_train_stage
+    and group-balanced resampling (stage 2 group_dro): the same metrics.json, bit for bit. The
+    second run trains the method after another one in the same fit, as the full job does:
+    what shares a fit does not move a method's metrics."""
+    from engine.train import run_train_stage, run_train_stages
 
-    results = []
-    for name in ("first", "second"):
-        cfg, run = _prepare(tmp_path / name, ["train.stage2=group_dro"])
-        write_synthetic_fixture(run, "dreambooth", per_group=12, dropped_per_group=4)
-        results.append(_without_timings(run_train_stage(cfg, run, "dreambooth")))
-    first, second = results
-    assert [e["objective"] for e in first["epochs"]] == ["0.5 CE + 0.5 SupCon", "Group-DRO over CE"]
-    assert first == second
+    cfg, run = _prepare(tmp_path / "alone", ["train.stage2=group_dro"])
+    write_synthetic_fixture(run, "dreambooth", per_group=12, dropped_per_group=4)
+    alone = run_train_stage(cfg, run, "dreambooth")
+    cfg, run = _prepare(tmp_path / "shared", ["train.stage2=group_dro"])
+    write_synthetic_fixture(run, "dreambooth", per_group=12, dropped_per_group=4)
+    shared = run_train_stages(cfg, run, ["group_dro", "dreambooth"])
+    assert [e["objective"] for e in alone["epochs"]] == ["0.5 CE + 0.5 SupCon", "Group-DRO over CE"]
+    assert _without_timings(shared["dreambooth"]) == _without_timings(alone)
+    assert "/train/ray/methods-" in shared["dreambooth"]["checkpoint_dir"]
+    assert shared["group_dro"]["checkpoint_dir"] == shared["dreambooth"]["checkpoint_dir"]
+    assert [e["phase"] for e in shared["group_dro"]["epochs"]] == ["train"]
 
 
 @pytest.mark.slow  # the same code path as vanilla, with other shard folders and stage-2 modes

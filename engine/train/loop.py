@@ -1,12 +1,17 @@
-"""The Ray Train loop: DDP workers run a method's phases over their Ray Data shards,
-checkpoint every epoch, and finally evaluate the best checkpoint on val and test.
+"""The Ray Train loop: DDP workers run each method's phases over their Ray Data shards,
+checkpoint every epoch, and evaluate each method's best epoch on val and test.
 
-Each worker reads its shard of the phase's dataset (``train`` or ``synthetic``) through
-``get_dataset_shard``, so data arrives decoded and augmented by Ray Data. After every epoch
-rank 0 saves the model, optimizer and loss state and every worker reports; a restarted
-worker group (``FailureConfig``) resumes from the latest checkpoint. Epochs of the last
-phase are scored by validation worst-group accuracy, and once training ends the workers
-load the best-scoring checkpoint and evaluate it on the whole val and test splits.
+One fit trains every method it is given, one after another, so the worker group, its
+process group and the data coordinators start once a run rather than once a method. Each
+method starts from the seed as a fit of its own would (the same initial weights, its own
+datasets with their own epoch counters), so its metrics do not depend on which methods
+share the fit. Each worker reads its shard of the phase's dataset (``train`` or
+``synthetic``, under the method's name) through ``get_dataset_shard``, so data arrives
+decoded and augmented by Ray Data. After every epoch rank 0 saves the model, optimizer and
+loss state, the best-scoring epoch's weights so far, and the finished methods' results; a
+restarted worker group (``FailureConfig``) resumes from the latest checkpoint. Epochs of
+the last phase are scored by validation worst-group accuracy, and once a method's epochs
+end the workers load its best weights and evaluate them on the whole val and test splits.
 
 Evaluation streams: val and test are decoded once into the object store as blocks of about
 ``engine.train.data.BLOCK_BYTES``; each worker fetches its share of the blocks one at a time,
@@ -23,7 +28,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -196,20 +201,26 @@ def _load_state(checkpoint) -> dict:
         return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=False)
 
 
-def _best_reported(min_epoch: int):
-    """The reported checkpoint with the best validation worst-group accuracy (ties: the
-    better average-group accuracy, then the later epoch), among epochs >= min_epoch."""
-    import ray.train
+def _selection_key(metrics: dict) -> tuple:
+    """How epochs are ranked: validation worst-group accuracy, then average-group accuracy,
+    then the later epoch."""
+    return (metrics[SCORE], metrics.get("val_average_group", 0.0), metrics["epoch"])
 
-    candidates = [
-        c for c in ray.train.get_all_reported_checkpoints() if c.metrics.get("epoch", -1) >= min_epoch
-    ]
-    if not candidates:
-        return None
-    return max(
-        candidates,
-        key=lambda c: (c.metrics[SCORE], c.metrics.get("val_average_group", 0.0), c.metrics["epoch"]),
-    )
+
+def _cpu_copy(state: dict) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def _keep_if_best(best: dict | None, module: Classifier, metrics: dict, first_scored_epoch: int) -> dict | None:
+    """The best-scoring epoch so far and a copy of its weights. It is kept in memory and in
+    every checkpoint, not picked from Ray Train's checkpoints, because one fit reports the
+    epochs of several methods and its checkpoint ranking cannot tell them apart."""
+    if metrics["epoch"] < first_scored_epoch:
+        return best
+    key = _selection_key(metrics)
+    if best is not None and tuple(best["key"]) >= key:
+        return best
+    return {"key": list(key), "epoch": metrics["epoch"] + 1, "model": _cpu_copy(module.state_dict())}
 
 
 def _tensorboard(directory: str | None, rank: int):
@@ -236,9 +247,11 @@ def _sync_tensorboard(writer, directory: str | None) -> None:
 
 @dataclass
 class WorkerRun:
-    """What one worker knows about the run: its config and phases, and its place in the group."""
+    """What one worker knows about the method it trains: the config and phases, the datasets
+    they read, and its place in the group."""
 
     cfg: TrainConfig
+    method: str
     phases: list[Phase]
     n_groups: int
     n_classes: int
@@ -247,10 +260,13 @@ class WorkerRun:
     rank: int
     world: int
     device: torch.device
+    # The fit's name for each dataset a phase reads (REAL or SYNTHETIC): one fit holds the
+    # datasets of several methods.
+    datasets: dict[str, str] = field(default_factory=dict)
     tensorboard_dir: str | None = None
     failure_marker: str | None = None
 
-    # Computed once: every epoch asks for them, and the phases never change within a run.
+    # Computed once: every epoch asks for them, and the phases never change within a method.
     @cached_property
     def schedule(self) -> list[tuple[int, int]]:
         return _schedule(self.phases)
@@ -268,9 +284,13 @@ class WorkerRun:
         blocks = self.eval_blocks[split]
         return evaluate(module, blocks, self.per_worker_batch * 4, self.n_groups, self.device, train_counts)
 
+    def dataset_name(self, phase: Phase) -> str:
+        return self.datasets.get(phase.dataset, phase.dataset)
+
     @classmethod
-    def from_config(cls, config: dict) -> WorkerRun:
-        """The loop's config (built by ``engine.train.stage``) as this worker sees it."""
+    def from_config(cls, config: dict, job: dict) -> WorkerRun:
+        """The loop's config (built by ``engine.train.stage``) as this worker sees it, for one
+        of its methods (``job``: the method, its dataset names and TensorBoard folder)."""
         import ray.train
         import ray.train.torch
 
@@ -279,7 +299,9 @@ class WorkerRun:
         cfg = config["train"]
         return cls(
             cfg=cfg,
-            phases=get_method(config["method"]).phases(cfg),
+            method=job["method"],
+            phases=get_method(job["method"]).phases(cfg),
+            datasets=job.get("datasets", {}),
             n_groups=config["n_groups"],
             n_classes=config["n_classes"],
             train_counts=config["train_group_counts"],
@@ -287,7 +309,7 @@ class WorkerRun:
             rank=rank,
             world=world,
             device=ray.train.torch.get_device(),
-            tensorboard_dir=config.get("tensorboard_dir"),
+            tensorboard_dir=job.get("tensorboard_dir"),
             failure_marker=config.get("failure_marker"),
         )
 
@@ -324,17 +346,16 @@ def start_phase(module: Classifier, phase: Phase, index: int, cfg: TrainConfig, 
     )
 
 
-def _resume(module: Classifier, rank: int) -> dict:
-    """Restore the module from Ray Train's latest checkpoint. Returns that checkpoint's state
-    (epoch, history, phase, optimizer and loss state), or a fresh start's."""
+def _latest_state(rank: int) -> dict | None:
+    """The state in Ray Train's latest checkpoint (a restarted worker group's, or a re-run's
+    of the same experiment), or None on a fresh start."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return {"epoch": 0, "history": [], "phase": None}
+        return None
     state = _load_state(checkpoint)
-    module.load_state_dict(state["model"])
-    log.info("rank %d resumes after epoch %d", rank, state["epoch"])
+    log.info("rank %d resumes %s after epoch %d", rank, state.get("method"), state["epoch"])
     return state
 
 
@@ -344,7 +365,7 @@ def _run_epoch(run: WorkerRun, module: Classifier, current: PhaseRun, epoch: int
 
     phase, cfg = current.phase, run.cfg
     started = time.perf_counter()
-    shard = ray.train.get_dataset_shard(phase.dataset)
+    shard = ray.train.get_dataset_shard(run.dataset_name(phase))
     batches = epoch_batches(shard, cfg, run.per_worker_batch, epoch, run.rank)
     stats = train_epoch(current.model, module, batches, phase, current.sample_loss, current.aggregate,
                         current.optimizer, run.device)
@@ -376,42 +397,60 @@ def _log_epoch(writer, run: WorkerRun, metrics: dict) -> None:
     _sync_tensorboard(writer, run.tensorboard_dir)
 
 
-def _report_epoch(run: WorkerRun, module: Classifier, current: PhaseRun, metrics: dict, history: list) -> None:
-    """Every worker reports the epoch's metrics; rank 0 attaches the checkpoint to resume from."""
+def _report_epoch(run: WorkerRun, module: Classifier, current: PhaseRun, metrics: dict, history: list,
+                  best: dict | None, finished: dict, fit_epoch: int) -> None:
+    """Every worker reports the epoch's metrics; rank 0 attaches the checkpoint to resume from:
+    this method's state and best epoch, and the results of the methods already finished."""
     import ray.train
 
     checkpoint, directory = None, None
     if run.rank == 0:
         checkpoint, directory = _save_checkpoint(
             {
+                "method": run.method,
                 "model": module.state_dict(),
                 "optimizer": current.optimizer.state_dict(),
                 "aggregate": current.aggregate.state_dict(),
                 "epoch": metrics["epoch"] + 1,
                 "phase": current.index,
                 "history": history,
+                "best": best,
+                "finished": finished,
             }
         )
-    ray.train.report(metrics, checkpoint=checkpoint)
+    # fit_epoch counts the epochs of every method in the fit, for the progress bar.
+    ray.train.report({**metrics, "fit_epoch": fit_epoch}, checkpoint=checkpoint)
     if directory is not None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _final_evaluation(run: WorkerRun, module: Classifier, writer) -> dict:
-    """Load the best-scoring checkpoint and evaluate it on val and test."""
-    best = _best_reported(run.first_scored_epoch)
-    state = _load_state(best.checkpoint) if best is not None else {"model": module.state_dict(), "epoch": len(run.schedule)}
-    module.load_state_dict(state["model"])
+def _broadcast_from_rank_0(module: Classifier) -> None:
+    """Every worker takes rank 0's weights and BatchNorm statistics. DDP keeps the weights
+    equal, but each worker's last forward pass moved its own running statistics; the final
+    evaluation scores the state rank 0 checkpoints, as a restored run would."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
+def _final_evaluation(run: WorkerRun, module: Classifier, writer, best: dict | None) -> dict:
+    """Load the best-scoring epoch's weights and evaluate them on val and test."""
+    if best is not None:
+        module.load_state_dict(best["model"])
+    _broadcast_from_rank_0(module)
+    epoch = best["epoch"] if best is not None else len(run.schedule)
     val = run.evaluate(module, "val", run.train_counts)
     test = run.evaluate(module, "test", run.train_counts)
     if writer is not None:
-        writer.add_scalar("final/test_worst_group", test["worst_group"], state["epoch"] - 1)
-        writer.add_scalar("final/test_average_group", test["average_group"], state["epoch"] - 1)
+        writer.add_scalar("final/test_worst_group", test["worst_group"], epoch - 1)
+        writer.add_scalar("final/test_average_group", test["average_group"], epoch - 1)
         writer.close()
         _sync_tensorboard(writer, run.tensorboard_dir)
         if storage.is_remote(run.tensorboard_dir or ""):
             shutil.rmtree(writer.log_dir, ignore_errors=True)  # the local copy, uploaded
-    return {"best_epoch": state["epoch"] - 1, "val": val, "test": test}
+    return {"best_epoch": epoch - 1, "val": val, "test": test}
 
 
 def _quiet_train_reports(level: str) -> None:
@@ -423,18 +462,17 @@ def _quiet_train_reports(level: str) -> None:
             logging.getLogger(name).setLevel(level)
 
 
-def train_loop(config: dict) -> dict:
-    """Ray Train worker entry point; ``config`` is built by ``engine.train.stage``."""
-    # A 1x1 convolution's gradient has other (equivalent) strides on its size-1 axes than
-    # DDP's bucket view; DDP copies it, correctly, and warns on every run.
-    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    _quiet_train_reports(config.get("log_level", "WARNING"))
-
-    run = WorkerRun.from_config(config)
+def train_method(run: WorkerRun, resumed: dict | None, finished: dict, fit_epoch: int, may_fail: bool) -> dict:
+    """One method's phases, from the seed or from ``resumed`` (its checkpointed state), then
+    its final evaluation. ``fit_epoch``: the fit's epochs before this method's first."""
+    started = time.perf_counter()
+    # Seeded here, not once per worker: every method starts from the weights a fit of its own would.
     seed_torch(run.cfg.seed, run.cfg.deterministic)
     module = build_classifier(run.cfg.backbone, run.n_classes, run.cfg.pretrained_weights).to(run.device)
-    resumed = _resume(module, run.rank)
-    start_epoch, history = resumed["epoch"], resumed["history"]
+    start_epoch, history, best = 0, [], None
+    if resumed is not None:
+        module.load_state_dict(resumed["model"])
+        start_epoch, history, best = resumed["epoch"], resumed["history"], resumed["best"]
     writer = _tensorboard(run.tensorboard_dir, run.rank)
     current: PhaseRun | None = None
     for epoch in range(start_epoch, len(run.schedule)):
@@ -444,16 +482,40 @@ def train_loop(config: dict) -> dict:
             current = start_phase(module, run.phases[index], index, run.cfg, run.n_groups, run.train_counts,
                                   distributed=run.world > 1)
             # Optimizer and loss state carry over only within the phase that saved them.
-            if epoch == start_epoch and resumed["phase"] == index:
+            if epoch == start_epoch and resumed is not None and resumed["phase"] == index:
                 current.optimizer.load_state_dict(resumed["optimizer"])
                 current.aggregate.load_state_dict(resumed["aggregate"])
         metrics = _run_epoch(run, module, current, epoch)
         history.append(metrics)
+        best = _keep_if_best(best, module, metrics, run.first_scored_epoch)
         _log_epoch(writer, run, metrics)
-        _report_epoch(run, module, current, metrics, history)
-        _maybe_inject_failure(run.cfg, epoch, start_epoch, run.rank, run.world, run.failure_marker)
+        _report_epoch(run, module, current, metrics, history, best, finished, fit_epoch + epoch)
+        if may_fail:
+            _maybe_inject_failure(run.cfg, epoch, start_epoch, run.rank, run.world, run.failure_marker)
+    final = _final_evaluation(run, module, writer, best)
+    return {**final, "history": history, "seconds": time.perf_counter() - started}
+
+
+def train_loop(config: dict) -> dict:
+    """Ray Train worker entry point; ``config`` is built by ``engine.train.stage``. Trains
+    ``config["methods"]`` in order; returns each method's final evaluation and history."""
+    # A 1x1 convolution's gradient has other (equivalent) strides on its size-1 axes than
+    # DDP's bucket view; DDP copies it, correctly, and warns on every run.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    _quiet_train_reports(config.get("log_level", "WARNING"))
+
+    runs = [WorkerRun.from_config(config, job) for job in config["methods"]]
+    latest = _latest_state(runs[0].rank)
+    finished: dict = dict(latest["finished"]) if latest else {}
+    fit_epoch = 0
+    for position, run in enumerate(runs):
+        if run.method not in finished:
+            resumed = latest if latest is not None and latest["method"] == run.method else None
+            # The test hook fires in the fit's first method only, so it fires once a fit.
+            finished[run.method] = train_method(run, resumed, finished, fit_epoch, may_fail=position == 0)
+        fit_epoch += len(run.schedule)
     # Rank 0's return value is the Result's return_value.
-    return {**_final_evaluation(run, module, writer), "history": history}
+    return finished
 
 
 def _maybe_inject_failure(cfg, epoch: int, start_epoch: int, rank: int, world: int, marker: str | None) -> None:

@@ -1,15 +1,19 @@
-"""The train stage: build the Ray Data inputs, fit a TorchTrainer for one method, and write
-RUN/train/<method>/metrics.json.
+"""The train stage: build the Ray Data inputs, fit one TorchTrainer for the methods still to
+train, and write RUN/train/<method>/metrics.json for each.
 
-Ray Train keeps its checkpoints under ``ray.storage_path`` (default
-RUN/train/<method>/ray), in an experiment named after the method and the config it trains
-with; a re-run after an interruption picks up that experiment's latest checkpoint, and a
-run whose completion marker matches is skipped.
+One fit trains all of them in turn (engine.train.loop): a fit's worker group, process group
+and data coordinators take about half a minute to start on 2 CPU cores, which six methods
+paid six times. Ray Train keeps its checkpoints under ``ray.storage_path`` (default
+RUN/train/<method>/ray for one method, RUN/train/ray for several), in an experiment named
+after the methods and the config they train with; a re-run after an interruption picks up
+that experiment's latest checkpoint, methods finished in it included, and a method whose
+completion marker matches is skipped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import time
@@ -25,7 +29,7 @@ from engine.resources import train_workers, use_gpu
 from engine.runs import RunDir, atomic_write_json, read_json
 from engine.train import data as train_data
 from engine.train.backbones import build_classifier
-from engine.train.loop import SCORE, train_loop
+from engine.train.loop import train_loop
 from engine.train.methods import REAL, SYNTHETIC, get_method
 
 log = logging.getLogger(__name__)
@@ -45,12 +49,18 @@ def train_hash(cfg: Config, method: str) -> str:
     return cfg.slice_hash(*sections)
 
 
-def _storage(cfg: Config, run: RunDir, method: str) -> tuple[str, str]:
-    name = f"{method}-{train_hash(cfg, method)}"
+def _storage(cfg: Config, run: RunDir, methods: list[str]) -> tuple[str, str]:
+    """Where the fit's experiment lives, and its name: the method's own folder for one, a
+    shared one, named by every method's hash, for several."""
+    if len(methods) == 1:
+        name, folder = f"{methods[0]}-{train_hash(cfg, methods[0])}", f"train/{methods[0]}/ray"
+    else:
+        keys = ",".join(f"{m}:{train_hash(cfg, m)}" for m in methods)
+        name, folder = f"methods-{hashlib.sha256(keys.encode()).hexdigest()[:16]}", "train/ray"
     if cfg.ray.storage_path:
         return cfg.ray.storage_path, name
     # A URI (s3://...) goes to Ray Train as it is; it opens it with pyarrow.fs on every node.
-    return storage.uri(run / f"train/{method}/ray"), name
+    return storage.uri(run / folder), name
 
 
 def _ordered_ingest():
@@ -93,16 +103,16 @@ def _synthetic_inputs(run: RunDir, method: str, phases: list, n_groups: int, gro
     return shards, counts
 
 
-def _training_datasets(t, phases: list, records, train_counts: list[int], shards: list, synthetic_counts: list[int]) -> dict:
-    """The Ray Data dataset each phase iterates, by name (REAL or SYNTHETIC), built once."""
+def _training_datasets(t, phases: list, real_base, train_counts: list[int], shards: list, synthetic_counts: list[int]) -> dict:
+    """The Ray Data dataset each of a method's phases iterates, by name (REAL or SYNTHETIC).
+    Every method gets views of its own (each counts its epochs from the first, for seeded
+    order, resampling and augmentation); ``real_base()`` gives the decoded real split they share."""
     datasets = {}
     for phase in phases:
         if phase.dataset in datasets:
             continue
         if phase.dataset == REAL:
-            base = train_data.real_images(
-                records[records["split"] == "train"], t.image_size, t.cache_decoded, t.num_workers, t.seed
-            )
+            base = real_base()
             counts = train_counts
         else:
             base = train_data.synthetic_images(
@@ -117,8 +127,9 @@ def _training_datasets(t, phases: list, records, train_counts: list[int], shards
 
 
 def epoch_progress(epochs: int, desc: str):
-    """A Ray Train callback drawing one bar (with an ETA) over a fit's epochs. It runs in
-    Train's controller actor, so the bar is Ray's tqdm, which the driver's console draws."""
+    """A Ray Train callback drawing one bar (with an ETA) over a fit's epochs, every method's
+    together. It runs in Train's controller actor, so the bar is Ray's tqdm, which the
+    driver's console draws."""
     from ray.train import UserCallback
 
     class EpochProgress(UserCallback):
@@ -131,14 +142,14 @@ def epoch_progress(epochs: int, desc: str):
             if self.bar is None:
                 self.bar = tqdm_ray.tqdm(total=epochs, desc=desc, unit="epoch")
             # Epochs count from 0; a fit restored from a checkpoint starts past its first.
-            self.bar.update(int(metrics[0].get("epoch", 0)) + 1 - self.bar.n)
+            self.bar.update(int(metrics[0].get("fit_epoch", 0)) + 1 - self.bar.n)
             if self.bar.n >= epochs:
                 self.bar.close()
 
     return EpochProgress()
 
 
-def _trainer(t, loop_config: dict, datasets: dict, storage_path: str, name: str, epochs: int):
+def _trainer(t, loop_config: dict, datasets: dict, storage_path: str, name: str, epochs: int, desc: str):
     from ray.train import (
         CheckpointConfig,
         DataConfig,
@@ -160,13 +171,10 @@ def _trainer(t, loop_config: dict, datasets: dict, storage_path: str, name: str,
             name=name,
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=CheckpointConfig(
-                # The best-scoring checkpoint and the latest (to resume from) are kept.
-                num_to_keep=2,
-                checkpoint_score_attribute=SCORE,
-                checkpoint_score_order="max",
-            ),
-            callbacks=[epoch_progress(epochs, f"train {name.split('-')[0]}")],
+            # The latest two checkpoints: a run resumes from the latest, and each carries its
+            # method's best epoch so far (engine.train.loop), so none is kept for its score.
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[epoch_progress(epochs, desc)],
             # Train logs each checkpoint it persists at INFO; its own level follows ray.log_level.
             logging_config=LoggingConfig(log_level=loop_config["log_level"]),
         ),
@@ -176,7 +184,7 @@ def _trainer(t, loop_config: dict, datasets: dict, storage_path: str, name: str,
 
 
 def _stage_metrics(method: str, final: dict, t, phases: list, dataset, train_counts: list[int],
-                   synthetic_counts: list[int], checkpoint_dir: str, started: float) -> dict:
+                   synthetic_counts: list[int], checkpoint_dir: str, seconds: float) -> dict:
     """metrics.json: the final evaluation, the epochs' history, and what the run trained on."""
     uses_synthetic = get_method(method).uses_synthetic
     history = final["history"]
@@ -200,60 +208,124 @@ def _stage_metrics(method: str, final: dict, t, phases: list, dataset, train_cou
             else None
         ),
         "checkpoint_dir": checkpoint_dir,
-        "stage_seconds": time.perf_counter() - started,
+        "stage_seconds": seconds,
     }
+
+
+@dataclasses.dataclass
+class MethodInputs:
+    """What one method trains on, checked in the driver before any worker starts."""
+
+    method: str
+    phases: list
+    shards: list
+    synthetic_counts: list[int]
+
+
+def _method_inputs(cfg: Config, run: RunDir, methods: list[str], dataset) -> list[MethodInputs]:
+    inputs = []
+    for method in methods:
+        phases = get_method(method).phases(cfg.train)
+        shards, counts = _synthetic_inputs(run, method, phases, dataset.n_groups, dataset.group_name)
+        inputs.append(MethodInputs(method, phases, shards, counts))
+    return inputs
+
+
+def _fit_datasets(t, inputs: list[MethodInputs], records, train_counts: list[int]) -> tuple[dict, list[dict]]:
+    """Every method's datasets, named "<method>.<train|synthetic>" in the fit, and each
+    method's job for the loop (its name, its datasets' names, its TensorBoard folder)."""
+    real_base = None
+
+    def shared_real_split():
+        nonlocal real_base
+        if real_base is None:
+            real_base = train_data.real_images(
+                records[records["split"] == "train"], t.image_size, t.cache_decoded, t.num_workers, t.seed
+            )
+        return real_base
+
+    datasets, jobs = {}, []
+    for item in inputs:
+        views = _training_datasets(t, item.phases, shared_real_split, train_counts, item.shards, item.synthetic_counts)
+        # A dataset's name becomes part of a log path: no slash in it.
+        names = {kind: f"{item.method}.{kind}" for kind in views}
+        datasets.update({names[kind]: view for kind, view in views.items()})
+        jobs.append({"method": item.method, "datasets": names})
+    return datasets, jobs
+
+
+def train_complete(cfg: Config, run: RunDir, method: str) -> bool:
+    return run.is_complete(stage_name(method), train_hash(cfg, method)) and (run / f"{stage_name(method)}/metrics.json").exists()
 
 
 def run_train_stage(cfg: Config, run: RunDir, method: str) -> dict:
     """Train ``method`` on the run's data; returns (and writes) RUN/train/<method>/metrics.json."""
-    stage = stage_name(method)
-    metrics_path = run / f"{stage}/metrics.json"
-    digest = train_hash(cfg, method)
-    if run.is_complete(stage, digest) and metrics_path.exists():
-        log.info("%s: complete, skipping", stage)
-        return read_json(metrics_path)
+    return run_train_stages(cfg, run, [method])[method]
+
+
+def run_train_stages(cfg: Config, run: RunDir, methods: list[str]) -> dict[str, dict]:
+    """Train every one of ``methods`` not yet complete, in one fit; returns (and writes) each
+    method's RUN/train/<method>/metrics.json, by method. A method's ``stage_seconds`` is its
+    own epochs and evaluation plus an equal share of what the fit's methods share (inputs,
+    worker start)."""
+    done = {m: read_json(run / f"{stage_name(m)}/metrics.json") for m in methods if train_complete(cfg, run, m)}
+    for method in done:
+        log.info("%s: complete, skipping", stage_name(method))
+    pending = [m for m in methods if m not in done]
+    if not pending:
+        return done
     started = time.perf_counter()
-    phases = get_method(method).phases(cfg.train)
     dataset = load_run_dataset(run)
     train_counts = dataset.group_counts("train")
     _check_backbone(cfg, dataset.n_classes)
     if sum(train_counts) == 0:
         raise FairsynthError(f"{run / 'data/records.parquet'} has no training images; re-run the data stage")
-    shards, synthetic_counts = _synthetic_inputs(run, method, phases, dataset.n_groups, dataset.group_name)
+    inputs = _method_inputs(cfg, run, pending, dataset)
 
     init_ray(cfg.ray)
     # 'auto' workers and model.device=cpu resolve here, against the cluster the job reached.
     t = cfg.train.model_copy(update={"num_workers": train_workers(cfg), "use_gpu": use_gpu(cfg)})
     # At least a block per worker: each streams its share of val and test (engine.train.loop).
     eval_refs = {s: train_data.eval_split_refs(dataset.split(s), t.image_size, t.num_workers) for s in ("val", "test")}
-    datasets = _training_datasets(t, phases, dataset.records, train_counts, shards, synthetic_counts)
-    storage_path, name = _storage(cfg, run, method)
+    datasets, jobs = _fit_datasets(t, inputs, dataset.records, train_counts)
+    for job in jobs:
+        job["tensorboard_dir"] = storage.uri(run / f"{stage_name(job['method'])}/tensorboard")
+    storage_path, name = _storage(cfg, run, pending)
     loop_config = {
         "train": t,
-        "method": method,
+        "methods": jobs,
         "n_groups": dataset.n_groups,
         "n_classes": dataset.n_classes,
         "train_group_counts": train_counts,
         "eval_refs": eval_refs,
-        "tensorboard_dir": storage.uri(run / f"{stage}/tensorboard"),
         "log_level": cfg.ray.log_level,
         "failure_marker": str(Path(storage_path) / name / "injected_failure") if "://" not in storage_path else None,
     }
-    trainer = _trainer(t, loop_config, datasets, storage_path, name, sum(p.epochs for p in phases))
-    log.info("%s: training %s on %d worker(s)", stage, " -> ".join(f"{p.name}({p.epochs} epochs, {p.objective(t)})" for p in phases), t.num_workers)
-    log.info("%s: inputs ready after %.1f s", stage, time.perf_counter() - started)
+    epochs = sum(p.epochs for item in inputs for p in item.phases)
+    trainer = _trainer(t, loop_config, datasets, storage_path, name, epochs, f"train {', '.join(pending)}")
+    for item in inputs:
+        log.info("%s: training %s on %d worker(s)", stage_name(item.method),
+                 " -> ".join(f"{p.name}({p.epochs} epochs, {p.objective(t)})" for p in item.phases), t.num_workers)
+    log.info("train: inputs of %d method(s) ready after %.1f s", len(pending), time.perf_counter() - started)
     result = trainer.fit()
-    if not result.return_value:
-        raise RuntimeError(f"{stage}: the train loop ended without its final evaluation ({result.error})")
-    metrics = _stage_metrics(method, result.return_value, t, phases, dataset, train_counts, synthetic_counts,
-                             f"{storage_path.rstrip('/')}/{name}", started)
-    atomic_write_json(metrics_path, metrics)
-    run.mark_complete(stage, digest)
-    log.info(
-        "%s: test worst-group %.3f, average-group %.3f (best epoch %d, %.0f s)",
-        stage, metrics["test"]["worst_group"], metrics["test"]["average_group"], metrics["best_epoch"], metrics["stage_seconds"],
-    )
-    return metrics
+    finals = result.return_value or {}
+    missing = [m for m in pending if m not in finals]
+    if missing:
+        raise RuntimeError(f"train: the loop ended without the final evaluation of {', '.join(missing)} ({result.error})")
+    shared = (time.perf_counter() - started - sum(finals[m]["seconds"] for m in pending)) / len(pending)
+    checkpoint_dir = f"{storage_path.rstrip('/')}/{name}"
+    for item in inputs:
+        final = finals[item.method]
+        metrics = _stage_metrics(item.method, final, t, item.phases, dataset, train_counts, item.synthetic_counts,
+                                 checkpoint_dir, final["seconds"] + shared)
+        atomic_write_json(run / f"{stage_name(item.method)}/metrics.json", metrics)
+        run.mark_complete(stage_name(item.method), train_hash(cfg, item.method))
+        log.info(
+            "%s: test worst-group %.3f, average-group %.3f (best epoch %d, %.0f s)", stage_name(item.method),
+            metrics["test"]["worst_group"], metrics["test"]["average_group"], metrics["best_epoch"], metrics["stage_seconds"],
+        )
+        done[item.method] = metrics
+    return {m: done[m] for m in methods}
 
 
 def _is_nan(value) -> bool:
