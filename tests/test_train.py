@@ -411,6 +411,19 @@ def test_group_dro_survives_a_lost_worker(shared_run):
     assert q[0] != [0.25] * 4 and q[1] != q[0]
 
 
+def test_a_failed_fit_gives_back_the_methods_its_latest_checkpoint_finished(tmp_path):
+    """A fit that fails keeps the methods it finished: the driver reads them from the
+    experiment's latest checkpoint (checkpoint folders sort by their time stamps)."""
+    from engine.train.stage import _finished_in_latest_checkpoint
+
+    experiment = tmp_path / "methods-abc"
+    for stamp, finished in (("2026-01-01_10-00-00.1", {}), ("2026-01-01_10-00-09.5", {"erm": {"best_epoch": 3}})):
+        (experiment / f"checkpoint_{stamp}").mkdir(parents=True)
+        torch.save({"finished": finished}, experiment / f"checkpoint_{stamp}" / "state.pt")
+    assert _finished_in_latest_checkpoint(str(experiment)) == {"erm": {"best_epoch": 3}}
+    assert _finished_in_latest_checkpoint(str(tmp_path / "none-yet")) == {}
+
+
 def _without_timings(metrics: dict) -> dict:
     timing = {"stage_seconds", "images_per_second", "epoch_seconds", "checkpoint_dir"}
     clean = {k: v for k, v in metrics.items() if k not in timing}

@@ -17,8 +17,8 @@ Evaluation streams: val and test are decoded once into the object store as block
 ``engine.train.data.BLOCK_BYTES``; each worker fetches its share of the blocks one at a time,
 counts right answers per group, and the workers sum their counts (``all_reduce``). No worker
 holds a whole split, and integer counts make the metrics exact and independent of which
-worker scored what. The loop does not know which method it runs: phases, losses and
-trainable parameters come from ``engine.train.methods``.
+worker scored what. The loop never branches on the method it runs (it only names it in
+checkpoints): phases, losses and trainable parameters come from ``engine.train.methods``.
 """
 from __future__ import annotations
 
@@ -45,6 +45,8 @@ from engine.train.methods import Phase, get_method
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+# What a checkpoint's state holds besides the model and optimizer (see _report_epoch).
+CHECKPOINT_FIELDS = {"method", "model", "epoch", "phase", "history", "best", "finished"}
 SCORE = "val_worst_group"
 # Reported for epochs that are not candidates (stage-1 pretraining): below any accuracy.
 NOT_SCORED = -1.0
@@ -355,7 +357,11 @@ def _latest_state(rank: int) -> dict | None:
     if checkpoint is None:
         return None
     state = _load_state(checkpoint)
-    log.info("rank %d resumes %s after epoch %d", rank, state.get("method"), state["epoch"])
+    if CHECKPOINT_FIELDS - set(state):
+        # An experiment left by an earlier fairsynth, whose checkpoints hold no best epoch.
+        log.warning("rank %d: the latest checkpoint predates this version's format; training from the start", rank)
+        return None
+    log.info("rank %d resumes %s after epoch %d", rank, state["method"], state["epoch"])
     return state
 
 
@@ -465,7 +471,7 @@ def _quiet_train_reports(level: str) -> None:
 def train_method(run: WorkerRun, resumed: dict | None, finished: dict, fit_epoch: int, may_fail: bool) -> dict:
     """One method's phases, from the seed or from ``resumed`` (its checkpointed state), then
     its final evaluation. ``fit_epoch``: the fit's epochs before this method's first."""
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     # Seeded here, not once per worker: every method starts from the weights a fit of its own would.
     seed_torch(run.cfg.seed, run.cfg.deterministic)
     module = build_classifier(run.cfg.backbone, run.n_classes, run.cfg.pretrained_weights).to(run.device)
@@ -493,7 +499,8 @@ def train_method(run: WorkerRun, resumed: dict | None, finished: dict, fit_epoch
         if may_fail:
             _maybe_inject_failure(run.cfg, epoch, start_epoch, run.rank, run.world, run.failure_marker)
     final = _final_evaluation(run, module, writer, best)
-    return {**final, "history": history, "seconds": time.perf_counter() - started}
+    # started_at (wall clock) tells the driver which results a fit restored from an earlier job.
+    return {**final, "history": history, "seconds": time.perf_counter() - started, "started_at": started_at}
 
 
 def train_loop(config: dict) -> dict:
@@ -511,6 +518,8 @@ def train_loop(config: dict) -> dict:
     for position, run in enumerate(runs):
         if run.method not in finished:
             resumed = latest if latest is not None and latest["method"] == run.method else None
+            if resumed is not None:
+                latest = None  # its weights and optimizer state are not needed past this method
             # The test hook fires in the fit's first method only, so it fires once a fit.
             finished[run.method] = train_method(run, resumed, finished, fit_epoch, may_fail=position == 0)
         fit_epoch += len(run.schedule)

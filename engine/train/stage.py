@@ -7,13 +7,16 @@ paid six times. Ray Train keeps its checkpoints under ``ray.storage_path`` (defa
 RUN/train/<method>/ray for one method, RUN/train/ray for several), in an experiment named
 after the methods and the config they train with; a re-run after an interruption picks up
 that experiment's latest checkpoint, methods finished in it included, and a method whose
-completion marker matches is skipped.
+completion marker matches is skipped. When a fit fails, the methods it finished are written
+out before the error is raised, so a re-run with other methods (the failing one left out, say)
+does not train them again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import logging
 import math
 import time
@@ -29,7 +32,7 @@ from engine.resources import train_workers, use_gpu
 from engine.runs import RunDir, atomic_write_json, read_json
 from engine.train import data as train_data
 from engine.train.backbones import build_classifier
-from engine.train.loop import train_loop
+from engine.train.loop import STATE_FILE, train_loop
 from engine.train.methods import REAL, SYNTHETIC, get_method
 
 log = logging.getLogger(__name__)
@@ -307,25 +310,63 @@ def run_train_stages(cfg: Config, run: RunDir, methods: list[str]) -> dict[str, 
         log.info("%s: training %s on %d worker(s)", stage_name(item.method),
                  " -> ".join(f"{p.name}({p.epochs} epochs, {p.objective(t)})" for p in item.phases), t.num_workers)
     log.info("train: inputs of %d method(s) ready after %.1f s", len(pending), time.perf_counter() - started)
-    result = trainer.fit()
+    fit_started_at = time.time()
+    checkpoint_dir = f"{storage_path.rstrip('/')}/{name}"
+
+    def save(finals: dict) -> None:
+        """metrics.json and the completion marker of every method in ``finals``. A result that
+        started before this fit was restored from an earlier job's checkpoint and keeps its
+        own seconds; the methods trained now share the rest of the wall time."""
+        fresh = [m for m in finals if finals[m].get("started_at", 0.0) >= fit_started_at]
+        own = sum(finals[m]["seconds"] for m in fresh)
+        shared = max(0.0, time.perf_counter() - started - own) / max(len(fresh), 1)
+        for item in inputs:
+            if item.method not in finals:
+                continue
+            final = finals[item.method]
+            seconds = final["seconds"] + (shared if item.method in fresh else 0.0)
+            metrics = _stage_metrics(item.method, final, t, item.phases, dataset, train_counts,
+                                     item.synthetic_counts, checkpoint_dir, seconds)
+            atomic_write_json(run / f"{stage_name(item.method)}/metrics.json", metrics)
+            run.mark_complete(stage_name(item.method), train_hash(cfg, item.method))
+            log.info(
+                "%s: test worst-group %.3f, average-group %.3f (best epoch %d, %.0f s)", stage_name(item.method),
+                metrics["test"]["worst_group"], metrics["test"]["average_group"], metrics["best_epoch"],
+                metrics["stage_seconds"],
+            )
+            done[item.method] = metrics
+
+    try:
+        result = trainer.fit()
+    except BaseException:
+        # The methods the fit finished before it failed are kept, so a re-run (with the same
+        # methods or fewer) trains only what is left.
+        save(_finished_in_latest_checkpoint(checkpoint_dir))
+        raise
     finals = result.return_value or {}
     missing = [m for m in pending if m not in finals]
     if missing:
+        save(finals)
         raise RuntimeError(f"train: the loop ended without the final evaluation of {', '.join(missing)} ({result.error})")
-    shared = (time.perf_counter() - started - sum(finals[m]["seconds"] for m in pending)) / len(pending)
-    checkpoint_dir = f"{storage_path.rstrip('/')}/{name}"
-    for item in inputs:
-        final = finals[item.method]
-        metrics = _stage_metrics(item.method, final, t, item.phases, dataset, train_counts, item.synthetic_counts,
-                                 checkpoint_dir, final["seconds"] + shared)
-        atomic_write_json(run / f"{stage_name(item.method)}/metrics.json", metrics)
-        run.mark_complete(stage_name(item.method), train_hash(cfg, item.method))
-        log.info(
-            "%s: test worst-group %.3f, average-group %.3f (best epoch %d, %.0f s)", stage_name(item.method),
-            metrics["test"]["worst_group"], metrics["test"]["average_group"], metrics["best_epoch"], metrics["stage_seconds"],
-        )
-        done[item.method] = metrics
+    save(finals)
     return {m: done[m] for m in methods}
+
+
+def _finished_in_latest_checkpoint(experiment: str) -> dict:
+    """The finished methods' results in an experiment's latest checkpoint; none if it has no
+    readable one (a failure before the first epoch ended)."""
+    try:
+        import torch
+
+        folder = storage.as_path(experiment)
+        checkpoints = sorted(p for p in folder.iterdir() if p.name.startswith("checkpoint_")) if folder.exists() else []
+        if not checkpoints:
+            return {}
+        state = torch.load(io.BytesIO((checkpoints[-1] / STATE_FILE).read_bytes()), map_location="cpu", weights_only=False)
+        return dict(state.get("finished", {}))
+    except Exception as exc:  # saving what finished is a courtesy on the way to re-raising
+        log.warning("train: could not read the finished methods from %s (%s: %s)", experiment, type(exc).__name__, exc)
+        return {}
 
 
 def _is_nan(value) -> bool:
