@@ -1,8 +1,9 @@
 """The train stage: Group-DRO and SupCon match hand-computed values; ERM, Group-DRO and a
 generative method train through Ray Train with 2 DDP workers on the built-in benchmark and
 write their metrics (the other generative methods, which differ only in their shard folder,
-and the other stage-2 modes run with `-m slow`); a worker lost mid-run is restored from its
-checkpoint; bad input is one line."""
+and the other stage-2 modes run with `-m slow`); a method trained in a fit shared with another
+gets the metrics of a fit of its own; a worker lost mid-run is restored from its checkpoint;
+bad input is one line."""
 
 from __future__ import annotations
 
@@ -431,11 +432,13 @@ def _without_timings(metrics: dict) -> dict:
     return clean
 
 
+# Slow: two fits of 40 s and more. In the default suite, tests/test_reliability.py's resumed job
+# repeats an uninterrupted one's metrics, and the test below compares a shared fit with a lone one.
+@pytest.mark.slow
 def test_the_same_config_and_seed_repeat_every_metric(tmp_path, ray_session):
     """Two fresh runs of one config, with 2 DDP workers, a shuffled synthetic set, augmentation
     and group-balanced resampling (stage 2 group_dro): the same metrics.json, bit for bit. The
-    second run trains the method after another one in the same fit, as the full job does:
-    what shares a fit does not move a method's metrics."""
+    second run trains the method after another one in the same fit, as the full job does."""
     from engine.train import run_train_stage, run_train_stages
 
     cfg, run = _prepare(tmp_path / "alone", ["train.stage2=group_dro"])
@@ -446,8 +449,21 @@ def test_the_same_config_and_seed_repeat_every_metric(tmp_path, ray_session):
     shared = run_train_stages(cfg, run, ["group_dro", "dreambooth"])
     assert [e["objective"] for e in alone["epochs"]] == ["0.5 CE + 0.5 SupCon", "Group-DRO over CE"]
     assert _without_timings(shared["dreambooth"]) == _without_timings(alone)
-    assert "/train/ray/methods-" in shared["dreambooth"]["checkpoint_dir"]
-    assert shared["group_dro"]["checkpoint_dir"] == shared["dreambooth"]["checkpoint_dir"]
+
+
+def test_a_method_sharing_a_fit_gets_the_metrics_of_a_fit_of_its_own(shared_run, tmp_path):
+    """The full job trains every method in one fit. ERM trained second in a fresh run, after
+    Group-DRO, repeats ERM trained alone (in the shared run) bit for bit: same seed, its own
+    datasets and epoch counters, whatever shares the fit."""
+    from engine.train import run_train_stage, run_train_stages
+
+    cfg, run = shared_run
+    alone = run_train_stage(cfg, run, "erm")
+    cfg, run = _prepare(tmp_path)
+    shared = run_train_stages(cfg, run, ["group_dro", "erm"])
+    assert _without_timings(shared["erm"]) == _without_timings(alone)
+    assert "/train/ray/methods-" in shared["erm"]["checkpoint_dir"]
+    assert shared["group_dro"]["checkpoint_dir"] == shared["erm"]["checkpoint_dir"]
     assert [e["phase"] for e in shared["group_dro"]["epochs"]] == ["train"]
 
 
