@@ -15,6 +15,7 @@ does not train them again.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import logging
@@ -234,26 +235,21 @@ def _method_inputs(cfg: Config, run: RunDir, methods: list[str], dataset) -> lis
     return inputs
 
 
-def _fit_datasets(t, inputs: list[MethodInputs], records, train_counts: list[int]) -> tuple[dict, list[dict]]:
+def _fit_datasets(t, run: RunDir, inputs: list[MethodInputs], records, train_counts: list[int]) -> tuple[dict, list[dict]]:
     """Every method's datasets, named "<method>.<train|synthetic>" in the fit, and each
     method's job for the loop (its name, its datasets' names, its TensorBoard folder)."""
-    real_base = None
-
-    def shared_real_split():
-        nonlocal real_base
-        if real_base is None:
-            real_base = train_data.real_images(
-                records[records["split"] == "train"], t.image_size, t.cache_decoded, t.num_workers, t.seed
-            )
-        return real_base
-
+    # Decoded once, on first use, for every method that reads it.
+    real_split = functools.cache(lambda: train_data.real_images(
+        records[records["split"] == "train"], t.image_size, t.cache_decoded, t.num_workers, t.seed
+    ))
     datasets, jobs = {}, []
     for item in inputs:
-        views = _training_datasets(t, item.phases, shared_real_split, train_counts, item.shards, item.synthetic_counts)
+        views = _training_datasets(t, item.phases, real_split, train_counts, item.shards, item.synthetic_counts)
         # A dataset's name becomes part of a log path: no slash in it.
         names = {kind: f"{item.method}.{kind}" for kind in views}
         datasets.update({names[kind]: view for kind, view in views.items()})
-        jobs.append({"method": item.method, "datasets": names})
+        jobs.append({"method": item.method, "datasets": names,
+                     "tensorboard_dir": storage.uri(run / f"{stage_name(item.method)}/tensorboard")})
     return datasets, jobs
 
 
@@ -290,9 +286,7 @@ def run_train_stages(cfg: Config, run: RunDir, methods: list[str]) -> dict[str, 
     t = cfg.train.model_copy(update={"num_workers": train_workers(cfg), "use_gpu": use_gpu(cfg)})
     # At least a block per worker: each streams its share of val and test (engine.train.loop).
     eval_refs = {s: train_data.eval_split_refs(dataset.split(s), t.image_size, t.num_workers) for s in ("val", "test")}
-    datasets, jobs = _fit_datasets(t, inputs, dataset.records, train_counts)
-    for job in jobs:
-        job["tensorboard_dir"] = storage.uri(run / f"{stage_name(job['method'])}/tensorboard")
+    datasets, jobs = _fit_datasets(t, run, inputs, dataset.records, train_counts)
     storage_path, name = _storage(cfg, run, pending)
     loop_config = {
         "train": t,
