@@ -96,9 +96,10 @@ def load(folder: Path, part: str) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def apply(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str = "") -> torch.nn.Module:
-    """Add the stored differences to ``module``'s weights in place (in fp32, cast back to each
-    weight's dtype); returns ``module``."""
+def apply(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str = "",
+          scale: float = 1.0) -> torch.nn.Module:
+    """Add the stored differences, times ``scale``, to ``module``'s weights in place (in fp32,
+    cast back to each weight's dtype); returns ``module``."""
     params = dict(module.named_parameters())
     names = {k[: -len(UP)] if k.endswith(UP) else k[: -len(DOWN)] if k.endswith(DOWN) else k for k in tensors}
     for name in sorted(names):
@@ -118,7 +119,7 @@ def apply(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str 
                 f"{param.numel()} (trained on another base?); re-run the finetune stage"
             )
         delta = delta.reshape(param.shape).to(param.device)
-        param.data = (param.data.float() + delta).to(param.dtype)
+        param.data = (param.data.float() + scale * delta).to(param.dtype)
     return module
 
 

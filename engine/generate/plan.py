@@ -3,8 +3,9 @@
 Every group gets the same number of images (``generate.images_per_group``, or ``"fill"``: up to
 the largest real training group). Inside a group the images are split across its units in
 proportion to their real image counts; a borrowed unit (a minority group drawn from the
-bias-aligned group's model) weighs as much as the unit it borrows from. Each planned image has
-a seed derived from ``generate.seed`` and its unit, so a re-run plans the same rows.
+bias-aligned group's model, at ``generate.borrowed_strength`` of its fine-tuning) weighs as
+much as the unit it borrows from. Each planned image has a seed derived from
+``generate.seed`` and its unit, so a re-run plans the same rows.
 
 Rows are ordered by (unit, seed) and cut into shards of ``generate.rows_per_shard``; a shard's
 file name holds the plan hash and its index, so shards from a different plan never mix with
@@ -26,7 +27,7 @@ from engine.errors import FairsynthError
 # Columns of a plan row; the sampler adds image, method and base_model, filtering adds the rest.
 PLAN_COLUMNS = (
     "shard", "unit", "group", "cluster", "label", "attribute", "seed", "prompt",
-    "negative_prompt", "artifact", "artifact_kind",
+    "negative_prompt", "artifact", "artifact_kind", "model_strength",
 )
 # Sampler settings that change the pixels of an image with a given prompt and seed.
 SAMPLING_KEYS = ("steps", "guidance_scale", "scheduler")
@@ -126,9 +127,10 @@ class GroupBalancedPlan:
             per_group[group] = per_group_total
             for unit, count in zip(members, counts, strict=True):
                 base_seed = unit_seed_base(cfg.seed, str(unit["unit"]))
-                model = unit
+                model, strength = unit, 1.0
                 if not unit["artifact"] and unit.get("borrowed_from") in by_id:
-                    model = by_id[unit["borrowed_from"]]  # a borrowed unit draws with its source's model
+                    # A borrowed unit draws with its source's model, at generate.borrowed_strength.
+                    model, strength = by_id[unit["borrowed_from"]], cfg.borrowed_strength
                 for i in range(count):
                     rows.append({
                         "unit": str(unit["unit"]),
@@ -141,6 +143,7 @@ class GroupBalancedPlan:
                         "negative_prompt": str(unit.get("negative_prompt") or ""),
                         "artifact": model["artifact"] or "",
                         "artifact_kind": str(model["artifact_kind"]) if model["artifact"] else "base",
+                        "model_strength": float(strength) if model["artifact"] else 1.0,
                         # What makes a re-trained artifact at the same path a different model.
                         "_identity": [model.get("steps"), model.get("final_loss")],
                     })

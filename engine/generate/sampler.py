@@ -175,6 +175,10 @@ class UnitModels:
       copy of the base UNet (and text encoder, when it was trained); ``unet``: a DreamBooth
       UNet folder (plus its text encoder). Either is kept in an LRU cache of ``max_unets`` so
       units sharing a model are not rebuilt.
+
+    ``strength`` scales a unit's change from the base: the base weights plus ``strength`` times
+    the fine-tuned ones' difference (a LoRA adapter's weight, the stored changes scaled, or the
+    two UNets blended). Borrowed minority units draw at ``generate.borrowed_strength``.
     """
 
     def __init__(self, pipe, run_root: str | Path, attention: str, allow_pickle: bool,
@@ -188,7 +192,7 @@ class UnitModels:
         self.base_unet = pipe.unet
         self.base_prompts = PromptEncoder(pipe.tokenizer, pipe.text_encoder, pipe.device)
         self._unets: OrderedDict[str, tuple] = OrderedDict()
-        self._adapters: OrderedDict[str, PromptEncoder] = OrderedDict()
+        self._adapters: OrderedDict[str, dict[float, PromptEncoder]] = OrderedDict()
         self.switches = 0
         self._active: str | None = None
 
@@ -202,9 +206,9 @@ class UnitModels:
         # into this node's cache (a local or shared-mount path is used where it is).
         return storage.local_copy(path)
 
-    def activate(self, artifact: str, kind: str) -> tuple[object, PromptEncoder]:
-        """(UNet, prompt encoder) of a unit's artifact."""
-        key = f"{kind}:{artifact}"
+    def activate(self, artifact: str, kind: str, strength: float = 1.0) -> tuple[object, PromptEncoder]:
+        """(UNet, prompt encoder) of a unit's artifact, at ``strength`` of its fine-tuning."""
+        key = f"{kind}:{artifact}:{strength}"
         if key != self._active:
             self.switches += 1
             self._active = key
@@ -212,13 +216,13 @@ class UnitModels:
             self._disable_adapters()
             return self.base_unet, self.base_prompts
         if kind in ("lora", "lora_delta"):
-            return self.base_unet, self._activate_adapter(artifact)
+            return self.base_unet, self._activate_adapter(artifact, strength)
         if kind == "svd_delta":
             self._disable_adapters()
-            return self._load_unet(artifact, self._unet_from_delta)
+            return self._load_unet(artifact, strength, self._unet_from_delta)
         if kind == "unet":
             self._disable_adapters()
-            return self._load_unet(artifact, self._unet_from_folder)
+            return self._load_unet(artifact, strength, self._unet_from_folder)
         raise FairsynthError(
             f"finetune manifest artifact_kind {kind!r} for {artifact} is unknown; "
             "valid: base, lora, svd_delta, unet, lora_delta"
@@ -235,7 +239,7 @@ class UnitModels:
             if self._text_adapters():
                 disable_lora_for_text_encoder(self.pipe.text_encoder)
 
-    def _activate_adapter(self, artifact: str) -> PromptEncoder:
+    def _activate_adapter(self, artifact: str, strength: float) -> PromptEncoder:
         from diffusers.loaders.lora_base import (
             disable_lora_for_text_encoder,
             enable_lora_for_text_encoder,
@@ -257,12 +261,7 @@ class UnitModels:
                     self.pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
             finally:
                 diffusers_logging.set_verbosity(verbosity)
-            # A LoRA that also changed the text encoder gets its own prompt cache.
-            prompts = (
-                PromptEncoder(self.pipe.tokenizer, self.pipe.text_encoder, self.pipe.device)
-                if name in self._text_adapters() else self.base_prompts
-            )
-            self._adapters[name] = prompts
+            self._adapters[name] = {}
             while len(self._adapters) > self.max_adapters:
                 old, _ = self._adapters.popitem(last=False)
                 self.pipe.delete_adapters(old)
@@ -270,36 +269,46 @@ class UnitModels:
         # UNet and text encoder are switched separately: a UNet-only LoRA must leave the text
         # encoder as the base model has it, whatever adapter it held before.
         self.base_unet.enable_lora()
-        self.base_unet.set_adapters([name])
-        if name in self._text_adapters():
-            enable_lora_for_text_encoder(self.pipe.text_encoder)
-            set_adapters_for_text_encoder([name], self.pipe.text_encoder)
-        elif self._text_adapters():
-            disable_lora_for_text_encoder(self.pipe.text_encoder)
-        return self._adapters[name]
+        self.base_unet.set_adapters([name], weights=[strength])
+        if name not in self._text_adapters():
+            if self._text_adapters():
+                disable_lora_for_text_encoder(self.pipe.text_encoder)
+            return self.base_prompts
+        enable_lora_for_text_encoder(self.pipe.text_encoder)
+        set_adapters_for_text_encoder([name], self.pipe.text_encoder, text_encoder_weights=[strength])
+        # A LoRA that also changed the text encoder gets its own prompt cache per strength.
+        caches = self._adapters[name]
+        if strength not in caches:
+            caches[strength] = PromptEncoder(self.pipe.tokenizer, self.pipe.text_encoder, self.pipe.device)
+        return caches[strength]
 
-    def _unet_from_delta(self, path: Path) -> tuple[object, PromptEncoder]:
-        """The base UNet (and text encoder) with a unit's stored weight changes added."""
+    def _unet_from_delta(self, path: Path, strength: float) -> tuple[object, PromptEncoder]:
+        """The base UNet (and text encoder) with a unit's stored weight changes added, scaled by
+        ``strength``."""
         import copy
 
         from engine.finetune import delta
 
         where = f"fine-tuned model {path}"
-        unet = delta.apply(copy.deepcopy(self.base_unet), delta.load(path, "unet"), where).eval()
+        unet = delta.apply(copy.deepcopy(self.base_unet), delta.load(path, "unet"), where, strength).eval()
         prompts = self.base_prompts
         if delta.has_part(path, "text_encoder"):
-            text_encoder = delta.apply(copy.deepcopy(self.pipe.text_encoder), delta.load(path, "text_encoder"), where)
+            text_encoder = delta.apply(
+                copy.deepcopy(self.pipe.text_encoder), delta.load(path, "text_encoder"), where, strength
+            )
             prompts = PromptEncoder(self.pipe.tokenizer, text_encoder.eval(), self.pipe.device)
         return unet, prompts
 
-    def _unet_from_folder(self, path) -> tuple[object, PromptEncoder]:
-        """A whole fine-tuned UNet (and text encoder, when it was trained) in diffusers format."""
+    def _unet_from_folder(self, path, strength: float) -> tuple[object, PromptEncoder]:
+        """A whole fine-tuned UNet (and text encoder, when it was trained) in diffusers format,
+        blended with the base at ``strength``."""
         from diffusers import UNet2DConditionModel
 
         folder = path / "unet" if (path / "unet").is_dir() else path
         dtype, device = self.base_unet.dtype, self.base_unet.device
         safetensors = True if not self.allow_pickle else None
         unet = UNet2DConditionModel.from_pretrained(folder, dtype=dtype, use_safetensors=safetensors).to(device).eval()
+        _blend_with_base(unet, self.base_unet, strength)
         if self.attention == "xformers":
             unet.enable_xformers_memory_efficient_attention()
         prompts = self.base_prompts
@@ -309,17 +318,33 @@ class UnitModels:
             text_encoder = CLIPTextModel.from_pretrained(
                 path / "text_encoder", dtype=dtype, use_safetensors=safetensors
             ).to(device).eval()
+            _blend_with_base(text_encoder, self.pipe.text_encoder, strength)
             prompts = PromptEncoder(self.pipe.tokenizer, text_encoder, device)
         return unet, prompts
 
-    def _load_unet(self, artifact: str, build) -> tuple[object, PromptEncoder]:
-        """``build(local path)`` once per artifact; the last ``max_unets`` stay loaded."""
-        if artifact not in self._unets:
-            self._unets[artifact] = build(self._path(artifact))
+    def _load_unet(self, artifact: str, strength: float, build) -> tuple[object, PromptEncoder]:
+        """``build(local path, strength)`` once per artifact and strength; the last ``max_unets``
+        stay loaded."""
+        key = f"{artifact}:{strength}"
+        if key not in self._unets:
+            self._unets[key] = build(self._path(artifact), strength)
             while len(self._unets) > self.max_unets:
                 self._unets.popitem(last=False)
-        self._unets.move_to_end(artifact)
-        return self._unets[artifact]
+        self._unets.move_to_end(key)
+        return self._unets[key]
+
+
+def _blend_with_base(model, base, strength: float) -> None:
+    """``model``'s weights become base + strength * (model - base), in place (fp32 arithmetic)."""
+    if strength == 1.0:
+        return
+    import torch
+
+    base_params = dict(base.named_parameters())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            start = base_params[name].data.float()
+            param.data = (start + strength * (param.data.float() - start)).to(param.dtype)
 
 
 class SyntheticImageSampler:
@@ -356,7 +381,7 @@ class SyntheticImageSampler:
         # Rows arrive in (unit, seed) order. Consecutive rows drawn by the same model (one unit,
         # or every vanilla unit, or units borrowing one lender) share UNet batches; prompts
         # may differ row by row.
-        model = batch["artifact_kind"] + ":" + batch["artifact"]
+        model = batch["artifact_kind"] + ":" + batch["artifact"] + ":" + batch["model_strength"].astype(str)
         model_runs = (model != model.shift()).cumsum()
         # Where the call's time goes, for benchmarks/pipeline_breakdown.py: model switches,
         # sampling (text encoding, denoising, VAE decoding) and PNG encoding.
@@ -364,7 +389,9 @@ class SyntheticImageSampler:
         for _, run_rows in batch.groupby(model_runs, sort=False):
             first = run_rows.iloc[0]
             tick = time.perf_counter()
-            unet, prompts = self.models.activate(first["artifact"], first["artifact_kind"])
+            unet, prompts = self.models.activate(
+                first["artifact"], first["artifact_kind"], float(first["model_strength"])
+            )
             seconds["switch_seconds"] += time.perf_counter() - tick
             for start in range(0, len(run_rows), self.gen.batch_size):
                 chunk = run_rows.iloc[start : start + self.gen.batch_size]
