@@ -98,7 +98,7 @@ def test_minority_group_borrows_the_aligned_model_with_swapped_prompt():
     assert (g1.borrowed_from, g2.borrowed_from) == ("g0", "g3")
     assert g1.prompt == "a photo of a landbird on water" and g1.negative_prompt == "land"
     assert g2.prompt == "a photo of a waterbird on land" and g2.negative_prompt == "water"
-    assert units["g0"].prompt == "a photo of a sks landbird on land"  # trained units keep the identifier
+    assert units["g0"].prompt == "a photo of a landbird on land sks"  # trained units keep the identifier
     assert (g1.n_real, g2.n_real) == (2, 0)
 
 
@@ -379,7 +379,7 @@ def test_weight_changes_keep_the_best_rank_r_approximation():
 def test_dreambooth_and_clustered_dreambooth_share_cached_class_images(dreambooth_run):
     cfg, run, manifest = dreambooth_run
     units = {u["unit"]: u for u in manifest["units"]}
-    assert units["g0"]["artifact_kind"] == "svd_delta" and units["g0"]["prompt"] == "a photo of a sks landbird on land"
+    assert units["g0"]["artifact_kind"] == "svd_delta" and units["g0"]["prompt"] == "a photo of a landbird on land sks"
     assert units["g1"]["prompt"] == "a photo of a landbird on water" and units["g1"]["borrowed_from"] == "g0"
     class_images = sorted((run / "finetune/class_images").glob("*.npy"))
     assert len(class_images) == 2  # one per trained group's class prompt

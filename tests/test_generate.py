@@ -79,13 +79,19 @@ def test_plan_balances_groups_and_weighs_borrowed_units_by_their_source():
     rows = plan.rows
     assert rows.groupby("group").size().to_dict() == {0: 8, 1: 8, 2: 8, 3: 8}
     assert rows.groupby("unit").size().to_dict() == {"g0c0": 6, "g0c1": 2, "g1c0": 6, "g1c1": 2, "g2": 8, "g3": 8}
-    # A borrowed unit with no artifact of its own draws with its source's model.
+    # A borrowed unit with no artifact of its own draws with its source's model, at
+    # generate.borrowed_strength of its fine-tuning; a unit with its own model at all of it.
     assert set(rows.loc[rows["unit"] == "g1c1", "artifact"]) == {"a1"}
+    strengths = rows.groupby("unit")["model_strength"].unique().map(list).to_dict()
+    assert strengths == {"g0c0": [1.0], "g0c1": [1.0], "g1c0": [0.5], "g1c1": [0.5], "g2": [1.0], "g3": [1.0]}
     assert not rows.duplicated(["unit", "seed"]).any()
     assert plan.n_shards == 11 and rows["shard"].str.contains(plan.hash).all()
     again = GroupBalancedPlan.build(manifest, [40, 2, 0, 50], cfg)
     assert again.hash == plan.hash and again.rows.equals(rows)
     cfg.steps += 1
+    assert GroupBalancedPlan.build(manifest, [40, 2, 0, 50], cfg).hash != plan.hash
+    cfg.steps -= 1
+    cfg.borrowed_strength = 1.0
     assert GroupBalancedPlan.build(manifest, [40, 2, 0, 50], cfg).hash != plan.hash
 
     fill = load_config(None, ["generate.images_per_group=fill"]).generate
@@ -244,7 +250,7 @@ def test_units_load_through_the_generate_loader_as_they_were_trained(pipe, tmp_p
     latents = torch.randn((2, 4, 8, 8), generator=generator)
     context = torch.randn((2, 77, own.text_encoder.config.hidden_size), generator=generator)
     steps = torch.tensor([100, 700])
-    prompt = "a photo of a sks landbird on land"
+    prompt = "a photo of a landbird on land sks"
     ids = own.tokenizer([prompt], padding="max_length", max_length=own.tokenizer.model_max_length,
                         return_tensors="pt").input_ids
 
@@ -267,6 +273,12 @@ def test_units_load_through_the_generate_loader_as_they_were_trained(pipe, tmp_p
     else:
         assert (text - want_text).abs().max() < 0.02 * (want_text - base_text).abs().max()
         assert (want_text - base_text).abs().mean() > 0.005 * base_text.abs().mean()
+    # At strength 0 the unit is the base model; at 0.5 its outputs sit between the two.
+    zero_noise, zero_text = outputs(*models.activate("finetune/unit", kind, 0.0))
+    assert torch.allclose(zero_noise, base_noise, atol=1e-5) and torch.allclose(zero_text, base_text, atol=1e-5)
+    half_noise, half_text = outputs(*models.activate("finetune/unit", kind, 0.5))
+    share = (half_noise - base_noise).abs().mean() / (noise - base_noise).abs().mean()
+    assert 0.3 < share < 0.7, share
     # And back to the base: nothing of the unit is left switched on.
     again_noise, again_text = outputs(*models.activate("", "base"))
     assert torch.equal(again_noise, base_noise) and torch.equal(again_text, base_text)
