@@ -71,7 +71,9 @@ def test_plan_balances_groups_and_weighs_borrowed_units_by_their_source():
     manifest = {"method": "clustered_dreambooth", "base_model": "tiny", "units": [
         _unit("g0c0", 0, 30, 0, artifact="a0", kind="unet"), _unit("g0c1", 0, 10, 1, artifact="a1", kind="unet"),
         # Minority group 1 borrows group 0's clusters: split 3:1 like the source, not by its own 1 image.
-        _unit("g1c0", 1, 1, 0, borrowed_from="g0c0"), _unit("g1c1", 1, 1, 1, borrowed_from="g0c1"),
+        # (The finetune stage names the source's artifact; a manifest without it works too.)
+        _unit("g1c0", 1, 1, 0, borrowed_from="g0c0", artifact="a0", kind="unet"),
+        _unit("g1c1", 1, 1, 1, borrowed_from="g0c1"),
         _unit("g2", 2, 0), _unit("g3", 3, 50),
     ]}
     cfg = load_config(None, ["generate.images_per_group=8", "generate.rows_per_shard=3"]).generate

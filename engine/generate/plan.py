@@ -127,10 +127,13 @@ class GroupBalancedPlan:
             per_group[group] = per_group_total
             for unit, count in zip(members, counts, strict=True):
                 base_seed = unit_seed_base(cfg.seed, str(unit["unit"]))
+                # A borrowed unit draws with its source's model (named in its manifest entry, or
+                # found here), at generate.borrowed_strength of its fine-tuning.
                 model, strength = unit, 1.0
-                if not unit["artifact"] and unit.get("borrowed_from") in by_id:
-                    # A borrowed unit draws with its source's model, at generate.borrowed_strength.
-                    model, strength = by_id[unit["borrowed_from"]], cfg.borrowed_strength
+                if unit.get("borrowed_from"):
+                    strength = cfg.borrowed_strength
+                    if not unit["artifact"] and unit["borrowed_from"] in by_id:
+                        model = by_id[unit["borrowed_from"]]
                 for i in range(count):
                     rows.append({
                         "unit": str(unit["unit"]),
