@@ -1,0 +1,117 @@
+"""What two prompt and model choices do to synthetic group fidelity on the built-in benchmark,
+judged by the renderer (engine/generate/fidelity.py), same seeds throughout:
+
+1. Where the DreamBooth identifier sits in the prompt, drawn by the base model: the tiny model
+   reads its words by position, so a token before the class word moves every word after it.
+2. How much of its lender's fine-tuning a borrowed minority unit draws with
+   (``generate.borrowed_strength``), for the units of a finished run's finetune stage.
+
+    python benchmarks/borrowed_fidelity.py --run-dir runs/default/severity-0.999
+    python benchmarks/borrowed_fidelity.py --run-dir RUN --strengths 1,0.7,0.5 --methods lora
+
+Prints two markdown tables, then, as the last line, one JSON object (value: the lowest
+borrowed unit's group fidelity at the run's own ``generate.borrowed_strength``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+IDENTIFIER_TEMPLATES = (
+    "a photo of a {class_name} on {attribute_name}",
+    "a photo of a {identifier} {class_name} on {attribute_name}",
+    "a photo of a {class_name} on {attribute_name} {identifier}",
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", required=True, help="a severity folder of a finished run (RUN/severity-<p>)")
+    parser.add_argument("--methods", default="lora,dreambooth,clustered_dreambooth")
+    parser.add_argument("--strengths", default="1,0.7,0.5")
+    parser.add_argument("--images", type=int, default=48, help="images per unit and setting")
+    args = parser.parse_args()
+
+    import numpy as np
+
+    from engine.config import load_config
+    from engine.data.builtin import ATTRIBUTE_NAMES, CLASS_NAMES
+    from engine.errors import FairsynthError
+    from engine.generate.fidelity import read_renderer_image
+    from engine.generate.sampler import UnitModels, make_scheduler, sample_images
+    from engine.models.loading import load_base_pipeline
+
+    run = Path(args.run_dir)
+    if not (run / "config.yaml").is_file():
+        raise SystemExit(f"error: {run / 'config.yaml'} not found; pass a finished run's severity folder, "
+                         "e.g. runs/default/severity-0.999")
+    cfg = load_config(str(run / "config.yaml"))
+    if cfg.data.name != "builtin":
+        raise SystemExit(f"error: the renderer judge reads the built-in benchmark only; {run} holds {cfg.data.name}")
+    gen = cfg.generate
+    pipe = load_base_pipeline(cfg.model.base, "cpu", cfg.model.attention, cfg.model.allow_pickle)
+    scheduler = make_scheduler(gen.scheduler, pipe.scheduler.config)
+    models = UnitModels(pipe, run, cfg.model.attention, cfg.model.allow_pickle)
+
+    def fidelity(unet, prompts, prompt: str, negative: str, group: int) -> float:
+        n = args.images
+        images = sample_images(unet, pipe.vae, scheduler, prompts, [prompt] * n, [negative] * n,
+                               list(range(5000, 5000 + n)), gen.steps, gen.guidance_scale)
+        readings = [read_renderer_image(image) for image in images]
+        return float(np.mean([label * len(ATTRIBUTE_NAMES) + attribute == group for label, attribute in readings]))
+
+    groups = [(label, attribute) for label in range(len(CLASS_NAMES)) for attribute in range(len(ATTRIBUTE_NAMES))]
+    base_unet, base_prompts = models.activate("", "base")
+    print("| base model, prompt | " + " | ".join(f"{CLASS_NAMES[c]} / {ATTRIBUTE_NAMES[a]}" for c, a in groups) + " |")
+    print("|---|" + "---|" * len(groups))
+    placements = {}
+    for template in IDENTIFIER_TEMPLATES:
+        shares = [fidelity(base_unet, base_prompts, template.format(
+            class_name=CLASS_NAMES[c], attribute_name=ATTRIBUTE_NAMES[a], identifier=cfg.finetune.identifier),
+            "", g) for g, (c, a) in enumerate(groups)]
+        placements[template] = shares
+        print(f"| `{template}` | " + " | ".join(f"{100 * s:.0f}" for s in shares) + " |")
+
+    strengths = [float(s) for s in args.strengths.split(",")]
+    if gen.borrowed_strength not in strengths:  # the run's own setting is always measured
+        strengths.append(gen.borrowed_strength)
+    print("\n| method | borrowed unit | lender | " + " | ".join(f"strength {s:g}" for s in strengths) + " |")
+    print("|---|---|---|" + "---|" * len(strengths))
+    rows = []
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        path = run / "finetune" / method / "manifest.json"
+        if not path.is_file():
+            raise SystemExit(f"error: {path} not found; run the finetune stage for {method} first")
+        for unit in json.loads(path.read_text())["units"]:
+            if not unit.get("borrowed_from") or not unit["artifact"]:
+                continue
+            shares = {}
+            for strength in strengths:
+                try:
+                    unet, prompts = models.activate(unit["artifact"], unit["artifact_kind"], strength)
+                except FairsynthError as e:
+                    raise SystemExit(f"error: {e}") from None
+                shares[strength] = fidelity(unet, prompts, unit["prompt"], unit["negative_prompt"], int(unit["group"]))
+            rows.append({"method": method, "unit": unit["unit"], "lender": unit["borrowed_from"], "fidelity": shares})
+            print(f"| {method} | {unit['unit']} | {unit['borrowed_from']} | "
+                  + " | ".join(f"{100 * shares[s]:.0f}" for s in strengths) + " |")
+    own = [r["fidelity"][gen.borrowed_strength] for r in rows if gen.borrowed_strength in r["fidelity"]]
+    print(json.dumps({
+        "benchmark": "borrowed_fidelity", "metric": "worst_borrowed_unit_group_fidelity",
+        "value": round(min(own), 4) if own else None, "target": 0.9, "device": "cpu",
+        "borrowed_strength": gen.borrowed_strength, "images_per_setting": args.images,
+        "guidance_scale": gen.guidance_scale, "identifier_placements": placements,
+        "rows": [{**r, "fidelity": {str(k): v for k, v in r["fidelity"].items()}} for r in rows],
+    }))
+
+
+if __name__ == "__main__":
+    main()
