@@ -428,7 +428,8 @@ def test_search_picks_a_learning_rate_and_step_count_per_unit(local_ray, tmp_pat
     run_finetune_stage(cfg, run, "lora")
     for unit in ("g0", "g3"):
         record = unit_record(run, "lora", unit)
-        assert 1e-2 / 3 <= record["learning_rate"] <= 3e-2 and record["steps"] in (2, 4, 8)
+        lr, factor = cfg.finetune.lora_learning_rate, cfg.finetune.search_lr_factor
+        assert lr / factor <= record["learning_rate"] <= lr * factor and record["steps"] in (2, 4, 8)
         assert np.isfinite(record["heldout_loss"])
     # One search experiment for both units, deleted once the manifest lists them.
     assert len({unit_record(run, "lora", u)["experiment"] for u in ("g0", "g3")}) == 1
