@@ -88,9 +88,10 @@ def main() -> None:
         models = UnitModels(pipe, run.root, cfg.model.attention, cfg.model.allow_pickle)
         return pipe, make_scheduler(cfg.generate.scheduler, pipe.scheduler.config), models
 
-    def draw(sampler, artifact: str | None, kind: str, prompt: str, negative: str, seed: int) -> np.ndarray:
+    def draw(sampler, artifact: str | None, kind: str, prompt: str, negative: str, seed: int,
+             strength: float = 1.0) -> np.ndarray:
         pipe, scheduler, models = sampler
-        unet, encode = models.activate(artifact, kind)
+        unet, encode = models.activate(artifact, kind, strength)
         n = args.images
         return sample_images(unet, pipe.vae, scheduler, encode, [prompt] * n, [negative] * n,
                              [seed + i for i in range(n)], cfg.generate.steps, cfg.generate.guidance_scale,
@@ -139,7 +140,10 @@ def main() -> None:
             attribute = int(unit["attribute"])
             drawn_before = draw(sampler, None, "base", prompts.plain(int(unit["label"]), attribute), "", seed)
             before = distance(drawn_before, c)
-            drawn_after = draw(sampler, unit["artifact"], unit["artifact_kind"], unit["prompt"], unit["negative_prompt"], seed)
+            # A borrowed unit draws as the generate stage draws it: at generate.borrowed_strength.
+            strength = cfg.generate.borrowed_strength if unit["borrowed_from"] else 1.0
+            drawn_after = draw(sampler, unit["artifact"], unit["artifact_kind"], unit["prompt"],
+                               unit["negative_prompt"], seed, strength)
             after = distance(drawn_after, c)
             rows.append({"method": method, "unit": unit["unit"], "borrowed_from": unit["borrowed_from"],
                          "n_real": unit["n_real"], "reference": reference, "real": round(floor, 4),

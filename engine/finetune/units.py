@@ -6,7 +6,8 @@ pair (clustered DreamBooth), or, for vanilla, a group drawn by the base model. A
 fewer real training images than ``finetune.min_real_images`` (a minority group at extreme
 bias) trains nothing: it borrows the model of the bias-aligned group of the same class and
 generates with that group's prompt, its own attribute word swapped in, no identifier, and a
-negative prompt against the source attribute (PAPER.md step 3). Per-cluster methods mirror
+negative prompt against the source attribute (PAPER.md step 3), at ``generate.borrowed_strength``
+of the source's fine-tuning (engine/generate/plan.py). Per-cluster methods mirror
 the source group's clusters, one borrowing unit per source cluster, so a minority group is
 drawn with the same variety as the group it borrows from.
 """
