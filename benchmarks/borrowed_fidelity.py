@@ -6,7 +6,7 @@ judged by the renderer (engine/generate/fidelity.py), same seeds throughout:
 2. How much of its lender's fine-tuning a borrowed minority unit draws with
    (``generate.borrowed_strength``), for the units of a finished run's finetune stage.
 
-    python benchmarks/borrowed_fidelity.py --run-dir runs/default/severity-0.999
+    python benchmarks/borrowed_fidelity.py              # the default run's units (runs/default)
     python benchmarks/borrowed_fidelity.py --run-dir RUN --strengths 1,0.7,0.5 --methods lora
 
 Prints two markdown tables, then, as the last line, one JSON object (value: the lowest
@@ -34,7 +34,8 @@ IDENTIFIER_TEMPLATES = (
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", required=True, help="a severity folder of a finished run (RUN/severity-<p>)")
+    parser.add_argument("--run-dir", default="runs/default/severity-0.999",
+                        help="a severity folder of a finished run (default: the default run's)")
     parser.add_argument("--methods", default="lora,dreambooth,clustered_dreambooth")
     parser.add_argument("--strengths", default="1,0.7,0.5")
     parser.add_argument("--images", type=int, default=48, help="images per unit and setting")
@@ -51,8 +52,8 @@ def main() -> None:
 
     run = Path(args.run_dir)
     if not (run / "config.yaml").is_file():
-        raise SystemExit(f"error: {run / 'config.yaml'} not found; pass a finished run's severity folder, "
-                         "e.g. runs/default/severity-0.999")
+        raise SystemExit(f"error: {run / 'config.yaml'} not found; run `python jobs/full.py` first, or pass "
+                         "a finished run's severity folder with --run-dir")
     cfg = load_config(str(run / "config.yaml"))
     if cfg.data.name != "builtin":
         raise SystemExit(f"error: the renderer judge reads the built-in benchmark only; {run} holds {cfg.data.name}")

@@ -51,6 +51,7 @@ BENCHMARKS = [
     Benchmark("unit_artifact_size", None),
     Benchmark("benchmark_calibration", "higher", quick=("--seeds", "0")),
     Benchmark("pipeline_breakdown", None),
+    Benchmark("borrowed_fidelity", "higher", quick=("--images", "8")),  # reads the run pipeline_breakdown makes
     Benchmark("ablation", None, quick=("--only", "base,synthetic_only", "--run-dir", "runs/ablation_quick",
                                        "--set", "generate.images_per_group=16", "--set", "finetune.steps=10",
                                        "--set", "train.pretrain_epochs=1", "--set", "train.epochs=1")),
