@@ -32,6 +32,12 @@ IDENTIFIER_TEMPLATES = (
 )
 
 
+def fail(message: str) -> None:
+    """Bad input: one line on stderr, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/default/severity-0.999",
@@ -52,11 +58,11 @@ def main() -> None:
 
     run = Path(args.run_dir)
     if not (run / "config.yaml").is_file():
-        raise SystemExit(f"error: {run / 'config.yaml'} not found; run `python jobs/full.py` first, or pass "
+        fail(f"{run / 'config.yaml'} not found; run `python jobs/full.py` first, or pass "
                          "a finished run's severity folder with --run-dir")
     cfg = load_config(str(run / "config.yaml"))
     if cfg.data.name != "builtin":
-        raise SystemExit(f"error: the renderer judge reads the built-in benchmark only; {run} holds {cfg.data.name}")
+        fail(f"the renderer judge reads the built-in benchmark only; {run} holds {cfg.data.name}")
     gen = cfg.generate
     pipe = load_base_pipeline(cfg.model.base, "cpu", cfg.model.attention, cfg.model.allow_pickle)
     scheduler = make_scheduler(gen.scheduler, pipe.scheduler.config)
@@ -90,7 +96,7 @@ def main() -> None:
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         path = run / "finetune" / method / "manifest.json"
         if not path.is_file():
-            raise SystemExit(f"error: {path} not found; run the finetune stage for {method} first")
+            fail(f"{path} not found; run the finetune stage for {method} first")
         for unit in json.loads(path.read_text())["units"]:
             if not unit.get("borrowed_from") or not unit["artifact"]:
                 continue
@@ -99,7 +105,7 @@ def main() -> None:
                 try:
                     unet, prompts = models.activate(unit["artifact"], unit["artifact_kind"], strength)
                 except FairsynthError as e:
-                    raise SystemExit(f"error: {e}") from None
+                    fail(str(e))
                 shares[strength] = fidelity(unet, prompts, unit["prompt"], unit["negative_prompt"], int(unit["group"]))
             rows.append({"method": method, "unit": unit["unit"], "lender": unit["borrowed_from"], "fidelity": shares})
             print(f"| {method} | {unit['unit']} | {unit['borrowed_from']} | "
