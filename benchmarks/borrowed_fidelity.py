@@ -38,6 +38,16 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def parse_strengths(text: str) -> list[float]:
+    try:
+        strengths = [float(s) for s in text.split(",")]
+    except ValueError:
+        fail(f"--strengths {text!r} is not a comma-separated list of numbers, e.g. 1,0.7,0.5")
+    if not strengths or any(not 0.0 <= s <= 1.0 for s in strengths):
+        fail(f"--strengths {text!r}: every strength must lie in [0, 1]")
+    return strengths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/default/severity-0.999",
@@ -46,6 +56,9 @@ def main() -> None:
     parser.add_argument("--strengths", default="1,0.7,0.5")
     parser.add_argument("--images", type=int, default=48, help="images per unit and setting")
     args = parser.parse_args()
+    strengths = parse_strengths(args.strengths)
+    if args.images < 1:
+        fail(f"--images {args.images}: draw at least 1 image per unit and setting")
 
     import numpy as np
 
@@ -53,22 +66,37 @@ def main() -> None:
     from engine.data.builtin import ATTRIBUTE_NAMES, CLASS_NAMES
     from engine.errors import FairsynthError
     from engine.generate.fidelity import read_renderer_image
+    from engine.generate.plan import drawing_model
     from engine.generate.sampler import UnitModels, make_scheduler, sample_images
     from engine.models.loading import load_base_pipeline
 
     run = Path(args.run_dir)
     if not (run / "config.yaml").is_file():
         fail(f"{run / 'config.yaml'} not found; run `python jobs/full.py` first, or pass "
-                         "a finished run's severity folder with --run-dir")
-    cfg = load_config(str(run / "config.yaml"))
+             "a finished run's severity folder with --run-dir")
+    try:
+        cfg = load_config(str(run / "config.yaml"))
+    except FairsynthError as e:
+        fail(str(e))
     if cfg.data.name != "builtin":
         fail(f"the renderer judge reads the built-in benchmark only; {run} holds {cfg.data.name}")
     gen = cfg.generate
-    pipe = load_base_pipeline(cfg.model.base, "cpu", cfg.model.attention, cfg.model.allow_pickle)
-    scheduler = make_scheduler(gen.scheduler, pipe.scheduler.config)
-    models = UnitModels(pipe, run, cfg.model.attention, cfg.model.allow_pickle)
+    if gen.borrowed_strength not in strengths:  # the run's own setting is always measured
+        strengths.append(gen.borrowed_strength)
 
-    def fidelity(unet, prompts, prompt: str, negative: str, group: int) -> float:
+    def method_models() -> tuple:
+        """A base pipeline of one method's, as in the generate stage: a DreamBooth unit's
+        weight changes apply to the base UNet's own weights, not to one holding LoRA adapters."""
+        pipe = load_base_pipeline(cfg.model.base, "cpu", cfg.model.attention, cfg.model.allow_pickle)
+        return pipe, make_scheduler(gen.scheduler, pipe.scheduler.config), UnitModels(
+            pipe, run, cfg.model.attention, cfg.model.allow_pickle)
+
+    def fidelity(models: tuple, model: dict, strength: float, prompt: str, negative: str, group: int) -> float:
+        pipe, scheduler, units = models
+        try:
+            unet, prompts = units.activate(model["artifact"], model["artifact_kind"], strength)
+        except FairsynthError as e:
+            fail(str(e))
         n = args.images
         images = sample_images(unet, pipe.vae, scheduler, prompts, [prompt] * n, [negative] * n,
                                list(range(5000, 5000 + n)), gen.steps, gen.guidance_scale)
@@ -76,20 +104,15 @@ def main() -> None:
         return float(np.mean([label * len(ATTRIBUTE_NAMES) + attribute == group for label, attribute in readings]))
 
     groups = [(label, attribute) for label in range(len(CLASS_NAMES)) for attribute in range(len(ATTRIBUTE_NAMES))]
-    base_unet, base_prompts = models.activate("", "base")
+    base, placements = method_models(), {}
     print("| base model, prompt | " + " | ".join(f"{CLASS_NAMES[c]} / {ATTRIBUTE_NAMES[a]}" for c, a in groups) + " |")
     print("|---|" + "---|" * len(groups))
-    placements = {}
     for template in IDENTIFIER_TEMPLATES:
-        shares = [fidelity(base_unet, base_prompts, template.format(
+        placements[template] = [fidelity(base, {"artifact": "", "artifact_kind": "base"}, 1.0, template.format(
             class_name=CLASS_NAMES[c], attribute_name=ATTRIBUTE_NAMES[a], identifier=cfg.finetune.identifier),
             "", g) for g, (c, a) in enumerate(groups)]
-        placements[template] = shares
-        print(f"| `{template}` | " + " | ".join(f"{100 * s:.0f}" for s in shares) + " |")
+        print(f"| `{template}` | " + " | ".join(f"{100 * s:.0f}" for s in placements[template]) + " |")
 
-    strengths = [float(s) for s in args.strengths.split(",")]
-    if gen.borrowed_strength not in strengths:  # the run's own setting is always measured
-        strengths.append(gen.borrowed_strength)
     print("\n| method | borrowed unit | lender | " + " | ".join(f"strength {s:g}" for s in strengths) + " |")
     print("|---|---|---|" + "---|" * len(strengths))
     rows = []
@@ -97,20 +120,18 @@ def main() -> None:
         path = run / "finetune" / method / "manifest.json"
         if not path.is_file():
             fail(f"{path} not found; run the finetune stage for {method} first")
-        for unit in json.loads(path.read_text())["units"]:
-            if not unit.get("borrowed_from") or not unit["artifact"]:
+        units = json.loads(path.read_text())["units"]
+        by_id, models = {u["unit"]: u for u in units}, method_models()
+        for unit in units:
+            model, _ = drawing_model(unit, by_id, gen.borrowed_strength)
+            if not unit.get("borrowed_from") or not model["artifact"]:
                 continue
-            shares = {}
-            for strength in strengths:
-                try:
-                    unet, prompts = models.activate(unit["artifact"], unit["artifact_kind"], strength)
-                except FairsynthError as e:
-                    fail(str(e))
-                shares[strength] = fidelity(unet, prompts, unit["prompt"], unit["negative_prompt"], int(unit["group"]))
+            shares = {s: fidelity(models, model, s, unit["prompt"], unit["negative_prompt"], int(unit["group"]))
+                      for s in strengths}
             rows.append({"method": method, "unit": unit["unit"], "lender": unit["borrowed_from"], "fidelity": shares})
             print(f"| {method} | {unit['unit']} | {unit['borrowed_from']} | "
                   + " | ".join(f"{100 * shares[s]:.0f}" for s in strengths) + " |")
-    own = [r["fidelity"][gen.borrowed_strength] for r in rows if gen.borrowed_strength in r["fidelity"]]
+    own = [r["fidelity"][gen.borrowed_strength] for r in rows]
     print(json.dumps({
         "benchmark": "borrowed_fidelity", "metric": "worst_borrowed_unit_group_fidelity",
         "value": round(min(own), 4) if own else None, "target": 0.9, "device": "cpu",

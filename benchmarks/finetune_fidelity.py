@@ -53,6 +53,7 @@ def main() -> None:
     from engine.data.stage import run_data_stage
     from engine.finetune import run_finetune_stage
     from engine.finetune.units import PromptBook
+    from engine.generate.plan import drawing_model
     from engine.generate.sampler import UnitModels, make_scheduler, sample_images
     from engine.models.encoders import load_encoder
     from engine.models.loading import load_base_pipeline
@@ -123,6 +124,7 @@ def main() -> None:
 
             a = load_assignments(run)
             cluster_of = dict(zip(a["image_id"], a["cluster"], strict=True))
+        by_id = {u["unit"]: u for u in manifest["units"]}
         for unit in manifest["units"]:
             group = int(unit["group"])
             if unit["borrowed_from"] is None:
@@ -140,9 +142,9 @@ def main() -> None:
             attribute = int(unit["attribute"])
             drawn_before = draw(sampler, None, "base", prompts.plain(int(unit["label"]), attribute), "", seed)
             before = distance(drawn_before, c)
-            # A borrowed unit draws as the generate stage draws it: at generate.borrowed_strength.
-            strength = cfg.generate.borrowed_strength if unit["borrowed_from"] else 1.0
-            drawn_after = draw(sampler, unit["artifact"], unit["artifact_kind"], unit["prompt"],
+            # Drawn as the generate stage draws it (a borrowed unit at generate.borrowed_strength).
+            model, strength = drawing_model(unit, by_id, cfg.generate.borrowed_strength)
+            drawn_after = draw(sampler, model["artifact"], model["artifact_kind"], unit["prompt"],
                                unit["negative_prompt"], seed, strength)
             after = distance(drawn_after, c)
             rows.append({"method": method, "unit": unit["unit"], "borrowed_from": unit["borrowed_from"],

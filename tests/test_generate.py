@@ -74,7 +74,7 @@ def test_plan_balances_groups_and_weighs_borrowed_units_by_their_source():
         # (The finetune stage names the source's artifact; a manifest without it works too.)
         _unit("g1c0", 1, 1, 0, borrowed_from="g0c0", artifact="a0", kind="unet"),
         _unit("g1c1", 1, 1, 1, borrowed_from="g0c1"),
-        _unit("g2", 2, 0), _unit("g3", 3, 50),
+        _unit("g2", 2, 0, borrowed_from="g3"), _unit("g3", 3, 50),  # a lender with no fine-tuning
     ]}
     cfg = load_config(None, ["generate.images_per_group=8", "generate.rows_per_shard=3"]).generate
     plan = GroupBalancedPlan.build(manifest, [40, 2, 0, 50], cfg)
@@ -82,7 +82,8 @@ def test_plan_balances_groups_and_weighs_borrowed_units_by_their_source():
     assert rows.groupby("group").size().to_dict() == {0: 8, 1: 8, 2: 8, 3: 8}
     assert rows.groupby("unit").size().to_dict() == {"g0c0": 6, "g0c1": 2, "g1c0": 6, "g1c1": 2, "g2": 8, "g3": 8}
     # A borrowed unit with no artifact of its own draws with its source's model, at
-    # generate.borrowed_strength of its fine-tuning; a unit with its own model at all of it.
+    # generate.borrowed_strength of its fine-tuning; a unit with its own model (or borrowing the
+    # base model) at all of it.
     assert set(rows.loc[rows["unit"] == "g1c1", "artifact"]) == {"a1"}
     strengths = rows.groupby("unit")["model_strength"].unique().map(list).to_dict()
     assert strengths == {"g0c0": [1.0], "g0c1": [1.0], "g1c0": [0.5], "g1c1": [0.5], "g2": [1.0], "g3": [1.0]}

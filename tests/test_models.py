@@ -325,7 +325,7 @@ def test_finetuning_and_sampling_use_the_native_side_not_data_image_size():
     rows = pd.DataFrame({
         "shard": ["part-0"] * 2, "label": [0, 0], "attribute": [0, 0], "group": [0, 0], "unit": ["g0"] * 2,
         "cluster": [-1, -1], "seed": [1, 2], "prompt": ["a photo of a landbird on land"] * 2,
-        "negative_prompt": [""] * 2, "artifact_kind": ["base"] * 2, "artifact": [""] * 2,
+        "negative_prompt": [""] * 2, "artifact_kind": ["base"] * 2, "artifact": [""] * 2, "model_strength": [1.0] * 2,
     })
     drawn = sampler(rows)
     assert [decode_png(png).shape for png in drawn["image"]] == [(32, 32, 3)] * 2

@@ -54,6 +54,17 @@ def split_proportionally(total: int, weights: list[float]) -> list[int]:
     return counts
 
 
+def drawing_model(unit: dict, by_id: dict[str, dict], borrowed_strength: float) -> tuple[dict, float]:
+    """The manifest entry whose artifact draws ``unit``, and the share of its fine-tuning it
+    draws with: a borrowed unit draws with its lender's model (named in its own entry, as the
+    finetune stage writes it, or found by id) at ``generate.borrowed_strength``; any other unit
+    with its own, at all of it."""
+    if not unit.get("borrowed_from"):
+        return unit, 1.0
+    model = unit if unit["artifact"] else by_id.get(unit["borrowed_from"], unit)
+    return model, (float(borrowed_strength) if model["artifact"] else 1.0)
+
+
 def images_per_group(cfg: GenerateConfig, real_train_counts: list[int]) -> int:
     if cfg.images_per_group == "fill":
         largest = max(real_train_counts, default=0)
@@ -127,13 +138,7 @@ class GroupBalancedPlan:
             per_group[group] = per_group_total
             for unit, count in zip(members, counts, strict=True):
                 base_seed = unit_seed_base(cfg.seed, str(unit["unit"]))
-                # A borrowed unit draws with its source's model (named in its manifest entry, or
-                # found here), at generate.borrowed_strength of its fine-tuning.
-                model, strength = unit, 1.0
-                if unit.get("borrowed_from"):
-                    strength = cfg.borrowed_strength
-                    if not unit["artifact"] and unit["borrowed_from"] in by_id:
-                        model = by_id[unit["borrowed_from"]]
+                model, strength = drawing_model(unit, by_id, cfg.borrowed_strength)
                 for i in range(count):
                     rows.append({
                         "unit": str(unit["unit"]),
@@ -146,7 +151,7 @@ class GroupBalancedPlan:
                         "negative_prompt": str(unit.get("negative_prompt") or ""),
                         "artifact": model["artifact"] or "",
                         "artifact_kind": str(model["artifact_kind"]) if model["artifact"] else "base",
-                        "model_strength": float(strength) if model["artifact"] else 1.0,
+                        "model_strength": strength,
                         # What makes a re-trained artifact at the same path a different model.
                         "_identity": [model.get("steps"), model.get("final_loss")],
                     })
@@ -171,10 +176,17 @@ class GroupBalancedPlan:
             "base_model": self.base_model,
             "sampling": self.sampling,
             "rows_per_shard": self.rows_per_shard,
-            "rows": self.rows.to_dict(orient="list"),
+            "rows": self._rows_for_digest().to_dict(orient="list"),
         }
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+    def _rows_for_digest(self) -> pd.DataFrame:
+        # Where every unit draws at full strength the column changes no pixel: left out, so a
+        # plan from before the column existed keeps its hash and its shards.
+        if (self.rows["model_strength"] == 1.0).all():
+            return self.rows.drop(columns="model_strength")
+        return self.rows
 
     def shard_name(self, index: int) -> str:
         return f"part-{self.hash}-{index:05d}.parquet"
