@@ -282,6 +282,14 @@ def test_units_load_through_the_generate_loader_as_they_were_trained(pipe, tmp_p
     half_noise, half_text = outputs(*models.activate("finetune/unit", kind, 0.5))
     share = (half_noise - base_noise).abs().mean() / (noise - base_noise).abs().mean()
     assert 0.3 < share < 0.7, share
+    if method != "lora":  # a trained text encoder is scaled too, with its own prompt cache
+        text_share = (half_text - base_text).abs().mean() / (text - base_text).abs().mean()
+        assert 0.3 < text_share < 0.7, text_share
+    # Back to full strength: nothing of the half-strength model is left over.
+    full_noise, full_text = outputs(*models.activate("finetune/unit", kind, 1.0))
+    assert torch.allclose(full_noise, noise, atol=1e-6) and torch.allclose(full_text, text, atol=1e-6)
+    with pytest.raises(FairsynthError, match=r"outside \[0, 1\]; set generate.borrowed_strength"):
+        models.activate("finetune/unit", kind, 1.5)
     # And back to the base: nothing of the unit is left switched on.
     again_noise, again_text = outputs(*models.activate("", "base"))
     assert torch.equal(again_noise, base_noise) and torch.equal(again_text, base_text)

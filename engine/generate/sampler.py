@@ -174,7 +174,7 @@ class UnitModels:
     - ``svd_delta``: a DreamBooth unit's weight changes (engine/finetune/delta.py) added to a
       copy of the base UNet (and text encoder, when it was trained); ``unet``: a DreamBooth
       UNet folder (plus its text encoder). Either is kept in an LRU cache of ``max_unets`` so
-      units sharing a model are not rebuilt.
+      units sharing a model at one strength are not rebuilt.
 
     ``strength`` scales a unit's change from the base: the base weights plus ``strength`` times
     the fine-tuned ones' difference (a LoRA adapter's weight, the stored changes scaled, or the
@@ -208,6 +208,14 @@ class UnitModels:
 
     def activate(self, artifact: str, kind: str, strength: float = 1.0) -> tuple[object, PromptEncoder]:
         """(UNet, prompt encoder) of a unit's artifact, at ``strength`` of its fine-tuning."""
+        strength = float(strength)
+        if not 0.0 <= strength <= 1.0:  # also refuses NaN
+            raise FairsynthError(
+                f"model strength {strength} for {artifact or 'the base model'} is outside [0, 1]; "
+                "set generate.borrowed_strength between 0 (the base model) and 1 (the lender as trained)"
+            )
+        if strength == 0.0:
+            kind, artifact = "base", ""  # none of the fine-tuning: the base model itself
         key = f"{kind}:{artifact}:{strength}"
         if key != self._active:
             self.switches += 1
@@ -302,13 +310,16 @@ class UnitModels:
     def _unet_from_folder(self, path, strength: float) -> tuple[object, PromptEncoder]:
         """A whole fine-tuned UNet (and text encoder, when it was trained) in diffusers format,
         blended with the base at ``strength``."""
+        import torch
         from diffusers import UNet2DConditionModel
 
         folder = path / "unet" if (path / "unet").is_dir() else path
         dtype, device = self.base_unet.dtype, self.base_unet.device
+        # A blend is taken in fp32 and cast once; fp16 weights would round the difference twice.
+        dtype = dtype if strength == 1.0 else torch.float32
         safetensors = True if not self.allow_pickle else None
         unet = UNet2DConditionModel.from_pretrained(folder, dtype=dtype, use_safetensors=safetensors).to(device).eval()
-        _blend_with_base(unet, self.base_unet, strength)
+        unet = _blend_with_base(unet, self.base_unet, strength, path)
         if self.attention == "xformers":
             unet.enable_xformers_memory_efficient_attention()
         prompts = self.base_prompts
@@ -318,7 +329,7 @@ class UnitModels:
             text_encoder = CLIPTextModel.from_pretrained(
                 path / "text_encoder", dtype=dtype, use_safetensors=safetensors
             ).to(device).eval()
-            _blend_with_base(text_encoder, self.pipe.text_encoder, strength)
+            text_encoder = _blend_with_base(text_encoder, self.pipe.text_encoder, strength, path)
             prompts = PromptEncoder(self.pipe.tokenizer, text_encoder, device)
         return unet, prompts
 
@@ -334,17 +345,24 @@ class UnitModels:
         return self._unets[key]
 
 
-def _blend_with_base(model, base, strength: float) -> None:
-    """``model``'s weights become base + strength * (model - base), in place (fp32 arithmetic)."""
+def _blend_with_base(model, base, strength: float, where: Path):
+    """``model`` with its weights at base + strength * (model - base), in the base's dtype."""
     if strength == 1.0:
-        return
+        return model
     import torch
 
     base_params = dict(base.named_parameters())
     with torch.no_grad():
         for name, param in model.named_parameters():
-            start = base_params[name].data.float()
-            param.data = (start + strength * (param.data.float() - start)).to(param.dtype)
+            start = base_params.get(name)
+            if start is None or start.shape != param.shape:
+                raise FairsynthError(
+                    f"fine-tuned model {where}: {name!r} does not match the base model's weights "
+                    "(trained on another base?); re-run the finetune stage"
+                )
+            start = start.data.float()
+            param.data = start + strength * (param.data.float() - start)
+    return model.to(base.dtype)
 
 
 class SyntheticImageSampler:
