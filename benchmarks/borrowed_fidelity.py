@@ -6,7 +6,7 @@ judged by the renderer (engine/generate/fidelity.py), same seeds throughout:
 2. How much of its lender's fine-tuning a borrowed minority unit draws with
    (``generate.borrowed_strength``), for the units of a finished run's finetune stage.
 
-    python benchmarks/borrowed_fidelity.py              # the default run's units (runs/default)
+    python benchmarks/borrowed_fidelity.py              # the default run's units (runs/default/severity-0.999)
     python benchmarks/borrowed_fidelity.py --run-dir RUN --strengths 1,0.7,0.5 --methods lora
 
 Prints two markdown tables, then, as the last line, one JSON object (value: the lowest
@@ -20,8 +20,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -32,7 +36,7 @@ IDENTIFIER_TEMPLATES = (
 )
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """Bad input: one line on stderr, exit code 2."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -50,7 +54,7 @@ def parse_strengths(text: str) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", default="runs/default/severity-0.999",
+    parser.add_argument("--run-dir", default=str(ROOT / "runs" / "default" / "severity-0.999"),
                         help="a severity folder of a finished run (default: the default run's)")
     parser.add_argument("--methods", default="lora,dreambooth,clustered_dreambooth")
     parser.add_argument("--strengths", default="1,0.7,0.5")
@@ -81,6 +85,11 @@ def main() -> None:
     if cfg.data.name != "builtin":
         fail(f"the renderer judge reads the built-in benchmark only; {run} holds {cfg.data.name}")
     gen = cfg.generate
+    # A run written before the setting existed drew its borrowed units at full strength; its
+    # config.yaml has no key, and the config's default would misreport it.
+    written = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("generate", {})
+    if "borrowed_strength" not in written:
+        gen = gen.model_copy(update={"borrowed_strength": 1.0})
     if gen.borrowed_strength not in strengths:  # the run's own setting is always measured
         strengths.append(gen.borrowed_strength)
 
@@ -123,7 +132,7 @@ def main() -> None:
         units = json.loads(path.read_text())["units"]
         by_id, models = {u["unit"]: u for u in units}, method_models()
         for unit in units:
-            model, _ = drawing_model(unit, by_id, gen.borrowed_strength)
+            model, _ = drawing_model(unit, by_id, 1.0)  # the lender; drawn below at each strength
             if not unit.get("borrowed_from") or not model["artifact"]:
                 continue
             shares = {s: fidelity(models, model, s, unit["prompt"], unit["negative_prompt"], int(unit["group"]))

@@ -1,7 +1,8 @@
 """Does fine-tuning move generated images toward their unit? Per unit, the image-encoder
 distance (1 - cosine) from generated images to the unit's real-image centroid, drawn by the
 base model with the group's plain prompt (before) and by the unit's fine-tuned model with its
-manifest prompt (after), same seeds. Borrowing units (minority groups) are scored against
+manifest prompt (after; a borrowed unit's lender at ``generate.borrowed_strength``, as the
+generate stage draws it), same seeds. Borrowing units (minority groups) are scored against
 their group's validation images, since they have (almost) no training images. The group's
 validation images against the same centroid give the distance real images sit at. On the
 built-in benchmark it also reads each drawn image's background family from its border colour

@@ -51,10 +51,14 @@ BENCHMARKS = [
     Benchmark("unit_artifact_size", None),
     Benchmark("benchmark_calibration", "higher", quick=("--seeds", "0")),
     Benchmark("pipeline_breakdown", None),
-    Benchmark("borrowed_fidelity", "higher", quick=("--images", "8")),  # reads the run pipeline_breakdown makes
     Benchmark("ablation", None, quick=("--only", "base,synthetic_only", "--run-dir", "runs/ablation_quick",
                                        "--set", "generate.images_per_group=16", "--set", "finetune.steps=10",
                                        "--set", "train.pretrain_epochs=1", "--set", "train.epochs=1")),
+    # Reads a finished run's units: the default run pipeline_breakdown makes, or under --quick
+    # (where pipeline_breakdown runs in a temporary folder) the quick ablation's.
+    Benchmark("borrowed_fidelity", "higher", quick=(
+        "--images", "8", "--methods", "clustered_dreambooth",
+        "--run-dir", str(HERE.parent / "runs" / "ablation_quick" / "severity-0.999"))),
 ]
 BY_NAME = {b.name: b for b in BENCHMARKS}
 

@@ -95,7 +95,15 @@ def test_plan_balances_groups_and_weighs_borrowed_units_by_their_source():
     assert GroupBalancedPlan.build(manifest, [40, 2, 0, 50], cfg).hash != plan.hash
     cfg.steps -= 1
     cfg.borrowed_strength = 1.0
-    assert GroupBalancedPlan.build(manifest, [40, 2, 0, 50], cfg).hash != plan.hash
+    full = GroupBalancedPlan.build(manifest, [40, 2, 0, 50], cfg)
+    # Every unit at full strength: the hash the plan had before it had a strength column, so
+    # runs written then keep their shards (the hash this manifest planned to then).
+    assert full.hash != plan.hash and full.hash == "c04a64f17b4c"
+    cfg.borrowed_strength = 0.0  # none of the lender's fine-tuning: a borrowed unit is a base row
+    base_rows = GroupBalancedPlan.build(manifest, [40, 2, 0, 50], cfg).rows.set_index("unit")
+    assert set(base_rows.loc[["g1c0", "g1c1"], "artifact_kind"]) == {"base"}
+    assert set(base_rows.loc[["g1c0", "g1c1"], "model_strength"]) == {1.0}
+    cfg.borrowed_strength = 0.5
 
     fill = load_config(None, ["generate.images_per_group=fill"]).generate
     assert GroupBalancedPlan.build(manifest, [40, 2, 0, 50], fill).per_group == {0: 50, 1: 50, 2: 50, 3: 50}
@@ -248,7 +256,7 @@ def test_units_load_through_the_generate_loader_as_they_were_trained(pipe, tmp_p
     kind, trained_unet, trained_text = _write_unit_as_the_finetune_stage_does(
         pipe, tmp_path / "finetune/unit", method, settings)
     own = load_base_pipeline(BASE_MODEL, "cpu", "sdpa", False)
-    models = UnitModels(own, tmp_path, "sdpa", False)
+    models = UnitModels(own, tmp_path, "sdpa", False, max_unets=1)
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn((2, 4, 8, 8), generator=generator)
     context = torch.randn((2, 77, own.text_encoder.config.hidden_size), generator=generator)
@@ -285,14 +293,35 @@ def test_units_load_through_the_generate_loader_as_they_were_trained(pipe, tmp_p
     if method != "lora":  # a trained text encoder is scaled too, with its own prompt cache
         text_share = (half_text - base_text).abs().mean() / (text - base_text).abs().mean()
         assert 0.3 < text_share < 0.7, text_share
-    # Back to full strength: nothing of the half-strength model is left over.
-    full_noise, full_text = outputs(*models.activate("finetune/unit", kind, 1.0))
-    assert torch.allclose(full_noise, noise, atol=1e-6) and torch.allclose(full_text, text, atol=1e-6)
+    # Back to full strength: nothing of the half-strength model is left over. One UNet slot
+    # (max_unets=1), so the whole-UNet kinds load it again, and a prompt no cache holds yet.
+    unet, prompts = models.activate("finetune/unit", kind, 1.0)
+    other = "a photo of a waterbird on water sks"
+    other_ids = own.tokenizer([other], padding="max_length", max_length=own.tokenizer.model_max_length,
+                              return_tensors="pt").input_ids
+    with torch.no_grad():
+        full_noise, full_text = unet(latents, steps, context).sample, prompts([other])[0]
+        want_other = trained_text(other_ids)[0][0]
+    assert torch.allclose(full_noise, noise, atol=1e-6)
+    assert (full_text - want_other).abs().max() < 0.02 * (want_text - base_text).abs().max() + 1e-6
     with pytest.raises(FairsynthError, match=r"outside \[0, 1\]; set generate.borrowed_strength"):
         models.activate("finetune/unit", kind, 1.5)
     # And back to the base: nothing of the unit is left switched on.
     again_noise, again_text = outputs(*models.activate("", "base"))
     assert torch.equal(again_noise, base_noise) and torch.equal(again_text, base_text)
+
+
+def test_a_blend_lies_between_base_and_fine_tuned_weights_in_the_base_dtype():
+    from engine.generate.sampler import _blend_with_base
+
+    torch.manual_seed(0)
+    base, tuned = torch.nn.Linear(4, 3).half(), torch.nn.Linear(4, 3)
+    want = base.weight.float() + 0.25 * (tuned.weight.detach() - base.weight.float())
+    blended = _blend_with_base(tuned, base, 0.25, Path("finetune/unit"))
+    assert blended.weight.dtype == torch.float16
+    assert torch.allclose(blended.weight.float(), want, atol=1e-3)
+    with pytest.raises(FairsynthError, match=r"finetune/unit: 'weight' does not match the base"):
+        _blend_with_base(torch.nn.Linear(4, 5), base, 0.25, Path("finetune/unit"))
 
 
 # --- the stages, end to end ---------------------------------------------------------------

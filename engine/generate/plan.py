@@ -61,6 +61,8 @@ def drawing_model(unit: dict, by_id: dict[str, dict], borrowed_strength: float) 
     with its own, at all of it."""
     if not unit.get("borrowed_from"):
         return unit, 1.0
+    if float(borrowed_strength) == 0.0:  # none of the lender's fine-tuning: the base model, as trained
+        return {"artifact": "", "artifact_kind": "base"}, 1.0
     model = unit if unit["artifact"] else by_id.get(unit["borrowed_from"], unit)
     return model, (float(borrowed_strength) if model["artifact"] else 1.0)
 
@@ -166,7 +168,7 @@ class GroupBalancedPlan:
             rows_per_shard=cfg.rows_per_shard,
         )
         plan.hash = plan._digest()
-        frame.drop(columns="_identity", inplace=True)
+        plan.rows = frame = frame.drop(columns="_identity")
         frame.insert(0, "shard", [plan.shard_name(i // cfg.rows_per_shard) for i in range(len(frame))])
         return plan
 

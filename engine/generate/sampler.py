@@ -42,6 +42,8 @@ SCHEDULERS = {
 }
 # VAE decodes in chunks: at 512 px the decoder's activations dominate memory, not the UNet's.
 DECODE_CHUNK = 16
+# What a finetune manifest's artifact_kind may name (the finetune methods' artifact classes).
+ARTIFACT_KINDS = ("base", "lora", "lora_delta", "svd_delta", "unet")
 
 
 def make_scheduler(name: str, base_scheduler_config):
@@ -214,13 +216,18 @@ class UnitModels:
                 f"model strength {strength} for {artifact or 'the base model'} is outside [0, 1]; "
                 "set generate.borrowed_strength between 0 (the base model) and 1 (the lender as trained)"
             )
-        if strength == 0.0:
-            kind, artifact = "base", ""  # none of the fine-tuning: the base model itself
+        if kind not in ARTIFACT_KINDS:
+            raise FairsynthError(
+                f"finetune manifest artifact_kind {kind!r} for {artifact} is unknown; "
+                f"valid: {', '.join(ARTIFACT_KINDS)}"
+            )
+        if strength == 0.0 or kind == "base" or not artifact:
+            kind, artifact, strength = "base", "", 1.0  # none of the fine-tuning: the base model itself
         key = f"{kind}:{artifact}:{strength}"
         if key != self._active:
             self.switches += 1
             self._active = key
-        if kind == "base" or not artifact:
+        if kind == "base":
             self._disable_adapters()
             return self.base_unet, self.base_prompts
         if kind in ("lora", "lora_delta"):
@@ -228,13 +235,8 @@ class UnitModels:
         if kind == "svd_delta":
             self._disable_adapters()
             return self._load_unet(artifact, strength, self._unet_from_delta)
-        if kind == "unet":
-            self._disable_adapters()
-            return self._load_unet(artifact, strength, self._unet_from_folder)
-        raise FairsynthError(
-            f"finetune manifest artifact_kind {kind!r} for {artifact} is unknown; "
-            "valid: base, lora, svd_delta, unet, lora_delta"
-        )
+        self._disable_adapters()  # a whole UNet of its own
+        return self._load_unet(artifact, strength, self._unet_from_folder)
 
     def _text_adapters(self) -> set[str]:
         return set(getattr(self.pipe.text_encoder, "peft_config", None) or {})
@@ -315,11 +317,12 @@ class UnitModels:
 
         folder = path / "unet" if (path / "unet").is_dir() else path
         dtype, device = self.base_unet.dtype, self.base_unet.device
-        # A blend is taken in fp32 and cast once; fp16 weights would round the difference twice.
-        dtype = dtype if strength == 1.0 else torch.float32
+        # A blend is taken in fp32 and cast once (fp16 weights would round the difference
+        # twice), on the CPU, so the device never holds an fp32 copy the planner did not count.
+        load_dtype, load_device = (dtype, device) if strength == 1.0 else (torch.float32, "cpu")
         safetensors = True if not self.allow_pickle else None
-        unet = UNet2DConditionModel.from_pretrained(folder, dtype=dtype, use_safetensors=safetensors).to(device).eval()
-        unet = _blend_with_base(unet, self.base_unet, strength, path)
+        unet = UNet2DConditionModel.from_pretrained(folder, dtype=load_dtype, use_safetensors=safetensors)
+        unet = _blend_with_base(unet.to(load_device), self.base_unet, strength, path).to(device).eval()
         if self.attention == "xformers":
             unet.enable_xformers_memory_efficient_attention()
         prompts = self.base_prompts
@@ -327,9 +330,9 @@ class UnitModels:
             from transformers import CLIPTextModel
 
             text_encoder = CLIPTextModel.from_pretrained(
-                path / "text_encoder", dtype=dtype, use_safetensors=safetensors
-            ).to(device).eval()
-            text_encoder = _blend_with_base(text_encoder, self.pipe.text_encoder, strength, path)
+                path / "text_encoder", dtype=load_dtype, use_safetensors=safetensors
+            ).to(load_device)
+            text_encoder = _blend_with_base(text_encoder, self.pipe.text_encoder, strength, path).to(device).eval()
             prompts = PromptEncoder(self.pipe.tokenizer, text_encoder, device)
         return unet, prompts
 
@@ -360,9 +363,9 @@ def _blend_with_base(model, base, strength: float, where: Path):
                     f"fine-tuned model {where}: {name!r} does not match the base model's weights "
                     "(trained on another base?); re-run the finetune stage"
                 )
-            start = start.data.float()
+            start = start.data.to(param.device, torch.float32)
             param.data = start + strength * (param.data.float() - start)
-    return model.to(base.dtype)
+    return model.to(next(base.parameters()).dtype)
 
 
 class SyntheticImageSampler:
