@@ -35,6 +35,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine.pipeline import SEEDED_SECTIONS  # noqa: E402  (needs ROOT on the path)
 
 VARIANTS = {
     "base": [],
@@ -76,7 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def command(args, variant: str) -> list[str]:
     """The jobs/full.py command line of one variant."""
-    sets = [f"methods=[{args.method}]", f"seed={args.seed}", *args.overrides, *VARIANTS[variant]]
+    # A seed sets every stage's seed too, as ``jobs/full.py --seeds`` does for each of its seeds,
+    # so --seed S repeats the S column of a multi-seed run.
+    seeds = [f"seed={args.seed}", *(f"{section}.seed={args.seed}" for section in SEEDED_SECTIONS)]
+    sets = [f"methods=[{args.method}]", *seeds, *args.overrides, *VARIANTS[variant]]
     return ["python", "jobs/full.py", "--config", args.config, "--run-dir", args.run_dir,
             *[part for s in sets for part in ("--set", s)]]
 
