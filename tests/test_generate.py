@@ -262,8 +262,12 @@ def test_units_load_through_the_generate_loader_as_they_were_trained(pipe, tmp_p
     context = torch.randn((2, 77, own.text_encoder.config.hidden_size), generator=generator)
     steps = torch.tensor([100, 700])
     prompt = "a photo of a landbird on land sks"
-    ids = own.tokenizer([prompt], padding="max_length", max_length=own.tokenizer.model_max_length,
-                        return_tensors="pt").input_ids
+
+    def trained_reading(text: str) -> torch.Tensor:
+        """The trained text encoder's reading of ``text``, as the finetune stage left it."""
+        ids = own.tokenizer([text], padding="max_length", max_length=own.tokenizer.model_max_length,
+                            return_tensors="pt").input_ids
+        return trained_text(ids)[0][0]
 
     def outputs(unet, prompts):
         with torch.no_grad():
@@ -272,7 +276,7 @@ def test_units_load_through_the_generate_loader_as_they_were_trained(pipe, tmp_p
     base_noise, base_text = outputs(*models.activate("", "base"))
     noise, text = outputs(*models.activate("finetune/unit", kind))
     with torch.no_grad():
-        want_noise, want_text = trained_unet(latents, steps, context).sample, trained_text(ids)[0][0]
+        want_noise, want_text = trained_unet(latents, steps, context).sample, trained_reading(prompt)
     # The loaded unit is the trained model (up to fp16 storage), far from the base. Measured:
     # the loaded-vs-trained gap is at most 0.1% of the trained-vs-base change (0 for LoRA, 0.05-0.1%
     # for svd_delta and unet); the change is 1.1% (LoRA at alpha / rank = 0.5) to 53% (full weights)
@@ -297,11 +301,9 @@ def test_units_load_through_the_generate_loader_as_they_were_trained(pipe, tmp_p
     # (max_unets=1), so the whole-UNet kinds load it again, and a prompt no cache holds yet.
     unet, prompts = models.activate("finetune/unit", kind, 1.0)
     other = "a photo of a waterbird on water sks"
-    other_ids = own.tokenizer([other], padding="max_length", max_length=own.tokenizer.model_max_length,
-                              return_tensors="pt").input_ids
     with torch.no_grad():
         full_noise, full_text = unet(latents, steps, context).sample, prompts([other])[0]
-        want_other = trained_text(other_ids)[0][0]
+        want_other = trained_reading(other)
     assert torch.allclose(full_noise, noise, atol=1e-6)
     assert (full_text - want_other).abs().max() < 0.02 * (want_text - base_text).abs().max() + 1e-6
     with pytest.raises(FairsynthError, match=r"outside \[0, 1\]; set generate.borrowed_strength"):
