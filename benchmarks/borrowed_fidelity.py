@@ -5,12 +5,16 @@ judged by the renderer (engine/generate/fidelity.py), same seeds throughout:
    reads its words by position, so a token before the class word moves every word after it.
 2. How much of its lender's fine-tuning a borrowed minority unit draws with
    (``generate.borrowed_strength``), for the units of a finished run's finetune stage.
+3. Whether a unit drawing with its own fine-tuned model contrasts with the groups it is not
+   (``generate.own_negative_prompt_template``): no negative prompt against the template (the
+   config default's where the run's is empty), for the same run's units.
 
     python benchmarks/borrowed_fidelity.py              # the default run's units (runs/default/severity-0.999)
     python benchmarks/borrowed_fidelity.py --run-dir RUN --strengths 1,0.7,0.5 --methods lora
 
-Prints two markdown tables, then, as the last line, one JSON object (value: the lowest
-borrowed unit's group fidelity at the run's own ``generate.borrowed_strength``).
+Prints three markdown tables, then, as the last line, one JSON object (value: the lowest
+borrowed unit's group fidelity at the run's own ``generate.borrowed_strength``; also the
+lowest own unit's with and without its negative prompt).
 """
 
 from __future__ import annotations
@@ -140,6 +144,7 @@ def main() -> None:
             rows.append({"method": method, "unit": unit["unit"], "lender": unit["borrowed_from"], "fidelity": shares})
             print(f"| {method} | {unit['unit']} | {unit['borrowed_from']} | "
                   + " | ".join(f"{100 * shares[s]:.0f}" for s in strengths) + " |")
+    own_rows = own_unit_rows(args.methods, run, gen, fidelity, method_models)
     own = [r["fidelity"][gen.borrowed_strength] for r in rows]
     print(json.dumps({
         "benchmark": "borrowed_fidelity", "metric": "worst_borrowed_unit_group_fidelity",
@@ -147,7 +152,36 @@ def main() -> None:
         "borrowed_strength": gen.borrowed_strength, "images_per_setting": args.images,
         "guidance_scale": gen.guidance_scale, "identifier_placements": placements,
         "rows": [{**r, "fidelity": {str(k): v for k, v in r["fidelity"].items()}} for r in rows],
+        "own_units": own_rows,
+        "worst_own_unit": {k: round(min(r[k] for r in own_rows), 4) if own_rows else None
+                           for k in ("no_negative", "negative")},
     }))
+
+
+def own_unit_rows(methods: str, run: Path, gen, fidelity, method_models) -> list[dict]:
+    """Each unit drawing with its own model, without and with its negative prompt (printed)."""
+    from engine.config import GenerateConfig
+    from engine.data.builtin import ATTRIBUTE_NAMES, CLASS_NAMES
+    from engine.finetune.units import other_names
+
+    template = gen.own_negative_prompt_template or GenerateConfig.model_fields["own_negative_prompt_template"].default
+    print(f"\n| method | own unit | no negative prompt | `{template}` |\n|---|---|---|---|")
+    rows = []
+    for method in [m.strip() for m in methods.split(",") if m.strip()]:
+        models = method_models()
+        for unit in json.loads((run / "finetune" / method / "manifest.json").read_text())["units"]:
+            if unit.get("borrowed_from") or not unit.get("artifact"):
+                continue
+            label, attribute = divmod(int(unit["group"]), len(ATTRIBUTE_NAMES))
+            negative = template.format(
+                class_name=CLASS_NAMES[label], attribute_name=ATTRIBUTE_NAMES[attribute],
+                other_class_names=other_names(CLASS_NAMES, label),
+                other_attribute_names=other_names(ATTRIBUTE_NAMES, attribute),
+            ).strip()
+            shares = [fidelity(models, unit, 1.0, unit["prompt"], text, int(unit["group"])) for text in ("", negative)]
+            rows.append({"method": method, "unit": unit["unit"], "no_negative": shares[0], "negative": shares[1]})
+            print(f"| {method} | {unit['unit']} | {100 * shares[0]:.0f} | {100 * shares[1]:.0f} |")
+    return rows
 
 
 if __name__ == "__main__":

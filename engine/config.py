@@ -240,7 +240,19 @@ class GenerateConfig(ActorStageConfig):
     # its words by position (its corpus has one caption form), and "a photo of a sks waterbird
     # on water" drew landbirds there; the paper presets put it where Stable Diffusion expects.
     identifier_template: str = "a photo of a {class_name} on {attribute_name} {identifier}"
-    negative_prompt_template: str = "{source_attribute_name}"
+    negative_prompt_template: str = Field(
+        "{source_attribute_name}", description="a borrowed minority unit's negative prompt (the paper's)"
+    )
+    # A unit drawing with its own fine-tuned model has seen its own group under the empty prompt
+    # too (finetune.caption_dropout), so classifier-free guidance amplifies only the small gap
+    # between its prompt and that, and can land on the other group's background or shape (a
+    # LoRA waterbird/water unit drew desert in 54% of images at guidance 12). Contrasting with the
+    # groups it must not show restores the direction (README, "Synthetic group fidelity":
+    # measured). The paper presets set '' (no negative prompt, the paper's way).
+    own_negative_prompt_template: str = Field(
+        "{other_class_names} {other_attribute_names}",
+        description="negative prompt of a unit drawing with its own fine-tuned model; '' for none",
+    )
     # 0.5, not the paper's 1.0 (which the paper presets set): a tiny lender, fine-tuned on its
     # own background only, draws that background whatever the prompt's swapped word says, so a
     # borrowed unit takes half the lender's change from the base (README, "Synthetic group

@@ -102,7 +102,24 @@ def test_minority_group_borrows_the_aligned_model_with_swapped_prompt():
     assert g1.prompt == "a photo of a landbird on water" and g1.negative_prompt == "land"
     assert g2.prompt == "a photo of a waterbird on land" and g2.negative_prompt == "water"
     assert units["g0"].prompt == "a photo of a landbird on land sks"  # trained units keep the identifier
+    # A unit drawing with its own model contrasts with the class and attribute it is not.
+    assert (units["g0"].negative_prompt, units["g3"].negative_prompt) == ("waterbird water", "landbird land")
     assert (g1.n_real, g2.n_real) == (2, 0)
+
+
+def test_own_negative_prompt_names_every_other_class_and_attribute_or_nothing_in_the_paper_presets():
+    rows = [{"image_id": f"{g}-{i}", "source": "", "label": g // 3, "attribute": g % 3, "split": "train",
+             "group": g, "subtype": ""} for g in range(6) for i in range(5)]
+    dataset = GroupedDataset("three", pd.DataFrame(rows), ["cat", "dog"], ["grass", "sand", "snow"], {})
+    own = {u.unit: u.negative_prompt for u in plan_units(load_config(None, []), dataset, True, True, False)}
+    assert own["g1"] == "dog grass, snow" and own["g5"] == "cat grass, sand"
+    paper = load_config(None, ['generate.own_negative_prompt_template=""'])
+    assert {u.negative_prompt for u in plan_units(paper, dataset, True, True, False)} == {""}
+    assert load_config("waterbirds_0999", []).generate.own_negative_prompt_template == ""
+    bad = load_config(None, ['generate.own_negative_prompt_template="{other_group}"'])
+    with pytest.raises(FairsynthError, match=r"generate.own_negative_prompt_template = '\{other_group\}' cannot be filled"
+                       r".*\{other_class_names\}, \{other_attribute_names\}"):
+        plan_units(bad, dataset, True, True, False)
 
 
 def test_unit_with_no_images_and_nothing_to_borrow_is_a_clear_error():

@@ -24,6 +24,7 @@ from PIL import Image
 
 from engine.config import load_config
 from engine.errors import FairsynthError
+from engine.finetune.stage import load_manifest
 from engine.generate.filtering import filter_prompts, keep_count, select_top_fraction
 from engine.generate.plan import GroupBalancedPlan, split_proportionally
 from engine.runs import RunDir, atomic_write_json
@@ -411,8 +412,13 @@ def test_generate_and_filter_each_method(prepared_run, method):
         assert Image.open(io.BytesIO(png["bytes"])).convert("RGB").size == (32, 32)  # {bytes, path}
     assert set(table["method"]) == {method} and set(table["base_model"]) == {BASE_MODEL}
     if method != "vanilla":
-        borrowed = table[table["negative_prompt"] != ""]
+        units = {u["unit"]: u for u in load_manifest(run, method)["units"]}
+        borrowed = table[[units[u]["borrowed_from"] is not None for u in table["unit"]]]
         assert len(borrowed) and "sks" not in " ".join(borrowed["prompt"])  # minority groups borrow
+        # The paper's negative (the lender's attribute) for borrowed units; the other group's
+        # words for units drawing with their own model.
+        assert set(borrowed["negative_prompt"]) == {"land", "water"}
+        assert set(table.drop(borrowed.index)["negative_prompt"]) == {"waterbird water", "landbird land"}
 
     filtered = run_filter_stage(cfg, run, method)
     table = pq.read_table(folder).to_pandas()

@@ -49,7 +49,10 @@ from engine.runs import RunDir, atomic_directory, atomic_write_json, read_json
 log = logging.getLogger(__name__)
 
 UNIT_FILE = "unit.json"
-PROMPT_TEMPLATES = ("generate.prompt_template", "generate.identifier_template", "generate.negative_prompt_template")
+PROMPT_TEMPLATES = (
+    "generate.prompt_template", "generate.identifier_template", "generate.negative_prompt_template",
+    "generate.own_negative_prompt_template",
+)
 CLASS_IMAGE_SAMPLING = ("steps", "guidance_scale", "scheduler")
 
 

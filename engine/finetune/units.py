@@ -102,6 +102,21 @@ class PromptBook:
             "negative_prompt_template", source_attribute_name=self.dataset.attribute_names[source_attribute]
         )
 
+    def own_negative(self, label: int, attribute: int) -> str:
+        """The negative prompt of a unit drawing with its own model: the words of the classes
+        and attributes it is not (a comma-separated list where there are several)."""
+        return self._fill(
+            "own_negative_prompt_template",
+            other_class_names=other_names(self.dataset.class_names, label),
+            other_attribute_names=other_names(self.dataset.attribute_names, attribute),
+            **self.words(label, attribute),
+        ).strip()
+
+
+def other_names(names: list[str] | tuple[str, ...], own: int) -> str:
+    """Every name but ``names[own]``, comma-separated."""
+    return ", ".join(name for i, name in enumerate(names) if i != own)
+
 
 def train_sources_by_group(dataset: GroupedDataset) -> dict[int, pd.DataFrame]:
     train = dataset.split("train")
@@ -189,6 +204,7 @@ def plan_units(
                 unit=unit_id(group, c), group=group, cluster=c, label=label, attribute=attribute,
                 n_real=len(part), sources=part["source"].tolist(), train_prompt=caption(label, attribute),
                 class_prompt=prompts.plain(label, attribute), prompt=caption(label, attribute),
+                negative_prompt=prompts.own_negative(label, attribute),
             )
             for c, part in parts
         ]
