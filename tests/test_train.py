@@ -133,6 +133,24 @@ def test_block_count_follows_bytes_and_workers():
     assert block_count(1, 32, min_blocks=4) == 1
 
 
+def test_a_generative_classifier_trains_again_only_when_its_kept_images_change(tmp_path):
+    """Its key names the filter stage's marker (plan hash and filter settings), not the config
+    sections upstream: a sampler's batch size leaves the images, and the classifier, as they were."""
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    run = RunDir(tmp_path)
+    unfiltered = train_hash(cfg, run, "lora")
+    run.mark_complete("filter/lora", "plan-a-filter-1")
+    first = train_hash(cfg, run, "lora")
+    assert first != unfiltered
+    assert train_hash(load_config(None, [f"run_dir={tmp_path}", "generate.batch_size=3"]), run, "lora") == first
+    assert train_hash(load_config(None, [f"run_dir={tmp_path}", "train.epochs=3"]), run, "lora") != first
+    run.mark_complete("filter/lora", "plan-b-filter-1")
+    assert train_hash(cfg, run, "lora") != first
+    erm = train_hash(cfg, run, "erm")  # reads no synthetic image
+    run.mark_complete("filter/lora", "plan-c-filter-1")
+    assert train_hash(cfg, run, "erm") == erm
+
+
 def test_stage2_modes_choose_what_trains():
     def phases(mode):
         return get_method("dreambooth").phases(load_config(None, [f"train.stage2={mode}"]).train)
@@ -325,7 +343,7 @@ def _check_metrics(metrics: dict, cfg, run: RunDir, method: str) -> None:
         assert result["average_group"] == pytest.approx(sum(result["per_group"]) / 4)
         # The benchmark's val/test are group-balanced, so accuracy is the group average.
         assert result["accuracy"] == pytest.approx(result["average_group"])
-    assert run.is_complete(f"train/{method}", train_hash(cfg, method))
+    assert run.is_complete(f"train/{method}", train_hash(cfg, run, method))
     assert metrics["test"] == on_disk["test"]
 
 

@@ -27,6 +27,7 @@ from engine import storage
 from engine.config import Config
 from engine.data.stage import load_run_dataset
 from engine.errors import FairsynthError
+from engine.generate.filtering import filter_stage_name
 from engine.generate.shards import shard_paths, synthetic_dir
 from engine.raylib import init_ray
 from engine.resources import train_workers, use_gpu
@@ -38,28 +39,36 @@ from engine.train.methods import REAL, SYNTHETIC, get_method
 
 log = logging.getLogger(__name__)
 
-# What a generative method's synthetic images depend on, besides the data.
-UPSTREAM_SECTIONS = ("model", "cluster", "finetune", "generate", "filter")
-
-
 def stage_name(method: str) -> str:
     return f"train/{method}"
 
 
-def train_hash(cfg: Config, method: str) -> str:
-    sections = ["data", "train", "seed"]
+def train_hash(cfg: Config, run: RunDir, method: str) -> str:
+    """What a method's classifier depends on: the data, the train section and the seed, and for
+    a generative method the synthetic images it reads. Those are named by the filter stage's
+    marker (the generation plan's hash and the filter's settings), so an upstream change that
+    leaves the kept images as they were (a sampler's batch size, a prompt template of another
+    unit kind) trains nothing again."""
+    key = cfg.slice_hash("data", "train", "seed")
     if get_method(method).uses_synthetic:
-        sections += list(UPSTREAM_SECTIONS)
-    return cfg.slice_hash(*sections)
+        key = f"{key}-{_filter_marker_hash(run, method)}"
+    return key
+
+
+def _filter_marker_hash(run: RunDir, method: str) -> str:
+    path = run.marker(filter_stage_name(method))
+    if not path.exists():
+        return "none"  # not filtered yet: never equal to a finished filter's hash
+    return str(read_json(path).get("hash", "none"))
 
 
 def _storage(cfg: Config, run: RunDir, methods: list[str]) -> tuple[str, str]:
     """Where the fit's experiment lives, and its name: the method's own folder for one, a
     shared one, named by every method's hash, for several."""
     if len(methods) == 1:
-        name, folder = f"{methods[0]}-{train_hash(cfg, methods[0])}", f"train/{methods[0]}/ray"
+        name, folder = f"{methods[0]}-{train_hash(cfg, run, methods[0])}", f"train/{methods[0]}/ray"
     else:
-        keys = ",".join(f"{m}:{train_hash(cfg, m)}" for m in methods)
+        keys = ",".join(f"{m}:{train_hash(cfg, run, m)}" for m in methods)
         name, folder = f"methods-{hashlib.sha256(keys.encode()).hexdigest()[:16]}", "train/ray"
     if cfg.ray.storage_path:
         return cfg.ray.storage_path, name
@@ -254,7 +263,7 @@ def _fit_datasets(t, run: RunDir, inputs: list[MethodInputs], records, train_cou
 
 
 def train_complete(cfg: Config, run: RunDir, method: str) -> bool:
-    return run.is_complete(stage_name(method), train_hash(cfg, method)) and (run / f"{stage_name(method)}/metrics.json").exists()
+    return run.is_complete(stage_name(method), train_hash(cfg, run, method)) and (run / f"{stage_name(method)}/metrics.json").exists()
 
 
 def run_train_stage(cfg: Config, run: RunDir, method: str) -> dict:
@@ -322,7 +331,7 @@ def run_train_stages(cfg: Config, run: RunDir, methods: list[str]) -> dict[str, 
             metrics = _stage_metrics(item.method, final, t, item.phases, dataset, train_counts,
                                      item.synthetic_counts, checkpoint_dir, seconds)
             atomic_write_json(run / f"{stage_name(item.method)}/metrics.json", metrics)
-            run.mark_complete(stage_name(item.method), train_hash(cfg, item.method))
+            run.mark_complete(stage_name(item.method), train_hash(cfg, run, item.method))
             log.info(
                 "%s: test worst-group %.3f, average-group %.3f (best epoch %d, %.0f s)", stage_name(item.method),
                 metrics["test"]["worst_group"], metrics["test"]["average_group"], metrics["best_epoch"],
