@@ -126,9 +126,10 @@ def main() -> None:
             "", g) for g, (c, a) in enumerate(groups)]
         print(f"| `{template}` | " + " | ".join(f"{100 * s:.0f}" for s in placements[template]) + " |")
 
+    template, own_negative = own_negative_prompts(cfg, run)
     print("\n| method | borrowed unit | lender | " + " | ".join(f"strength {s:g}" for s in strengths) + " |")
     print("|---|---|---|" + "---|" * len(strengths))
-    rows = []
+    rows, own_rows = [], []
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         path = run / "finetune" / method / "manifest.json"
         if not path.is_file():
@@ -137,51 +138,52 @@ def main() -> None:
         by_id, models = {u["unit"]: u for u in units}, method_models()
         for unit in units:
             model, _ = drawing_model(unit, by_id, 1.0)  # the lender; drawn below at each strength
-            if not unit.get("borrowed_from") or not model["artifact"]:
+            if not model["artifact"]:
                 continue
-            shares = {s: fidelity(models, model, s, unit["prompt"], unit["negative_prompt"], int(unit["group"]))
-                      for s in strengths}
+            group = int(unit["group"])
+            if not unit.get("borrowed_from"):  # drawn with its own model: without and with its negative
+                shares = [fidelity(models, unit, 1.0, unit["prompt"], text, group) for text in ("", own_negative(group))]
+                own_rows.append({"method": method, "unit": unit["unit"], "no_negative": shares[0], "negative": shares[1]})
+                continue
+            shares = {s: fidelity(models, model, s, unit["prompt"], unit["negative_prompt"], group) for s in strengths}
             rows.append({"method": method, "unit": unit["unit"], "lender": unit["borrowed_from"], "fidelity": shares})
             print(f"| {method} | {unit['unit']} | {unit['borrowed_from']} | "
                   + " | ".join(f"{100 * shares[s]:.0f}" for s in strengths) + " |")
-    own_rows = own_unit_rows(args.methods, run, gen, fidelity, method_models)
-    own = [r["fidelity"][gen.borrowed_strength] for r in rows]
+    print(f"\n| method | own unit | no negative prompt | `{template}` |\n|---|---|---|---|")
+    for r in own_rows:
+        print(f"| {r['method']} | {r['unit']} | {100 * r['no_negative']:.0f} | {100 * r['negative']:.0f} |")
+    borrowed = [r["fidelity"][gen.borrowed_strength] for r in rows]
     print(json.dumps({
         "benchmark": "borrowed_fidelity", "metric": "worst_borrowed_unit_group_fidelity",
-        "value": round(min(own), 4) if own else None, "target": 0.9, "device": "cpu",
+        "value": round(min(borrowed), 4) if borrowed else None, "target": 0.9, "device": "cpu",
         "borrowed_strength": gen.borrowed_strength, "images_per_setting": args.images,
         "guidance_scale": gen.guidance_scale, "identifier_placements": placements,
         "rows": [{**r, "fidelity": {str(k): v for k, v in r["fidelity"].items()}} for r in rows],
-        "own_units": own_rows,
+        "own_negative_prompt_template": template, "own_units": own_rows,
         "worst_own_unit": {k: round(min(r[k] for r in own_rows), 4) if own_rows else None
                            for k in ("no_negative", "negative")},
     }))
 
 
-def own_unit_rows(methods: str, run: Path, gen, fidelity, method_models) -> list[dict]:
-    """Each unit drawing with its own model, without and with its negative prompt (printed)."""
+def own_negative_prompts(cfg, run: Path):
+    """The template an own unit's negative prompt is measured with (the run's, or the config
+    default's where the run's is empty), and group -> that prompt, filled as the finetune stage
+    fills it (engine.finetune.units.PromptBook)."""
     from engine.config import GenerateConfig
-    from engine.data.builtin import ATTRIBUTE_NAMES, CLASS_NAMES
-    from engine.finetune.units import other_names
+    from engine.data.stage import load_run_dataset
+    from engine.errors import FairsynthError
+    from engine.finetune.units import PromptBook
+    from engine.runs import RunDir
 
-    template = gen.own_negative_prompt_template or GenerateConfig.model_fields["own_negative_prompt_template"].default
-    print(f"\n| method | own unit | no negative prompt | `{template}` |\n|---|---|---|---|")
-    rows = []
-    for method in [m.strip() for m in methods.split(",") if m.strip()]:
-        models = method_models()
-        for unit in json.loads((run / "finetune" / method / "manifest.json").read_text())["units"]:
-            if unit.get("borrowed_from") or not unit.get("artifact"):
-                continue
-            label, attribute = divmod(int(unit["group"]), len(ATTRIBUTE_NAMES))
-            negative = template.format(
-                class_name=CLASS_NAMES[label], attribute_name=ATTRIBUTE_NAMES[attribute],
-                other_class_names=other_names(CLASS_NAMES, label),
-                other_attribute_names=other_names(ATTRIBUTE_NAMES, attribute),
-            ).strip()
-            shares = [fidelity(models, unit, 1.0, unit["prompt"], text, int(unit["group"])) for text in ("", negative)]
-            rows.append({"method": method, "unit": unit["unit"], "no_negative": shares[0], "negative": shares[1]})
-            print(f"| {method} | {unit['unit']} | {100 * shares[0]:.0f} | {100 * shares[1]:.0f} |")
-    return rows
+    template = cfg.generate.own_negative_prompt_template or GenerateConfig.model_fields["own_negative_prompt_template"].default
+    generate = cfg.generate.model_copy(update={"own_negative_prompt_template": template})
+    try:
+        dataset = load_run_dataset(RunDir(run))
+        book = PromptBook(cfg.model_copy(update={"generate": generate}), dataset)
+        book.own_negative(0, 0)  # a template that cannot be filled fails here, in one line
+    except FairsynthError as e:
+        fail(str(e))
+    return template, lambda group: book.own_negative(*divmod(group, dataset.n_attributes))
 
 
 if __name__ == "__main__":
