@@ -248,7 +248,9 @@ class GenerateConfig(ActorStageConfig):
     # between its prompt and that, and can land on the other group's background or shape (a
     # LoRA waterbird/water unit drew desert in 54% of images at guidance 12). Contrasting with the
     # groups it must not show restores the direction (README, "Synthetic group fidelity":
-    # measured). The paper presets set '' (no negative prompt, the paper's way).
+    # measured). The paper presets set '' (no negative prompt, the paper's way). Each list is
+    # comma-separated where there are several names; names that contain each other's words
+    # (CelebA's "non-blond" and "blond") make a poor negative, so write one by hand there.
     own_negative_prompt_template: str = Field(
         "{other_class_names} {other_attribute_names}",
         description="negative prompt of a unit drawing with its own fine-tuned model; '' for none",

@@ -11,6 +11,7 @@ fine-tuning; the units, prompts and borrowing come from the finetune stage's own
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,11 @@ def test_plan_balances_groups_and_weighs_borrowed_units_by_their_source():
     # Every unit at full strength: the hash the plan had before it had a strength column, so
     # runs written then keep their shards (the hash this manifest planned to then).
     assert full.hash != plan.hash and full.hash == "c04a64f17b4c"
+    # A unit trained again under other hashes (say, stored at another rank) into the same steps
+    # and loss is another model: another plan. A manifest without the field keeps its hash.
+    retrained = {**manifest, "units": [{**u, "trained_under": ["h2", "u1"]} if u.get("artifact") else u
+                                       for u in manifest["units"]]}
+    assert GroupBalancedPlan.build(retrained, [40, 2, 0, 50], cfg).hash not in (full.hash, plan.hash)
     cfg.borrowed_strength = 0.0  # none of the lender's fine-tuning: a borrowed unit is a base row
     base_rows = GroupBalancedPlan.build(manifest, [40, 2, 0, 50], cfg).rows.set_index("unit")
     assert set(base_rows.loc[["g1c0", "g1c1"], "artifact_kind"]) == {"base"}
@@ -421,6 +427,8 @@ def test_generate_and_filter_each_method(prepared_run, method):
         assert set(table.drop(borrowed.index)["negative_prompt"]) == {"waterbird water", "landbird land"}
 
     filtered = run_filter_stage(cfg, run, method)
+    marker = json.loads((run / "filter" / method / "_COMPLETE.json").read_text())
+    assert marker["kept_hash"].startswith(plan.hash) and marker["kept_hash"] != marker["hash"]
     table = pq.read_table(folder).to_pandas()
     assert table["score"].notna().all()
     kept = table.groupby("group")["kept"].sum().to_dict()

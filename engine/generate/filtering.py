@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 REWRITE_NUM_CPUS = 0.25
 
 
+# The settings that choose which synthetic images are kept.
+KEPT_SET_KEYS = ("filter.alpha", "filter.keep_fraction", "filter.class_prompt_template", "model.encoder")
+
+
 def filter_stage_name(method: str) -> str:
     return f"filter/{method}"
 
@@ -268,11 +272,16 @@ def run_filter_stage(cfg: Config, run: RunDir, method: str) -> dict:
         )
     plan_hash = read_json(generated).get("hash")
     stage = filter_stage_name(method)
-    stage_hash = f"{plan_hash}-{cfg.slice_hash('filter.alpha', 'filter.keep_fraction', 'filter.class_prompt_template', 'model.encoder', 'fidelity')}"
+    # What picks the kept images, and so what a classifier trained on them depends on (the
+    # train stage reads it from the marker); the judge only reports on them.
+    kept_hash = f"{plan_hash}-{cfg.slice_hash(*KEPT_SET_KEYS)}"
+    stage_hash = f"{plan_hash}-{cfg.slice_hash(*KEPT_SET_KEYS, 'fidelity')}"
     summary_path = run / stage / "summary.json"
     if run.is_complete(stage, stage_hash) and summary_path.exists():
         log.info("filter %s: complete, skipped", method)
         return read_json(summary_path)
+    # Shards are rewritten one by one below: until the new marker, no old one vouches for them.
+    run.clear_marker(stage)
 
     started = time.perf_counter()
     dataset = load_run_dataset(run)
@@ -322,5 +331,5 @@ def run_filter_stage(cfg: Config, run: RunDir, method: str) -> dict:
         "stage_seconds": round(time.perf_counter() - started, 2),
     }
     atomic_write_json(summary_path, summary)
-    run.mark_complete(stage, stage_hash, kept=summary["kept"])
+    run.mark_complete(stage, stage_hash, kept=summary["kept"], kept_hash=kept_hash)
     return summary

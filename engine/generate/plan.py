@@ -155,7 +155,9 @@ class GroupBalancedPlan:
                         "artifact_kind": str(model["artifact_kind"]) if model["artifact"] else "base",
                         "model_strength": strength,
                         # What makes a re-trained artifact at the same path a different model.
-                        "_identity": [model.get("steps"), model.get("final_loss")],
+                        # (trained_under only where the manifest has it, so older plans keep their hash.)
+                        "_identity": [model.get("steps"), model.get("final_loss"),
+                                      *([model["trained_under"]] if model.get("trained_under") else [])],
                     })
         frame = pd.DataFrame(rows)
         sampling = {k: getattr(cfg, k) for k in SAMPLING_KEYS}

@@ -39,6 +39,7 @@ from engine.train.methods import REAL, SYNTHETIC, get_method
 
 log = logging.getLogger(__name__)
 
+
 def stage_name(method: str) -> str:
     return f"train/{method}"
 
@@ -46,30 +47,32 @@ def stage_name(method: str) -> str:
 def train_hash(cfg: Config, run: RunDir, method: str) -> str:
     """What a method's classifier depends on: the data, the train section and the seed, and for
     a generative method the synthetic images it reads. Those are named by the filter stage's
-    marker (the generation plan's hash and the filter's settings), so an upstream change that
-    leaves the kept images as they were (a sampler's batch size, a prompt template of another
-    unit kind) trains nothing again."""
+    marker (the generation plan's hash and the settings that pick the kept images), so an
+    upstream change that leaves the kept images as they were (a sampler's batch size, the
+    fidelity judge) trains nothing again."""
     key = cfg.slice_hash("data", "train", "seed")
     if get_method(method).uses_synthetic:
-        key = f"{key}-{_filter_marker_hash(run, method)}"
+        key = f"{key}-{_kept_set_hash(run, method)}"
     return key
 
 
-def _filter_marker_hash(run: RunDir, method: str) -> str:
+def _kept_set_hash(run: RunDir, method: str) -> str:
     path = run.marker(filter_stage_name(method))
     if not path.exists():
         return "none"  # not filtered yet: never equal to a finished filter's hash
-    return str(read_json(path).get("hash", "none"))
+    marker = read_json(path)
+    return str(marker.get("kept_hash") or marker.get("hash", "none"))  # "hash": a marker from before kept_hash
 
 
-def _storage(cfg: Config, run: RunDir, methods: list[str]) -> tuple[str, str]:
+def _storage(cfg: Config, run: RunDir, keys: dict[str, str]) -> tuple[str, str]:
     """Where the fit's experiment lives, and its name: the method's own folder for one, a
-    shared one, named by every method's hash, for several."""
+    shared one, named by every method's key (``train_hash``), for several."""
+    methods = list(keys)
     if len(methods) == 1:
-        name, folder = f"{methods[0]}-{train_hash(cfg, run, methods[0])}", f"train/{methods[0]}/ray"
+        name, folder = f"{methods[0]}-{keys[methods[0]]}", f"train/{methods[0]}/ray"
     else:
-        keys = ",".join(f"{m}:{train_hash(cfg, run, m)}" for m in methods)
-        name, folder = f"methods-{hashlib.sha256(keys.encode()).hexdigest()[:16]}", "train/ray"
+        joined = ",".join(f"{m}:{keys[m]}" for m in methods)
+        name, folder = f"methods-{hashlib.sha256(joined.encode()).hexdigest()[:16]}", "train/ray"
     if cfg.ray.storage_path:
         return cfg.ray.storage_path, name
     # A URI (s3://...) goes to Ray Train as it is; it opens it with pyarrow.fs on every node.
@@ -262,8 +265,9 @@ def _fit_datasets(t, run: RunDir, inputs: list[MethodInputs], records, train_cou
     return datasets, jobs
 
 
-def train_complete(cfg: Config, run: RunDir, method: str) -> bool:
-    return run.is_complete(stage_name(method), train_hash(cfg, run, method)) and (run / f"{stage_name(method)}/metrics.json").exists()
+def train_complete(cfg: Config, run: RunDir, method: str, key: str | None = None) -> bool:
+    key = key or train_hash(cfg, run, method)
+    return run.is_complete(stage_name(method), key) and (run / f"{stage_name(method)}/metrics.json").exists()
 
 
 def run_train_stage(cfg: Config, run: RunDir, method: str) -> dict:
@@ -276,7 +280,9 @@ def run_train_stages(cfg: Config, run: RunDir, methods: list[str]) -> dict[str, 
     method's RUN/train/<method>/metrics.json, by method. A method's ``stage_seconds`` is its
     own epochs and evaluation plus an equal share of what the fit's methods share (inputs,
     worker start)."""
-    done = {m: read_json(run / f"{stage_name(m)}/metrics.json") for m in methods if train_complete(cfg, run, m)}
+    # Each method's key, read once: the one it is checked, trained and marked under.
+    keys = {m: train_hash(cfg, run, m) for m in methods}
+    done = {m: read_json(run / f"{stage_name(m)}/metrics.json") for m in methods if train_complete(cfg, run, m, keys[m])}
     for method in done:
         log.info("%s: complete, skipping", stage_name(method))
     pending = [m for m in methods if m not in done]
@@ -296,7 +302,7 @@ def run_train_stages(cfg: Config, run: RunDir, methods: list[str]) -> dict[str, 
     # At least a block per worker: each streams its share of val and test (engine.train.loop).
     eval_refs = {s: train_data.eval_split_refs(dataset.split(s), t.image_size, t.num_workers) for s in ("val", "test")}
     datasets, jobs = _fit_datasets(t, run, inputs, dataset.records, train_counts)
-    storage_path, name = _storage(cfg, run, pending)
+    storage_path, name = _storage(cfg, run, {m: keys[m] for m in pending})
     loop_config = {
         "train": t,
         "methods": jobs,
@@ -331,7 +337,7 @@ def run_train_stages(cfg: Config, run: RunDir, methods: list[str]) -> dict[str, 
             metrics = _stage_metrics(item.method, final, t, item.phases, dataset, train_counts,
                                      item.synthetic_counts, checkpoint_dir, seconds)
             atomic_write_json(run / f"{stage_name(item.method)}/metrics.json", metrics)
-            run.mark_complete(stage_name(item.method), train_hash(cfg, run, item.method))
+            run.mark_complete(stage_name(item.method), keys[item.method])
             log.info(
                 "%s: test worst-group %.3f, average-group %.3f (best epoch %d, %.0f s)", stage_name(item.method),
                 metrics["test"]["worst_group"], metrics["test"]["average_group"], metrics["best_epoch"],
