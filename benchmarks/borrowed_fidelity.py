@@ -142,7 +142,7 @@ def main() -> None:
                 continue
             group = int(unit["group"])
             if not unit.get("borrowed_from"):  # drawn with its own model: without and with its negative
-                shares = [fidelity(models, unit, 1.0, unit["prompt"], text, group) for text in ("", own_negative(group))]
+                shares = [fidelity(models, model, 1.0, unit["prompt"], text, group) for text in ("", own_negative(group))]
                 own_rows.append({"method": method, "unit": unit["unit"], "no_negative": shares[0], "negative": shares[1]})
                 continue
             shares = {s: fidelity(models, model, s, unit["prompt"], unit["negative_prompt"], group) for s in strengths}

@@ -11,7 +11,6 @@ fine-tuning; the units, prompts and borrowing come from the finetune stage's own
 from __future__ import annotations
 
 import io
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ from engine.errors import FairsynthError
 from engine.finetune.stage import load_manifest
 from engine.generate.filtering import filter_prompts, keep_count, select_top_fraction
 from engine.generate.plan import GroupBalancedPlan, split_proportionally
-from engine.runs import RunDir, atomic_write_json
+from engine.runs import RunDir, atomic_write_json, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_MODEL = "tiny"
@@ -427,7 +426,7 @@ def test_generate_and_filter_each_method(prepared_run, method):
         assert set(table.drop(borrowed.index)["negative_prompt"]) == {"waterbird water", "landbird land"}
 
     filtered = run_filter_stage(cfg, run, method)
-    marker = json.loads((run / "filter" / method / "_COMPLETE.json").read_text())
+    marker = read_json(run.marker(f"filter/{method}"))
     assert marker["kept_hash"].startswith(plan.hash) and marker["kept_hash"] != marker["hash"]
     table = pq.read_table(folder).to_pandas()
     assert table["score"].notna().all()

@@ -300,7 +300,7 @@ def build_manifest(cfg: Config, run: RunDir, strategy: FinetuneStrategy, units: 
                 artifact_kind=record["artifact_kind"], steps=record["steps"], final_loss=record["final_loss"],
                 # The hashes it was trained under: a unit re-trained at the same path into the same
                 # steps and loss (a change only to how it is stored) is still a different model.
-                trained_under=[record.get("hash"), record.get("unit_hash")],
+                trained_under=[record["hash"], record["unit_hash"]],
             )
         entries.append(entry)
     return {"method": strategy.name, "base_model": cfg.model.base, "units": entries}

@@ -107,13 +107,13 @@ class PromptBook:
         and attributes it is not (a comma-separated list where there are several)."""
         return self._fill(
             "own_negative_prompt_template",
-            other_class_names=other_names(self.dataset.class_names, label),
-            other_attribute_names=other_names(self.dataset.attribute_names, attribute),
+            other_class_names=_other_names(self.dataset.class_names, label),
+            other_attribute_names=_other_names(self.dataset.attribute_names, attribute),
             **self.words(label, attribute),
         ).strip()
 
 
-def other_names(names: list[str] | tuple[str, ...], own: int) -> str:
+def _other_names(names: list[str] | tuple[str, ...], own: int) -> str:
     """Every name but ``names[own]``, comma-separated."""
     return ", ".join(name for i, name in enumerate(names) if i != own)
 

@@ -275,6 +275,7 @@ def run_filter_stage(cfg: Config, run: RunDir, method: str) -> dict:
     # What picks the kept images, and so what a classifier trained on them depends on (the
     # train stage reads it from the marker); the judge only reports on them.
     kept_hash = f"{plan_hash}-{cfg.slice_hash(*KEPT_SET_KEYS)}"
+    # The stage's own key keeps the form it had before kept_hash, so finished runs stay filtered.
     stage_hash = f"{plan_hash}-{cfg.slice_hash(*KEPT_SET_KEYS, 'fidelity')}"
     summary_path = run / stage / "summary.json"
     if run.is_complete(stage, stage_hash) and summary_path.exists():
