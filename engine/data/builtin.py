@@ -8,8 +8,12 @@ sub-types, so clustering has structure to find. Two styles share the vocabulary:
   the classifier is trained and evaluated on. How hard its object (the core feature) is to
   see, beside the background (the shortcut), is a named ``Rendering`` (``RENDERINGS``;
   ``data.builtin.rendering``): object size, placement, colour and noise.
-- ``base``: flat colours with a dark outline and plain backgrounds; the captioned corpus
-  the tiny generator is pretrained on, so fine-tuning has a domain gap to close.
+- ``photo`` and ``base``: the captioned corpus the tiny generator is pretrained on, as Stable
+  Diffusion is pretrained on web images, never on the benchmark. ``photo`` draws shaded
+  objects in any of the six colours at any size on textures of its own, with any amount of
+  noise; ``base`` draws flat colours with a dark outline on plain backgrounds (captioned as
+  drawings). Neither uses the benchmark's renderer, palette or textures, so fine-tuning has
+  a domain gap to close, while the generator's VAE can still represent benchmark images.
 
 Every image is a pure function of (object, background, seed, style, size, rendering).
 """
@@ -35,7 +39,7 @@ OBJECTS = tuple(name for c in sorted(OBJECT_SUBTYPES) for name in OBJECT_SUBTYPE
 BACKGROUNDS = tuple(name for a in sorted(BACKGROUND_SUBTYPES) for name in BACKGROUND_SUBTYPES[a])
 OBJECT_CLASS = {name: c for c, names in OBJECT_SUBTYPES.items() for name in names}
 BACKGROUND_ATTRIBUTE = {name: a for a, names in BACKGROUND_SUBTYPES.items() for name in names}
-STYLES = ("benchmark", "base")
+STYLES = ("benchmark", "photo", "base")
 # A dataset record's image address: builtin://<object>/<background>/<seed>[/<rendering>].
 BUILTIN_SCHEME = "builtin://"
 
@@ -139,6 +143,55 @@ def _background(name: str, style: str, rng: np.random.Generator, size: int) -> n
     return base + jitter + t * (texture - base)
 
 
+def _photo_background(name: str, rng: np.random.Generator, size: int) -> np.ndarray:
+    """The base corpus's photo backgrounds: each family's colours, shifted per image, under
+    textures of their own (not the benchmark's) and a soft light gradient."""
+    shift = rng.uniform(-30, 30, size=3).astype(np.float32)
+    base, texture = (np.array(c, dtype=np.float32) + shift for c in _BACKGROUND_COLOURS[name])
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    phase = rng.uniform(0, 2 * np.pi, size=2)
+    if name == "forest":  # trunks of uneven width and spacing
+        wobble = 0.6 * np.sin(xx * 2 * np.pi * rng.uniform(1, 3) + phase[1])
+        t = 0.5 + 0.5 * np.sin(xx * 2 * np.pi * rng.uniform(2.5, 8.0) + phase[0] + wobble)
+        t = (t > rng.uniform(0.3, 0.8)).astype(np.float32)
+    elif name == "desert":  # dunes
+        bend = rng.uniform(0.5, 3.0) * np.sin(xx * rng.uniform(3, 9) + phase[0])
+        t = 0.5 + 0.5 * np.sin(yy * 2 * np.pi * rng.uniform(1.0, 4.0) + bend)
+    elif name == "ocean":  # crests
+        bend = rng.uniform(0.5, 2.0) * np.sin(xx * 2 * np.pi * rng.uniform(1, 3) + phase[0])
+        t = (np.sin(yy * 2 * np.pi * rng.uniform(3.0, 9.0) + bend) > rng.uniform(0.3, 0.8)).astype(np.float32)
+    else:  # lake: a sky band over ripples
+        horizon = rng.uniform(0.1, 0.45)
+        ripples = rng.uniform(0.05, 0.3) * np.sin(xx * rng.uniform(10, 30) + phase[0])
+        t = (yy < horizon).astype(np.float32) + ripples * (yy >= horizon)
+    t = np.clip(t, 0.0, 1.0)[..., None]
+    light = 1.0 + rng.uniform(-0.15, 0.15) * (yy - 0.5) + rng.uniform(-0.15, 0.15) * (xx - 0.5)
+    return (base + t * (texture - base)) * light[..., None]
+
+
+# The photo style's object colour is the object's own this often, else any of the six.
+PHOTO_OWN_COLOUR = 0.3
+
+
+def _render_photo(object_name: str, background_name: str, seed: int, size: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = _photo_background(background_name, rng, size)
+    cx, cy = rng.uniform(0.3, 0.7, size=2) * size
+    scale = rng.uniform(0.15, 0.34) * size
+    angle = rng.uniform(-0.4, 0.4)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    dx, dy = (xx - cx) / scale, (yy - cy) / scale
+    u = np.cos(angle) * dx + np.sin(angle) * dy
+    v = -np.sin(angle) * dx + np.cos(angle) * dy
+    mask = _object_mask(object_name, u, v)
+    worn = object_name if rng.random() < PHOTO_OWN_COLOUR else OBJECTS[rng.integers(len(OBJECTS))]
+    colour = np.array(_OBJECT_COLOUR[worn], dtype=np.float32) + rng.uniform(-30, 30, size=3)
+    shade = (1.0 - rng.uniform(0.0, 0.3) * np.clip(v, -1, 1))[..., None]
+    img = np.where(mask[..., None], colour * shade, img)
+    img = img + rng.normal(0.0, rng.uniform(0.0, 18.0), size=img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
 def get_rendering(name: str | Rendering) -> Rendering:
     if isinstance(name, Rendering):
         return name
@@ -175,7 +228,9 @@ def render(
         raise ValueError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
     if background_name not in _BACKGROUND_COLOURS:
         raise ValueError(f"unknown background {background_name!r}; known: {', '.join(BACKGROUNDS)}")
-    # The base corpus is drawn one way whatever the benchmark's rendering.
+    if style == "photo":
+        return _render_photo(object_name, background_name, seed, size)
+    # The base corpus's drawings are drawn one way whatever the benchmark's rendering.
     r = get_rendering(rendering) if style == "benchmark" else RENDERINGS[UNNAMED_RENDERING]
     rng = np.random.default_rng(seed)
     img = _background(background_name, style, rng, size)
@@ -217,7 +272,7 @@ def read_background_attribute(image: np.ndarray) -> int:
 
 @dataclass(frozen=True)
 class BaseCorpus:
-    """Captioned images in the base style, for pretraining the tiny generator."""
+    """Captioned photos and drawings, for pretraining the tiny generator."""
 
     images: np.ndarray  # uint8 [n, size, size, 3]
     captions: list[str]
@@ -249,16 +304,23 @@ def varied_caption(object_name: str, background_name: str, rng: np.random.Genera
     return caption(what, where) if where else f"a photo of a {what}"
 
 
-def base_corpus(n: int, seed: int, size: int = 32) -> BaseCorpus:
-    """n images covering every (object, background) pair uniformly, in the base style, with
-    varied true captions (:func:`varied_caption`)."""
+# The base corpus's share of photos; the rest are drawings.
+PHOTO_SHARE = 0.8
+
+
+def base_corpus(n: int, seed: int, size: int = 32, photo_share: float = PHOTO_SHARE) -> BaseCorpus:
+    """n images covering every (object, background) pair uniformly, ``photo_share`` of them
+    photos and the rest drawings (the ``base`` style), with varied true captions
+    (:func:`varied_caption`; a drawing's says "a drawing of a ...")."""
     rng = np.random.default_rng(seed)
     obj = rng.integers(0, len(OBJECTS), size=n)
     bg = rng.integers(0, len(BACKGROUNDS), size=n)
     seeds = rng.integers(0, 2**31 - 1, size=n)
+    photo = rng.random(n) < photo_share
+    styles = ["photo" if p else "base" for p in photo]
     images = np.stack(
-        [render(OBJECTS[o], BACKGROUNDS[b], int(s), "base", size) for o, b, s in zip(obj, bg, seeds)]
+        [render(OBJECTS[o], BACKGROUNDS[b], int(s), style, size) for o, b, s, style in zip(obj, bg, seeds, styles)]
     ) if n else np.zeros((0, size, size, 3), np.uint8)
-    # Drawn after the images, so a seed gives the same images as before captions varied.
     captions = [varied_caption(OBJECTS[o], BACKGROUNDS[b], rng) for o, b in zip(obj, bg)]
+    captions = [c if p else c.replace("a photo of", "a drawing of", 1) for c, p in zip(captions, photo)]
     return BaseCorpus(images, captions, obj, bg)
