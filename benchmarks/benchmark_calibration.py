@@ -168,7 +168,7 @@ def run_loop(base_overrides: list[str], preset: str, seeds: list[int], log) -> d
         splits, dataset = decoded_splits(cfg)
         for method in METHODS:
             for seed in seeds:
-                cfg.train.seed = seed
+                cfg.seed = seed  # the splits are decoded once above: only training follows it
                 start = time.perf_counter()
                 result = train_in_process(cfg, method, splits, dataset)
                 out[method][str(severity)].append(result["test"])

@@ -14,20 +14,47 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from engine.errors import FairsynthError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRESET_DIR = REPO_ROOT / "configs"
 DATASETS = ("builtin", "waterbirds", "celeba", "utkface", "manifest")
-METHODS = ("erm", "group_dro", "vanilla", "lora", "dreambooth", "clustered_dreambooth")
+METHODS = ("erm", "group_dro", "dfr", "vanilla", "lora", "dreambooth", "clustered_dreambooth", "oracle")
+# Methods that read the real data alone; the oracle draws extra real images (built-in only).
+REAL_DATA_METHODS = ("erm", "group_dro", "dfr")
+BUILTIN_ONLY_METHODS = ("oracle",)
+# The training keys a method may set for itself (train.method_overrides), as DomainBed scopes
+# each hyperparameter to the algorithm it tunes.
+METHOD_HPARAMS = ("learning_rate", "finetune_learning_rate", "weight_decay", "group_dro_eta", "group_dro_adjustment")
 GENERATIVE_METHODS = ("vanilla", "lora", "dreambooth", "clustered_dreambooth")
 TRAINED_METHODS = ("lora", "dreambooth", "clustered_dreambooth")  # vanilla fine-tunes nothing
+# The sections whose randomness the run's ``seed`` sets (SeededSection.seed).
+SEEDED_SECTIONS = ("data", "cluster", "finetune", "generate", "train")
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SeededSection(Section):
+    """A section whose randomness follows the run's one ``seed``: it reads ``seed`` but cannot
+    set it, so a seed given once reaches every stage and the data alike."""
+
+    _seed: int = PrivateAttr(0)
+
+    @property
+    def seed(self) -> int:
+        return self._seed
 
 
 def _check_severity(value: Any) -> Any:
@@ -53,7 +80,7 @@ Concurrency = int | Literal["auto"]
 AUTO = "auto"
 
 
-class ActorStageConfig(Section):
+class ActorStageConfig(SeededSection):
     """How a Ray Data actor stage (cluster, generate, filter) runs: the one resources model.
 
     ``num_actors`` caps the actor pool; 'auto' lets it grow to what the work can use and the
@@ -87,7 +114,6 @@ class BuiltinConfig(Section):
         "engine.data.builtin.RENDERINGS (benchmarks/benchmark_calibration.py measures each); 'calibrated' "
         "puts ERM and Group-DRO where they are on Waterbirds, 'classic' is the benchmark as first shipped",
     )
-    seed: int = 0
 
     @field_validator("rendering")
     @classmethod
@@ -99,7 +125,7 @@ class BuiltinConfig(Section):
         return v
 
 
-class DataConfig(Section):
+class DataConfig(SeededSection):
     name: Literal["builtin", "waterbirds", "celeba", "utkface", "manifest"] = "builtin"
     root: str | None = Field(None, description="dataset folder; unused for builtin")
     severity: Literal["original"] | float = "original"
@@ -110,7 +136,6 @@ class DataConfig(Section):
     )
     image_size: int = Field(32, ge=8, description="side real images are read at for clustering and filtering; fine-tuning and sampling use the generator's native side, training train.image_size")
     skip_bad_images: bool = Field(False, description="skip and count unreadable images instead of failing")
-    split_seed: int = Field(0, description="UTKFace's 80/10/10 split and severity subsampling")
     age_bins: list[int] = Field(
         [0, 40, 200], description="UTKFace age bin edges; attribute = bin index"
     )
@@ -169,7 +194,6 @@ class ClusterConfig(ActorStageConfig):
         1024, ge=8, description="k-means trains on a random sample of at most k x this many points, then "
         "assigns every point (a built-in group, under 1,000 points, is fitted whole)"
     )
-    seed: int = 0
     batch_size: int = Field(128, ge=1, description="images per embedding batch")
 
     @field_validator("k")
@@ -180,7 +204,7 @@ class ClusterConfig(ActorStageConfig):
         return v
 
 
-class FinetuneConfig(Section):
+class FinetuneConfig(SeededSection):
     # 200 steps: at 60 the tiny model's landbird/land units still drew water backgrounds
     # (benchmarks/finetune_fidelity.py, "own background" column).
     steps: int = Field(200, ge=1)
@@ -222,7 +246,6 @@ class FinetuneConfig(Section):
         classmethod(lambda cls, v: _check_concurrency(v))
     )
     inject_failure_at_step: int | None = Field(None, ge=1, description="test hook: every trial raises once here")
-    seed: int = 0
 
 
 class GenerateConfig(ActorStageConfig):
@@ -265,7 +288,6 @@ class GenerateConfig(ActorStageConfig):
     )
     rows_per_shard: int = Field(64, ge=1)
     unet_cache_size: int = Field(2, ge=1, description="DreamBooth UNets a sampler keeps loaded")
-    seed: int = 0
 
     @field_validator("images_per_group")
     @classmethod
@@ -289,8 +311,9 @@ class FidelityConfig(Section):
     """Synthetic group fidelity (engine.generate.fidelity): how often a judge reads a unit's
     generated images as the unit's group, before and after filtering."""
 
-    judge: Literal["auto", "renderer", "clip"] = Field(
-        "auto", description="'renderer' (the built-in benchmark's drawing rules), 'clip' (zero-shot model.encoder), or 'auto': renderer on builtin, clip elsewhere"
+    judge: Literal["auto", "learned", "renderer", "clip"] = Field(
+        "auto", description="'learned' (a CNN trained on real built-in renders), 'renderer' (the built-in benchmark's "
+        "drawing rules), 'clip' (zero-shot model.encoder), or 'auto': learned on builtin, clip elsewhere"
     )
     class_prompt_template: str = Field("a photo of a {class_name}", description="clip judge: one prompt per class")
     attribute_prompt_template: str = Field(
@@ -298,7 +321,7 @@ class FidelityConfig(Section):
     )
 
 
-class TrainConfig(Section):
+class TrainConfig(SeededSection):
     backbone: Literal["tiny_resnet", "resnet18", "resnet50"] = "tiny_resnet"
     pretrained_weights: str | None = Field(None, description="local ImageNet weights file for torchvision backbones")
     image_size: int = Field(32, ge=8, description="side of the images the classifier trains and is evaluated on")
@@ -331,13 +354,34 @@ class TrainConfig(Section):
     _num_workers = field_validator("num_workers", mode="before")(
         classmethod(lambda cls, v: _check_concurrency(v))
     )
+    method_overrides: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="per-method values of " + ", ".join(METHOD_HPARAMS) + " over the keys above (each "
+        "method's chosen on validation by benchmarks/baseline_search.py), e.g. {erm: {learning_rate: 0.004}}",
+    )
     inject_failure_at_epoch: int | None = Field(
         None, ge=1, description="test hook: one worker process dies once after this epoch"
     )
     deterministic: bool = Field(
         True, description="deterministic torch kernels (cuDNN included), so a seed repeats its metrics"
     )
-    seed: int = 0
+
+    @field_validator("method_overrides")
+    @classmethod
+    def _known_overrides(cls, v: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        for method, values in v.items():
+            if method not in METHODS:
+                raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+            for key, value in values.items():
+                if key not in METHOD_HPARAMS:
+                    raise ValueError(f"{method}.{key} cannot be set per method; valid: {', '.join(METHOD_HPARAMS)}")
+                if not value >= 0 or (key != "group_dro_adjustment" and key != "weight_decay" and value == 0):
+                    raise ValueError(f"{method}.{key} = {value!r} must be a positive number")
+        return v
+
+    def for_method(self, method: str) -> TrainConfig:
+        """This section as ``method`` trains with: its ``method_overrides`` over the shared keys."""
+        return self.model_copy(update=self.method_overrides.get(method, {}))
 
     @model_validator(mode="after")
     def _some_training_left(self) -> TrainConfig:
@@ -413,13 +457,19 @@ class RayConfig(Section):
 
 class Config(Section):
     run_dir: str = "runs/default"
-    seed: int = 0
+    seed: int = Field(
+        0, ge=0, description="the run's one seed: the data (the built-in world, splits and severity subsampling) "
+        "and every stage's random choices follow it"
+    )
     seeds: list[int] | None = Field(
         None,
-        description="run the whole job once per seed, in RUN/seed_<s>/, with `seed` and every stage's seed "
-        "(cluster, finetune, generate, train) set to s and the data unchanged; results show mean ± std",
+        description="run the whole job once per seed, in RUN/seed_<s>/, each with `seed` set to s; "
+        "results show mean ± std",
     )
-    methods: list[str] = Field(default_factory=lambda: list(METHODS))
+    methods: list[str] = Field(
+        default_factory=lambda: list(METHODS),
+        description="methods to run; unset: every method the dataset allows (the oracle needs the built-in benchmark)",
+    )
     severities: list[Literal["original"] | float] = Field(default_factory=lambda: [0.999])
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -444,6 +494,24 @@ class Config(Section):
         if unknown:
             raise ValueError(f"unknown method {unknown[0]!r}; valid: {', '.join(METHODS)}")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_methods_fit_the_data(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "methods" not in raw:
+            data = raw.get("data")
+            name = data.get("name", "builtin") if isinstance(data, dict) else "builtin"
+            raw = {**raw, "methods": [m for m in METHODS if name == "builtin" or m not in BUILTIN_ONLY_METHODS]}
+        return raw
+
+    @model_validator(mode="after")
+    def _builtin_only_methods(self) -> Config:
+        if self.data.name != "builtin":
+            for method in self.methods:
+                if method in BUILTIN_ONLY_METHODS:
+                    raise ValueError(f"methods: {method!r} needs data.name=builtin (it draws real images with the "
+                                     "built-in renderer); remove it from methods")
+        return self
 
     @field_validator("seeds")
     @classmethod
@@ -476,6 +544,12 @@ class Config(Section):
                     )
         return self
 
+    @model_validator(mode="after")
+    def _one_seed_everywhere(self) -> Config:
+        for name in SEEDED_SECTIONS:
+            getattr(self, name)._seed = self.seed
+        return self
+
     def gpu_shares(self) -> dict[str, float]:
         """The GPU share each stage this config runs asks Ray for (train: 1 per worker), before
         ``model.device=cpu`` turns them off (engine/resources.py)."""
@@ -492,7 +566,10 @@ class Config(Section):
 
     def slice_hash(self, *sections: str) -> str:
         """Hash of the named sections (dotted paths allowed): what a stage's output depends on."""
-        payload = {s: _dig(self.model_dump(mode="json"), s) for s in sorted(sections)}
+        tree = self.model_dump(mode="json")
+        for name in SEEDED_SECTIONS:  # a section's output depends on the seed it reads
+            tree[name]["seed"] = self.seed
+        payload = {s: _dig(tree, s) for s in sorted(sections)}
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

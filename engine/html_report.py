@@ -20,7 +20,15 @@ import logging
 from datetime import datetime, timezone
 
 from engine import storage
-from engine.report import METHOD_TITLES, _fidelity_cell, in_run_order, metric_cell, severity_title
+from engine.report import (
+    METHOD_TITLES,
+    _fidelity_cell,
+    _pct,
+    _synthetic_only_cell,
+    in_run_order,
+    metric_cell,
+    severity_title,
+)
 from engine.runs import RunPath, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
@@ -64,17 +72,23 @@ def results_section(rows: list[dict]) -> str:
     over = f", mean ± sample std over seeds {', '.join(map(str, seeds))}" if seeds else ""
     body = []
     for r in rows:
-        fidelity = _fidelity_cell(r.get("synthetic_fidelity"))
+        per_group = " / ".join(_pct(a) for a in r["test_per_group"])
+        metrics = "".join(_metric_td(r, m) for m in ("val_worst_group", "val_average_group",
+                                                      "test_worst_group", "test_average_group"))
         body.append(
             f"<tr><td>{_escape(METHOD_TITLES.get(r['method'], r['method']))}</td>"
-            f"<td>{_escape(severity_title(r['severity']))}</td>"
-            f"{_metric_td(r, 'test_worst_group')}{_metric_td(r, 'test_average_group')}"
-            f"<td>{_escape(fidelity)}</td><td class=\"num\">{_escape(r.get('synthetic_images', 0))}</td></tr>"
+            f"<td>{_escape(severity_title(r['severity']))}</td>{metrics}"
+            f"<td>{_escape(per_group)}</td><td>{_escape(_synthetic_only_cell(r))}</td>"
+            f"<td>{_escape(_fidelity_cell(r.get('synthetic_fidelity')))}</td>"
+            f"<td class=\"num\">{_escape(r.get('synthetic_images', 0))}</td></tr>"
         )
-    header = ["Method", "Severity", "Test worst-group (%)", "Test average-group (%)",
-              "Group fidelity, kept (all), worst unit (%)", "Synthetic images"]
-    return (f"<h2>Results</h2><p class=\"note\">Test accuracy{_escape(over)}. Group fidelity: the share of "
-            "synthetic images an independent judge reads as their unit's class and attribute.</p>"
+    names = next((r["group_names"] for r in rows if r.get("group_names")), None) or []
+    header = ["Method", "Severity", "Val worst-group (%)", "Val average-group (%)", "Test worst-group (%)",
+              "Test average-group (%)", "Test per group: " + " / ".join(names) + " (%)",
+              "Synthetic only, test WGA / AGA (%)", "Group fidelity, kept (all), worst unit (%)", "Synthetic images"]
+    return (f"<h2>Results</h2><p class=\"note\">Accuracy{_escape(over)}. Chance: what guessing scores on the same "
+            "split. Synthetic only: the classifier after stage 1, trained on synthetic images alone. Group fidelity: "
+            "the share of synthetic images an independent judge reads as their unit's class and attribute.</p>"
             + _table(header, body))
 
 

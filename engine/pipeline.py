@@ -9,10 +9,8 @@ classifier, so its workers start once a severity (engine.train.stage).
 
 With ``seeds`` set, the whole job runs once per seed in RUN/seed_<s>/ (each a complete run,
 with its own results), and RUN/results.{json,md} show every method's mean ± std over the
-seeds beside each seed's figures. A seed sets ``seed`` and every stage's seed (cluster,
-finetune, generate, train); the data stay the same, so the data stage, which no seed
-touches, is copied from the first seed's run instead of being redone. Nothing else is shared:
-every other stage draws something from its seed.
+seeds beside each seed's figures. A seed sets ``seed``, which the data (the built-in world,
+splits, severity subsampling) and every stage follow, so seeds share nothing.
 """
 
 from __future__ import annotations
@@ -38,52 +36,26 @@ def severity_config(cfg: Config, severity) -> Config:
     return sub
 
 
-# Stages whose randomness a seed of ``seeds`` sets (the data stage's is the dataset's own).
-SEEDED_SECTIONS = ("cluster", "finetune", "generate", "train")
-# What the data stage writes (engine.data.stage), besides its marker.
-DATA_STAGE_FILES = ("data/records.parquet", "data/groups.json")
-
-
 def seed_config(cfg: Config, seed: int) -> Config:
-    """One seed's whole job: its own run directory, ``seed`` and every stage's seed set to it."""
+    """One seed's whole job: its own run directory and ``seed`` (which every stage reads)."""
     sub = cfg.model_copy(deep=True)
     sub.seeds = None
     sub.seed = seed
-    for section in SEEDED_SECTIONS:
-        getattr(sub, section).seed = seed
     sub.run_dir = str(storage.as_path(cfg.run_dir) / seed_tag(seed))
     return sub
 
 
-def reuse_data_stage(cfg: Config, source: RunDir, target: RunDir) -> bool:
-    """Copy a complete data stage written for the same data slice into ``target``; the data
-    stage depends on nothing a seed sets, so its outputs are the same bytes either way."""
-    from engine.data.stage import STAGE, data_hash
-
-    digest = data_hash(cfg)
-    if target.is_complete(STAGE, digest) or not source.is_complete(STAGE, digest):
-        return False
-    for name in DATA_STAGE_FILES:
-        storage.copy_file(source / name, target / name)
-    target.mark_complete(STAGE, digest, copied_from=source.uri)
-    return True
-
-
-def run_severity(
-    cfg: Config, force: bool, on_stage: Callable[[str], None], data_from: RunDir | None = None
-) -> dict:
-    """Every stage for one severity; returns seconds spent per method and stage. With
-    ``data_from``, a matching complete data stage there is copied instead of redone."""
+def run_severity(cfg: Config, force: bool, on_stage: Callable[[str], None]) -> dict:
+    """Every stage for one severity; returns seconds spent per method and stage."""
     from engine.cluster import run_cluster_stage
     from engine.data.stage import run_data_stage
     from engine.finetune import run_finetune_stage
     from engine.generate import run_filter_stage, run_generate_stage
+    from engine.generate.oracle import ORACLE, run_oracle_stage
     from engine.train import run_train_stages, train_complete
 
     run = RunDir(cfg.run_dir)
     run.prepare(cfg, force=force)
-    if data_from is not None and reuse_data_stage(cfg, data_from, run):
-        log.info("%s: data stage copied from %s", run.uri, data_from.uri)
     shared: dict[str, float] = {}
 
     def timed(name: str, fn, *args) -> float:
@@ -101,6 +73,8 @@ def run_severity(
         seconds[method]["finetune"] = timed(f"finetune {method}", run_finetune_stage, cfg, run, method)
         seconds[method]["generate"] = timed(f"generate {method}", run_generate_stage, cfg, run, method)
         seconds[method]["filter"] = timed(f"filter {method}", run_filter_stage, cfg, run, method)
+    if ORACLE in cfg.methods:
+        seconds[ORACLE]["generate"] = timed("oracle", run_oracle_stage, cfg, run)
     # Every method trains in one fit, which starts its workers once (engine.train.stage).
     pending = [m for m in cfg.methods if not train_complete(cfg, run, m)]
     on_stage(f"{severity_tag(cfg.data.severity)}: train {', '.join(pending) or 'complete'}")
@@ -110,9 +84,7 @@ def run_severity(
     return seconds
 
 
-def run_seed(
-    cfg: Config, force: bool, on_stage: Callable[[str], None], data_from: RunDir | None = None
-) -> list[dict]:
+def run_seed(cfg: Config, force: bool, on_stage: Callable[[str], None]) -> list[dict]:
     """Every severity and method of one run directory: writes its stage_seconds.json and
     grids, and returns its result rows."""
     root = storage.as_path(cfg.run_dir)
@@ -120,8 +92,7 @@ def run_seed(
     timings: dict[str, dict] = {}
     for severity in cfg.severities:
         sub = severity_config(cfg, severity)
-        source = RunDir(storage.as_path(data_from.root) / severity_tag(severity)) if data_from else None
-        timings[str(severity)] = run_severity(sub, force, on_stage, data_from=source)
+        timings[str(severity)] = run_severity(sub, force, on_stage)
         grids = storage.as_path(sub.run_dir) / "grids"
         for png in sorted(grids.glob("*.png")) if grids.exists() else []:
             storage.copy_file(png, root / "grids" / f"{severity_tag(severity)}_{png.name}")
@@ -141,13 +112,11 @@ def run_full(cfg: Config, force: bool = False, on_stage: Callable[[str], None] =
         on_stage("report")
         return finish_report(cfg, root, rows, tracker)
     per_seed: dict[int, list[dict]] = {}
-    first: RunDir | None = None
     for seed in cfg.seeds:
         sub = seed_config(cfg, seed)
-        rows = run_seed(sub, force, lambda stage, seed=seed: on_stage(f"{seed_tag(seed)}: {stage}"), data_from=first)
+        rows = run_seed(sub, force, lambda stage, seed=seed: on_stage(f"{seed_tag(seed)}: {stage}"))
         write_results(storage.as_path(sub.run_dir), rows, cfg.data.name)
         per_seed[seed] = rows
-        first = first or RunDir(sub.run_dir)
     on_stage("report")
     return finish_report(cfg, root, aggregate_seeds(per_seed), tracker)
 

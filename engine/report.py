@@ -15,13 +15,18 @@ from engine.config import GENERATIVE_METHODS, METHODS
 from engine.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
 METHOD_TITLES = {
+    "chance": "Chance (a coin flip)",
     "erm": "ERM",
     "group_dro": "Group-DRO",
+    "dfr": "DFR",
     "vanilla": "Vanilla SD",
     "lora": "LoRA",
     "dreambooth": "DreamBooth",
     "clustered_dreambooth": "Clustered DreamBooth",
+    "oracle": "Oracle (real renders)",
 }
+# The row that shows what guessing scores; results list it first.
+CHANCE = "chance"
 
 
 def severity_tag(severity: float | str) -> str:
@@ -35,7 +40,10 @@ def seed_tag(seed: int) -> str:
 
 
 # Metrics averaged over seeds, each with its sample standard deviation beside it.
-SEED_METRICS = ("test_worst_group", "test_average_group", "val_worst_group")
+SEED_METRICS = ("test_worst_group", "test_average_group", "val_worst_group", "val_average_group",
+                "synthetic_only_test_worst_group", "synthetic_only_test_average_group")
+# Per-group accuracies averaged over seeds, group by group.
+PER_GROUP_METRICS = ("test_per_group", "val_per_group")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -75,9 +83,13 @@ def aggregate_seeds(per_seed: dict[int, list[dict]]) -> list[dict]:
                 for r in seed_rows if (r["method"], r["severity"]) == (method, severity)]
         row = {"method": method, "severity": severity, "seeds": [r["seed"] for r in rows]}
         for metric in SEED_METRICS:
-            row[metric], row[f"{metric}_std"] = _mean_std([r[metric] for r in rows])
-        n_groups = len(rows[0]["test_per_group"])
-        row["test_per_group"] = [_mean_std([r["test_per_group"][g] for r in rows])[0] for g in range(n_groups)]
+            row[metric], row[f"{metric}_std"] = _mean_std([r.get(metric) for r in rows])
+        for spread in ("val_worst_group_spread", "test_worst_group_spread"):
+            if spread in rows[0]:
+                row[spread] = _mean_std([r[spread] for r in rows])[0]
+        for metric in PER_GROUP_METRICS:
+            n_groups = len(rows[0][metric])
+            row[metric] = [_mean_std([r[metric][g] for r in rows])[0] for g in range(n_groups)]
         row["synthetic_images"] = max(r["synthetic_images"] for r in rows)
         row["group_names"] = rows[0].get("group_names")
         row["synthetic_fidelity"] = _mean_fidelity(rows)
@@ -124,21 +136,28 @@ def severity_title(severity: float | str) -> str:
 
 
 def collect_rows(run_root: Path, severities: list, methods: list[str], stage_seconds: dict) -> list[dict]:
-    """One row per (method, severity) from each run's train/<method>/metrics.json."""
+    """One row per (method, severity) from each run's train/<method>/metrics.json, after a
+    chance row per severity (``chance_row``)."""
     rows = []
     for severity in severities:
         sub = storage.as_path(run_root) / severity_tag(severity)
+        guess = chance_row(sub, severity)
+        rows += [guess] if guess else []
         for method in methods:
             metrics = read_json(sub / "train" / method / "metrics.json")
-            test = metrics["test"]
+            only = metrics.get("synthetic_only") or {}
             rows.append(
                 {
                     "method": method,
                     "severity": severity,
-                    "test_worst_group": test["worst_group"],
-                    "test_average_group": test["average_group"],
-                    "test_per_group": test["per_group"],
+                    "test_worst_group": metrics["test"]["worst_group"],
+                    "test_average_group": metrics["test"]["average_group"],
+                    "test_per_group": metrics["test"]["per_group"],
                     "val_worst_group": metrics["val"]["worst_group"],
+                    "val_average_group": metrics["val"]["average_group"],
+                    "val_per_group": metrics["val"]["per_group"],
+                    "synthetic_only_test_worst_group": only.get("test", {}).get("worst_group"),
+                    "synthetic_only_test_average_group": only.get("test", {}).get("average_group"),
                     "synthetic_images": metrics.get("synthetic_images", 0),
                     "group_names": metrics.get("group_names"),
                     "synthetic_fidelity": read_fidelity(sub, method),
@@ -146,6 +165,28 @@ def collect_rows(run_root: Path, severities: list, methods: list[str], stage_sec
                 }
             )
     return rows
+
+
+def chance_row(run_root, severity) -> dict | None:
+    """What guessing scores on this run's val and test splits (``engine.metrics.chance`` of
+    their group sizes): the line every accuracy is read against. None without a data stage."""
+    from engine.data.stage import load_run_dataset
+    from engine.metrics import chance
+    from engine.runs import RunDir
+
+    if not storage.exists(storage.as_path(run_root) / "data/groups.json"):
+        return None
+    dataset = load_run_dataset(RunDir(run_root))
+    figures = {split: chance(dataset.group_counts(split), dataset.n_classes) for split in ("val", "test")}
+    row = {"method": CHANCE, "severity": severity, "synthetic_images": 0, "synthetic_fidelity": None,
+           "group_names": [dataset.group_name(g) for g in range(dataset.n_groups)], "stage_seconds": {},
+           "synthetic_only_test_worst_group": None, "synthetic_only_test_average_group": None}
+    for split, f in figures.items():
+        row[f"{split}_worst_group"] = f["worst_group"]
+        row[f"{split}_worst_group_spread"] = f["worst_group_std"]  # over guesses, not seeds
+        row[f"{split}_average_group"] = f["average_group"]
+        row[f"{split}_per_group"] = [f["average_group"]] * dataset.n_groups
+    return row
 
 
 def read_fidelity(run_root, method: str) -> dict | None:
@@ -218,6 +259,8 @@ def per_seed_markdown(rows: list[dict]) -> str:
         "|---" * (len(seeds) + 3) + "|",
     ]
     for r in rows:
+        if r["method"] == CHANCE:
+            continue
         by_seed = {p["seed"]: p for p in r["per_seed"]}
         cells = [
             f"{_pct(by_seed[s]['test_worst_group'])} / {_pct(by_seed[s]['test_average_group'])}" if s in by_seed else "-"
@@ -228,71 +271,132 @@ def per_seed_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def accuracy_cell(row: dict, split: str) -> str:
+    """'WGA / AGA' on a split in percent; a chance row's WGA carries its spread over guesses."""
+    if row["method"] == CHANCE:
+        spread = row.get(f"{split}_worst_group_spread")
+        wga = _pct(row[f"{split}_worst_group"]) + (f" ± {_pct(spread)}" if spread is not None else "")
+        return f"{wga} / {_pct(row[f'{split}_average_group'])}"
+    return f"{metric_cell(row, f'{split}_worst_group')} / {metric_cell(row, f'{split}_average_group')}"
+
+
+def _synthetic_only_cell(row: dict) -> str:
+    value = row.get("synthetic_only_test_worst_group")
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{_pct(row['synthetic_only_test_worst_group'])} / {_pct(row['synthetic_only_test_average_group'])}"
+
+
+def _row_order(rows: list[dict]) -> list[str]:
+    return [m for m in (CHANCE, *METHODS) if any(r["method"] == m for r in rows)]
+
+
 def results_markdown(rows: list[dict], title: str) -> str:
-    """Methods as rows, severities as columns, 'WGA / AGA' in percent, as in the paper (with
-    several seeds: mean ± std, then each seed's figures)."""
-    severities = list(dict.fromkeys(r["severity"] for r in rows))
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    by_key = {(r["method"], r["severity"]): r for r in rows}
-    head = (
-        "| Method | " + " | ".join(f"{title} {severity_title(s)}" for s in severities)
-        + " | " + " | ".join(f"group fidelity {severity_title(s)}" for s in severities) + " | synthetic images |"
-    )
+    """One table per severity: each method's worst-group / average-group accuracy on val and
+    test, its test accuracy per group, its classifier on synthetic images alone, and its
+    synthetic group fidelity, under a chance row (with several seeds: mean ± std, then each
+    seed's figures)."""
     seeds = list(dict.fromkeys(s for r in rows for s in r.get("seeds", [])))
     over = f", mean ± sample std over seeds {', '.join(map(str, seeds))}" if seeds else ""
-    lines = [
-        f"Test worst-group / average-group accuracy (%){over}; group fidelity: the share of kept (all generated) "
-        "synthetic images that an independent judge reads as their unit's group, and the lowest unit's (%)",
-        "",
-        head,
-        "|---" * (2 * len(severities) + 2) + "|",
-    ]
-    for method in methods:
-        cells = []
-        for s in severities:
-            r = by_key.get((method, s))
-            cells.append(f"{metric_cell(r, 'test_worst_group')} / {metric_cell(r, 'test_average_group')}" if r else "-")
-        for s in severities:
-            r = by_key.get((method, s))
-            cells.append(_fidelity_cell(r.get("synthetic_fidelity")) if r else "-")
-        used = max(by_key[(method, s)]["synthetic_images"] for s in severities if (method, s) in by_key)
-        lines.append(f"| {METHOD_TITLES[method]} | " + " | ".join(cells) + f" | {used} |")
+    tables = []
+    for severity in dict.fromkeys(r["severity"] for r in rows):
+        chosen = {r["method"]: r for r in rows if r["severity"] == severity}
+        names = next((r["group_names"] for r in chosen.values() if r.get("group_names")), None) or []
+        lines = [
+            f"{title} {severity_title(severity)}: worst-group / average-group accuracy (%){over}. Chance: what "
+            "guessing scores (± its spread over guesses). Synthetic only: the classifier after stage 1, trained on "
+            "synthetic images alone, on test. Group fidelity: the share of kept (all generated) synthetic images "
+            "that an independent judge reads as their unit's group, and the lowest unit's (%)",
+            "",
+            "| Method | val | test | test per group: " + " / ".join(names) + " | synthetic only | group fidelity | synthetic images |",
+            "|---" * 7 + "|",
+        ]
+        for method in _row_order(list(chosen.values())):
+            r = chosen[method]
+            per_group = " / ".join(_pct(a) for a in r["test_per_group"])
+            lines.append(f"| {METHOD_TITLES[method]} | {accuracy_cell(r, 'val')} | {accuracy_cell(r, 'test')} | "
+                         f"{per_group} | {_synthetic_only_cell(r)} | {_fidelity_cell(r.get('synthetic_fidelity'))} | "
+                         f"{r['synthetic_images'] or '-'} |")
+        tables.append("\n".join(lines) + "\n")
     extra = [t for t in (per_seed_markdown(rows), fidelity_markdown(rows)) if t]
-    return "\n".join(lines) + "\n" + "".join(f"\n{t}" for t in extra)
+    return "\n".join(tables + extra)
 
 
-def plot_per_group(rows: list[dict], path: Path, severity) -> None:
-    """Grouped bars: test accuracy of each group, one colour per method."""
+def _save_figure(fig, path: Path) -> None:
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    chosen = [r for r in rows if r["severity"] == severity]
-    if not chosen:
-        return
-    n_groups = len(chosen[0]["test_per_group"])
-    names = chosen[0].get("group_names") or [f"group {g}" for g in range(n_groups)]
-    width = 0.8 / len(chosen)
-    fig, ax = plt.subplots(figsize=(max(7, 1.8 * n_groups), 4.0), dpi=110)
-    x = np.arange(n_groups)
-    for i, r in enumerate(chosen):
-        values = [0 if (v is None or math.isnan(v)) else 100 * v for v in r["test_per_group"]]
-        ax.bar(x + (i - (len(chosen) - 1) / 2) * width, values, width, label=METHOD_TITLES[r["method"]])
-    ax.set_xticks(x, names, fontsize=8)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"Per-group test accuracy, severity {severity_title(severity)}")
-    ax.legend(fontsize=7, ncol=len(chosen), loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
-    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_per_group(rows: list[dict], path: Path, severity) -> None:
+    """Grouped bars: test accuracy of each group, one colour per method; chance as a line."""
+    import numpy as np
+
+    plt = _pyplot()
+    chosen = [r for r in rows if r["severity"] == severity and r["method"] != CHANCE]
+    if not chosen:
+        return
+    guess = next((r for r in rows if r["severity"] == severity and r["method"] == CHANCE), None)
+    n_groups = len(chosen[0]["test_per_group"])
+    names = chosen[0].get("group_names") or [f"group {g}" for g in range(n_groups)]
+    width = 0.8 / len(chosen)
+    fig, ax = plt.subplots(figsize=(max(8, 2.0 * n_groups), 4.2), dpi=110)
+    x = np.arange(n_groups)
+    for i, r in enumerate(chosen):
+        values = [0 if (v is None or math.isnan(v)) else 100 * v for v in r["test_per_group"]]
+        ax.bar(x + (i - (len(chosen) - 1) / 2) * width, values, width, label=METHOD_TITLES[r["method"]])
+    if guess is not None:
+        ax.axhline(100 * guess["test_average_group"], color="black", linestyle="--", linewidth=1, label="chance")
+    ax.set_xticks(x, names, fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"Per-group test accuracy, severity {severity_title(severity)}")
+    ax.legend(fontsize=7, ncol=min(len(chosen) + 1, 5), loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    _save_figure(fig, path)
+
+
+def plot_worst_group(rows: list[dict], path: Path, severity) -> None:
+    """One bar per method: test worst-group accuracy (± std over seeds) beside val's, against
+    the band a coin flip scores."""
+    import numpy as np
+
+    plt = _pyplot()
+    chosen = [r for r in rows if r["severity"] == severity and r["method"] != CHANCE]
+    guess = next((r for r in rows if r["severity"] == severity and r["method"] == CHANCE), None)
+    if not chosen:
+        return
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(chosen) + 1.6), dpi=110)
+    y = np.arange(len(chosen))[::-1]
+    for offset, split, colour in ((0.2, "val", "#9ecae1"), (-0.2, "test", "#3182bd")):
+        values = [100 * (r[f"{split}_worst_group"] or 0) for r in chosen]
+        errors = [100 * (r.get(f"{split}_worst_group_std") or 0) for r in chosen]
+        ax.barh(y + offset, values, 0.38, xerr=errors, color=colour, label=f"{split} worst-group", capsize=2)
+    if guess is not None:
+        mean, spread = 100 * guess["test_worst_group"], 100 * guess["test_worst_group_spread"]
+        ax.axvspan(mean - 2 * spread, mean + 2 * spread, color="grey", alpha=0.2, label="chance (± 2 spread)")
+    ax.set_yticks(y, [METHOD_TITLES[r["method"]] for r in chosen], fontsize=9)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("worst-group accuracy (%)")
+    ax.set_title(f"Worst-group accuracy, severity {severity_title(severity)}")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    _save_figure(fig, path)
 
 
 def write_results(run_root: Path, rows: list[dict], dataset_title: str) -> str:
@@ -302,4 +406,5 @@ def write_results(run_root: Path, rows: list[dict], dataset_title: str) -> str:
     atomic_write_text(run_root / "results.md", table)
     for severity in dict.fromkeys(r["severity"] for r in rows):
         plot_per_group(rows, run_root / "plots" / f"per_group_{severity_tag(severity)}.png", severity)
+        plot_worst_group(rows, run_root / "plots" / f"worst_group_{severity_tag(severity)}.png", severity)
     return table

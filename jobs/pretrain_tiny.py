@@ -52,7 +52,8 @@ def main() -> None:
     started = time.time()
     for phase, stats in run_pretraining(settings).items():
         print(f"{phase}: {json.dumps(stats)}", flush=True)
-    print(f"done in {time.time() - started:.0f} s (tiny SD: {settings.out_sd}, tiny CLIP: {settings.out_clip})")
+    print(f"done in {time.time() - started:.0f} s (tiny SD: {settings.out_sd}, tiny CLIP: {settings.out_clip}, "
+          f"judge: {settings.out_judge})")
 
 
 if __name__ == "__main__":

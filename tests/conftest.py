@@ -37,14 +37,17 @@ def _metrics(rng: np.random.Generator) -> dict:
 def finished_run(tmp_path_factory) -> Path:
     """A finished run's files as jobs/full.py lays them out, written by the engine's own writers."""
     from engine.config import load_config
+    from engine.data.stage import run_data_stage
     from engine.generate.grids import render_grid
     from engine.report import collect_rows, write_results
+    from engine.runs import RunDir
 
     root = tmp_path_factory.mktemp("run")
-    cfg = load_config("tiny", ["methods=[erm,group_dro,lora]"])
+    cfg = load_config("tiny", ["methods=[erm,group_dro,lora]", "data.severity=0.999"])
     (root / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     rng = np.random.default_rng(0)
     sub = root / "severity-0.999"
+    run_data_stage(cfg, RunDir(sub))  # the chance row reads the splits' group sizes
     for method in cfg.methods:
         (sub / "train" / method).mkdir(parents=True)
         (sub / "train" / method / "metrics.json").write_text(json.dumps(_metrics(rng)))

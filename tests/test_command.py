@@ -92,8 +92,20 @@ def _finished_run(root: Path, seeds: list[int] | None = None) -> None:
     (root / "config.yaml").write_text(cfg.to_yaml())
     if not seeds:
         _trained_erm(root, 0.25)
+        _data_stage(cfg, root)
     for i, seed in enumerate(seeds or []):
         _trained_erm(root / f"seed_{seed}", 0.25 + 0.5 * i)
+
+
+def _data_stage(cfg, root: Path) -> None:
+    """The data stage a finished run holds (the report's chance row reads its split sizes)."""
+    from engine.data.stage import run_data_stage
+    from engine.runs import RunDir
+
+    small = cfg.model_copy(deep=True)
+    small.data.severity = 0.95
+    small.data.builtin.n_test = 40
+    run_data_stage(small, RunDir(root / "severity-0.95"))
 
 
 def test_report_rebuilds_the_results_of_a_run(tmp_path):
@@ -102,10 +114,13 @@ def test_report_rebuilds_the_results_of_a_run(tmp_path):
     out = fairsynth("report", str(run), cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads((run / "results.json").read_text())
-    assert [(r["method"], r["severity"]) for r in rows] == [("erm", 0.95)]
-    assert rows[0]["test_worst_group"] == 0.25 and rows[0]["stage_seconds"] == {"data": 1.5, "train": 20.0}
+    assert [(r["method"], r["severity"]) for r in rows] == [("chance", 0.95), ("erm", 0.95)]
+    assert rows[1]["test_worst_group"] == 0.25 and rows[1]["stage_seconds"] == {"data": 1.5, "train": 20.0}
+    # Chance on 10 test images per group: the expected minimum of four Binomial(10, 1/2) / 10.
+    assert rows[0]["test_worst_group"] == pytest.approx(0.3394, abs=1e-4) and rows[0]["test_average_group"] == 0.5
     table = (run / "results.md").read_text()
-    assert "| ERM | 25.0 / 62.5 |" in table and "LoRA" not in table
+    assert "| ERM | 25.0 / 62.5 | 25.0 / 62.5 | 100.0 / 25.0 / 50.0 / 75.0 |" in table and "LoRA" not in table
+    assert "| Chance (a coin flip) |" in table
     assert table in out.stdout
     assert (run / "plots" / "per_group_severity-0.95.png").stat().st_size > 0
     page = (run / "report.html").read_text()

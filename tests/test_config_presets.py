@@ -60,7 +60,7 @@ def test_each_0999_preset_is_its_dataset_preset_at_severity_0999(dataset):
 
 def test_the_dataset_presets_share_every_paper_setting_but_their_data_and_prompts():
     paper = load_config("paper").model_dump(mode="json")
-    own = {"run_dir", "data"}
+    own = {"run_dir", "data", "methods"}
     prompts = {"prompt_template", "identifier_template"}
     for dataset in ("waterbirds", "celeba", "utkface"):
         cfg = load_config(dataset).model_dump(mode="json")
@@ -69,3 +69,5 @@ def test_the_dataset_presets_share_every_paper_setting_but_their_data_and_prompt
         assert {k: v for k, v in cfg["generate"].items() if k not in prompts} == {
             k: v for k, v in paper["generate"].items() if k not in prompts}
         assert (cfg["data"]["name"], cfg["data"]["image_size"], cfg["data"]["severity"]) == (dataset, 224, "original")
+        # Every method the data allows: the oracle draws built-in renders, so real data has none.
+        assert cfg["methods"] == [m for m in paper["methods"] if m != "oracle"]

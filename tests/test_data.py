@@ -223,9 +223,29 @@ def test_base_corpus_captions_match_images():
     assert corpus.images.shape == (12, 32, 32, 3)
     for cap, o, b in zip(corpus.captions, corpus.object_index, corpus.background_index):
         object_words, background_words = builtin.true_words(builtin.OBJECTS[o], builtin.BACKGROUNDS[b])
-        true_captions = {f"a photo of a {w}" + (f" on {where}" if where else "")
-                         for w in object_words for where in background_words}
+        true_captions = {f"a {kind} of a {w}" + (f" on {where}" if where else "")
+                         for kind in ("photo", "drawing") for w in object_words for where in background_words}
         assert cap in true_captions
+
+
+def test_base_corpus_draws_photos_and_flat_drawings():
+    corpus = builtin.base_corpus(40, seed=1)
+    photos = [c.startswith("a photo of") for c in corpus.captions]
+    assert 0 < sum(photos) < len(photos)
+    for image, photo in zip(corpus.images, photos):
+        distinct = len(np.unique(image.reshape(-1, 3), axis=0))
+        # A drawing is a few flat colours; a photo is shaded, textured and lit.
+        assert distinct > 20 if photo else distinct <= 6
+
+
+def test_photos_wear_any_colour_so_colour_does_not_name_the_bird():
+    """The base corpus's photos colour a bird by chance, not by its kind; the benchmark's shared
+    palette is for fine-tuning to find."""
+    centres = []
+    for seed in range(40):
+        image = builtin.render("gull", "lake", seed, "photo").astype(int)
+        centres.append(tuple(image[12:20, 12:20].reshape(-1, 3).mean(axis=0) // 40))
+    assert len(set(centres)) >= 4
 
 
 def test_base_corpus_speaks_the_prompts_words():
@@ -257,6 +277,25 @@ def test_metrics_hand_computed():
     assert result["average_group"] == pytest.approx((1 + 0 + 1 + 0.5) / 4)
     assert result["weighted_average"] == pytest.approx((10 * 1 + 5 * 1 + 5 * 0.5) / 20)
     assert result["accuracy"] == pytest.approx(6 / 8)
+
+
+def test_chance_is_the_exact_expected_worst_group_of_guessing():
+    from engine.metrics import chance
+
+    # Two groups of one image: the worst is right only when both guesses are (1/4).
+    two = chance([1, 1], 2)
+    assert two["worst_group"] == pytest.approx(0.25) and two["worst_group_std"] == pytest.approx(math.sqrt(0.25 - 0.0625))
+    assert two["average_group"] == 0.5
+    # One group of two: 0, 1/2 or 1 with probabilities 1/4, 1/2, 1/4.
+    assert chance([2], 2)["worst_group"] == pytest.approx(0.5)
+    # Three classes guess right a third of the time; an empty group does not count.
+    assert chance([3, 0], 3)["average_group"] == pytest.approx(1 / 3)
+    # Against simulation, at the built-in test split's sizes.
+    rng = np.random.default_rng(0)
+    simulated = rng.binomial(200, 0.5, size=(100_000, 4)).min(axis=1) / 200
+    exact = chance([200] * 4, 2)
+    assert exact["worst_group"] == pytest.approx(simulated.mean(), abs=5e-4)
+    assert exact["worst_group_std"] == pytest.approx(simulated.std(), abs=5e-4)
 
 
 # --- config and the data_stats job ---------------------------------------------------------

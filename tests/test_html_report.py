@@ -26,10 +26,10 @@ def run_dir(finished_run: Path) -> Path:
 def test_report_is_self_contained_and_shows_every_result(run_dir):
     page = (run_dir / "report.html").read_text()
     assert "http://" not in page and "https://" not in page and "<script" not in page
-    assert page.count('src="data:image/png;base64,') == 2  # the per-group plot and the grid
+    assert page.count('src="data:image/png;base64,') == 3  # the two plots and the grid
     rows = json.loads((run_dir / "results.json").read_text())
     for row in rows:
-        for metric in ("test_worst_group", "test_average_group"):
+        for metric in ("val_worst_group", "val_average_group", "test_worst_group", "test_average_group"):
             cell = (f'data-method="{row["method"]}" data-severity="{row["severity"]}" '
                     f'data-metric="{metric}" data-value="{row[metric]}">{100 * row[metric]:.1f}</td>')
             assert cell in page, (row["method"], metric)
@@ -56,9 +56,10 @@ def test_report_renders_in_headless_chromium(run_dir):
         finally:
             browser.close()
     assert errors == []
-    assert len(images) == 2 and all(complete and width > 0 for complete, width in images)
+    assert len(images) == 3 and all(complete and width > 0 for complete, width in images)
     shown = {(method, metric): float(text) for method, metric, text in cells}
-    expected = {(r["method"], m): round(100 * r[m], 1) for r in rows for m in ("test_worst_group", "test_average_group")}
+    expected = {(r["method"], m): round(100 * r[m], 1) for r in rows
+                for m in ("val_worst_group", "val_average_group", "test_worst_group", "test_average_group")}
     assert shown == expected
 
 

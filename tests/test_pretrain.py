@@ -29,7 +29,7 @@ def test_an_unknown_phase_fails_in_one_line():
     out = _job("--phases", "vae,foo")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        "error: phases: unknown phase(s) ['foo']; expected a subset of vae,unet,clip"]
+        "error: phases: unknown phase(s) ['foo']; expected a subset of vae,unet,clip,judge"]
 
 
 def test_the_unet_phase_without_a_trained_vae_names_the_phase_to_run(tmp_path):
@@ -41,8 +41,9 @@ def test_the_unet_phase_without_a_trained_vae_names_the_phase_to_run(tmp_path):
 
 def test_smoke_settings_shrink_every_phase_and_keep_a_given_work_dir(tmp_path):
     smoke = PretrainSettings(vae_steps=99).smoke()
-    assert (smoke.vae_steps, smoke.unet_steps, smoke.clip_steps, smoke.corpus_size) == (4, 4, 4, 256)
+    assert (smoke.vae_steps, smoke.unet_steps, smoke.clip_steps, smoke.judge_steps, smoke.corpus_size) == (4, 4, 4, 4, 256)
     assert smoke.work_dir == Path("runs/pretrain_tiny_smoke")
+    assert smoke.out_judge == Path("runs/pretrain_tiny_smoke/judge")  # never the shipped judge
     assert PretrainSettings(work_dir=tmp_path).smoke().work_dir == tmp_path
 
 
@@ -52,11 +53,13 @@ def test_smoke_run_ships_models_that_load_and_a_rerun_reuses_the_vae(tmp_path):
 
     from engine.models.encoders import TinyClipEncoder
 
-    paths = ["--out-sd", str(tmp_path / "sd"), "--out-clip", str(tmp_path / "clip"), "--work-dir", str(tmp_path / "work")]
+    paths = ["--out-sd", str(tmp_path / "sd"), "--out-clip", str(tmp_path / "clip"), "--out-judge", str(tmp_path / "judge"),
+             "--work-dir", str(tmp_path / "work")]
     out = _job("--smoke", *paths)
     assert out.returncode == 0, out.stderr
-    stats = {line.split(": ", 1)[0]: json.loads(line.split(": ", 1)[1]) for line in out.stdout.splitlines()[:3]}
-    assert stats["vae"]["steps"] == stats["unet"]["steps"] == stats["clip"]["steps"] == 4
+    stats = {line.split(": ", 1)[0]: json.loads(line.split(": ", 1)[1]) for line in out.stdout.splitlines()[:4]}
+    assert stats["vae"]["steps"] == stats["unet"]["steps"] == stats["clip"]["steps"] == stats["judge"]["steps"] == 4
+    assert (tmp_path / "judge/model.safetensors").is_file()
     assert json.loads((tmp_path / "sd/pretrain.json").read_text())["corpus_size"] == 256
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "sd", safety_checker=None, local_files_only=True)
     image = pipe("a photo of a cat", num_inference_steps=2, output_type="np").images

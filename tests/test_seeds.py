@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.config import load_config
-from engine.pipeline import SEEDED_SECTIONS, seed_config
+from engine.config import SEEDED_SECTIONS, load_config
+from engine.pipeline import seed_config
 from engine.report import aggregate_seeds, results_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +26,10 @@ def _row(method: str, wga: float, aga: float, fidelity: dict | None = None) -> d
         "test_average_group": aga,
         "test_per_group": [aga, wga, wga, aga],
         "val_worst_group": wga,
+        "val_average_group": aga,
+        "val_per_group": [aga, wga, wga, aga],
+        "synthetic_only_test_worst_group": wga / 2 if fidelity else None,
+        "synthetic_only_test_average_group": aga / 2 if fidelity else None,
         "synthetic_images": 288 if fidelity else 0,
         "group_names": ["a", "b", "c", "d"],
         "synthetic_fidelity": fidelity,
@@ -61,8 +65,13 @@ def test_aggregate_is_mean_and_sample_std_over_seeds():
     assert lora["synthetic_fidelity"]["worst_unit_after"] == {"after": 0.5, "seed": 1, "unit": "g2"}
     assert erm["synthetic_fidelity"] is None
 
+    assert lora["synthetic_only_test_worst_group"] == pytest.approx(0.30)
+    assert math.isnan(erm["synthetic_only_test_worst_group"])
+
     table = results_markdown(list(rows.values()), "builtin")
-    assert "| ERM | 20.0 ± 10.0 / 70.0 ± 10.0 |" in table
+    # val, then test, then test per group, each a mean ± std over the seeds.
+    assert "| ERM | 20.0 ± 10.0 / 70.0 ± 10.0 | 20.0 ± 10.0 / 70.0 ± 10.0 | 70.0 / 20.0 / 20.0 / 70.0 | - |" in table
+    assert "| LoRA | 60.0 ± 10.0 / 85.0 ± 5.0 | 60.0 ± 10.0 / 85.0 ± 5.0 | 85.0 / 60.0 / 60.0 / 85.0 | 30.0 / 42.5 |" in table
     # Each seed's figures beside the mean.
     assert "| ERM | 0.999 | 10.0 / 60.0 | 20.0 / 70.0 | 30.0 / 80.0 | 20.0 ± 10.0 / 70.0 ± 10.0 |" in table
     assert "worst unit 50.0 (seed 1)" in table
@@ -76,12 +85,34 @@ def test_one_seed_has_no_spread():
     assert math.isnan(aggregate_seeds({0: [_row("erm", math.nan, 0.5)]})[0]["test_worst_group"])
 
 
-def test_seed_config_sets_every_stage_seed_and_keeps_the_data():
-    cfg = load_config(None, ["seeds=[0,7]", "run_dir=/tmp/x", "train.seed=3", "data.builtin.seed=5"])
+def test_seed_config_sets_every_stage_seed_and_the_data():
+    cfg = load_config(None, ["seeds=[0,7]", "run_dir=/tmp/x"])
     sub = seed_config(cfg, 7)
     assert sub.run_dir == "/tmp/x/seed_7" and sub.seeds is None and sub.seed == 7
     assert all(getattr(sub, s).seed == 7 for s in SEEDED_SECTIONS)
-    assert sub.data == cfg.data  # the dataset is the same for every seed
+    assert all(getattr(cfg, s).seed == 0 for s in SEEDED_SECTIONS)  # the parent keeps its own
+    # Every stage's cache key, the data's included, moves with the seed.
+    for section in SEEDED_SECTIONS:
+        assert sub.slice_hash(section) != cfg.slice_hash(section)
+
+
+def test_a_bare_seed_reaches_every_stage_and_the_data():
+    from engine.data.prepare import load_dataset
+
+    cfg = load_config(None, ["seed=7"])
+    assert all(getattr(cfg, s).seed == 7 for s in SEEDED_SECTIONS)
+    small = ["data.builtin.n_train=40", "data.builtin.n_val=8", "data.builtin.n_test=8"]
+    drawn = {s: load_dataset(load_config(None, [f"seed={s}", *small]).data).records["source"].tolist() for s in (0, 7)}
+    assert drawn[0] != drawn[7]  # each seed draws its own world
+    assert drawn[7] == load_dataset(load_config(None, ["seed=7", *small]).data).records["source"].tolist()
+
+
+@pytest.mark.parametrize("key", ["train.seed", "cluster.seed", "data.builtin.seed", "data.split_seed"])
+def test_a_stage_seed_of_its_own_is_refused(key):
+    from engine.errors import FairsynthError
+
+    with pytest.raises(FairsynthError, match="unknown key"):
+        load_config(None, [f"{key}=3"])
 
 
 @pytest.mark.parametrize("bad", ["seeds=[1,1]", "seeds=[]", "seeds=[-1]", "seeds=[a]"])
@@ -96,7 +127,7 @@ def test_bad_seeds_fail_at_load_naming_the_key(bad):
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # two Ray Train fits: about a minute each on 2 idle cores, more when shared
 def test_full_job_with_seeds_reports_each_seed_and_their_mean(tmp_path):
-    """jobs/full.py --seeds on ERM at a tiny size: a run per seed, the data stage copied, and
+    """jobs/full.py --seeds on ERM at a tiny size: a run per seed, each with its own data, and
     root results equal to the mean of the seeds' own results."""
     run = tmp_path / "run"
     cmd = [
@@ -124,12 +155,10 @@ def test_full_job_with_seeds_reports_each_seed_and_their_mean(tmp_path):
         assert row["test_worst_group_std"] == pytest.approx(abs(wga[0] - wga[1]) / math.sqrt(2))
     for s in (0, 1):
         saved = yaml.safe_load((run / f"seed_{s}/config.yaml").read_text())
-        assert saved["seed"] == s and saved["train"]["seed"] == s and saved["seeds"] is None
-    # The data stage ran once; the second seed's is a copy of the same bytes.
-    marker = json.loads((run / "seed_1/severity-0.9/data/_COMPLETE.json").read_text())
-    assert marker["copied_from"].endswith("seed_0/severity-0.9")
-    for name in ("records.parquet", "groups.json"):
-        assert (run / f"seed_1/severity-0.9/data/{name}").read_bytes() == (run / f"seed_0/severity-0.9/data/{name}").read_bytes()
+        assert saved["seed"] == s and saved["seeds"] is None
+    # Each seed drew its own data.
+    records = [(run / f"seed_{s}/severity-0.9/data/records.parquet").read_bytes() for s in (0, 1)]
+    assert records[0] != records[1]
     table = (run / "results.md").read_text()
     assert "± " in table and "seed 0" in table and "seed 1" in table
     assert "± " in proc.stdout

@@ -24,8 +24,9 @@ from PIL import Image
 
 from engine.config import load_config
 from engine.data import builtin
-from engine.data.stage import run_data_stage
+from engine.data.stage import load_run_dataset, run_data_stage
 from engine.errors import FairsynthError
+from engine.generate.oracle import images_per_group
 from engine.generate.shards import synthetic_dir, write_shard_table
 from engine.runs import RunDir
 from engine.train.data import (
@@ -157,6 +158,28 @@ def test_a_generative_classifier_trains_again_only_when_its_kept_images_change(t
     assert train_hash(cfg, run, "erm") == erm
 
 
+def test_a_method_override_retrains_that_method_alone(tmp_path):
+    """train.method_overrides scopes a hyperparameter to one method (as the baseline search
+    chooses them): its classifier's key moves, the others' stay."""
+    run = RunDir(tmp_path)
+    base = load_config(None, [f"run_dir={tmp_path}"])
+    tuned = load_config(None, [f"run_dir={tmp_path}", "train.method_overrides={erm: {learning_rate: 0.004}}"])
+    assert tuned.train.for_method("erm").learning_rate == 0.004
+    assert tuned.train.for_method("group_dro").learning_rate == base.train.learning_rate
+    assert train_hash(tuned, run, "erm") != train_hash(base, run, "erm")
+    assert train_hash(tuned, run, "group_dro") == train_hash(base, run, "group_dro")
+    # The same value set for every method, or per method, trains the same classifier.
+    shared = load_config(None, [f"run_dir={tmp_path}", "train.learning_rate=0.004"])
+    assert train_hash(shared, run, "erm") == train_hash(tuned, run, "erm")
+    erm_phase, = get_method("erm").phases(tuned.train.for_method("erm"))
+    assert erm_phase.learning_rate == 0.004
+    for bad, needle in (("{erm: {epochs: 3}}", "erm.epochs cannot be set per method"),
+                        ("{nope: {learning_rate: 0.1}}", "unknown method 'nope'"),
+                        ("{erm: {learning_rate: -1}}", "must be a positive number")):
+        with pytest.raises(FairsynthError, match=needle):
+            load_config(None, [f"train.method_overrides={bad}"])
+
+
 def test_stage2_modes_choose_what_trains():
     def phases(mode):
         return get_method("dreambooth").phases(load_config(None, [f"train.stage2={mode}"]).train)
@@ -179,6 +202,20 @@ def test_stage2_modes_choose_what_trains():
     assert not as_is[1].balanced
     erm, = get_method("erm").phases(load_config().train)
     assert (erm.aggregate, erm.balanced) == ("mean", False)
+
+
+def test_dfr_reads_the_real_set_as_it_is_then_group_balanced():
+    """DFR's two phases both read the real set, once as it is and once group-balanced: two
+    views, where one view per dataset would train its last layer on the biased set."""
+    cfg = load_config().train
+    erm, last = get_method("dfr").phases(cfg)
+    assert (erm.dataset, erm.trainable, erm.balanced, erm.view) == ("train", "all", False, "train")
+    assert (last.dataset, last.trainable, last.balanced, last.view) == ("train", "head", True, "train_balanced")
+    # The generative methods' stage 2, on an encoder that learnt from the real set alone.
+    stage2 = get_method("lora").phases(cfg)[-1]
+    assert (last.epochs, last.learning_rate, last.sample_loss) == (stage2.epochs, stage2.learning_rate, stage2.sample_loss)
+    assert get_method("oracle").uses_synthetic and get_method("oracle").synthetic_stage == "oracle"
+    assert [p.name for p in get_method("oracle").phases(cfg)] == ["pretrain", "finetune"]
 
 
 def test_phase_fields_are_keywords_from_closed_sets():
@@ -412,6 +449,34 @@ def test_each_method_trains_one_epoch_with_two_ddp_workers(shared_run, method):
     assert again["stage_seconds"] == metrics["stage_seconds"]
 
 
+def test_dfr_and_the_oracle_train_on_views_of_their_own(shared_run):
+    """DFR's last layer reads a group-balanced view of the real set beside its ERM phase's; the
+    oracle pretrains on fresh real renders and reports the classifier they alone left."""
+    from engine.generate.oracle import run_oracle_stage
+    from engine.train import run_train_stages
+    from engine.train.stage import _fit_datasets, _method_inputs
+
+    cfg, run = shared_run
+    run_oracle_stage(cfg, run)
+    dataset = load_run_dataset(run)
+    inputs = _method_inputs(cfg, run, ["dfr"], dataset)
+    views, _ = _fit_datasets(cfg.train, run, inputs, dataset.records, dataset.group_counts("train"))
+    assert set(views) == {"dfr.train", "dfr.train_balanced"}
+    groups = [np.bincount(views[name].to_pandas()["group"], minlength=4) for name in ("dfr.train", "dfr.train_balanced")]
+    assert groups[0].tolist() == dataset.group_counts("train")  # as it is: the bias intact
+    assert groups[1].min() >= 0.5 * groups[1].max()  # resampled to groups of about one size
+
+    metrics = run_train_stages(cfg, run, ["dfr", "oracle"])
+    assert [e["phase"] for e in metrics["dfr"]["epochs"]] == ["train", "finetune"]
+    assert metrics["dfr"]["synthetic_only"] is None
+    oracle = metrics["oracle"]
+    assert [e["phase"] for e in oracle["epochs"]] == ["pretrain", "finetune"]
+    assert oracle["synthetic_images"] == 4 * images_per_group(cfg, dataset.group_counts("train"))
+    only = oracle["synthetic_only"]
+    assert set(only) == {"val", "test"} and 0.0 <= only["test"]["worst_group"] <= only["test"]["average_group"] <= 1.0
+    assert only == next(e["synthetic_only"] for e in oracle["epochs"] if "synthetic_only" in e)
+
+
 @pytest.mark.slow  # 40 s and more; tests/test_reliability.py loses workers in the default suite too
 def test_group_dro_survives_a_lost_worker(shared_run):
     """Group-DRO's short run, with a worker process killed after its first epoch: Ray Train
@@ -514,7 +579,7 @@ def test_generative_method_without_synthetic_images_is_one_line(tmp_path):
     cfg, run = _prepare(tmp_path / "run")
     from engine.train import run_train_stage
 
-    with pytest.raises(FairsynthError, match="no synthetic shards in .*jobs/generate.py"):
+    with pytest.raises(FairsynthError, match="no synthetic shards in .*jobs/full.py"):
         run_train_stage(cfg, run, "lora")
     assert not (run / "train/lora/metrics.json").exists()
 

@@ -154,7 +154,7 @@ def _require_columns(frame: pd.DataFrame, needed: tuple[str, ...], path: Path, d
 def load_builtin(cfg: DataConfig) -> GroupedDataset:
     """The procedural benchmark: original train is biased, val and test are group-balanced."""
     b = cfg.builtin
-    rng = np.random.default_rng(b.seed)
+    rng = np.random.default_rng(cfg.seed)
     rows = []
     n_classes, n_attrs = len(builtin.CLASS_NAMES), len(builtin.ATTRIBUTE_NAMES)
 
@@ -318,7 +318,7 @@ def load_utkface(cfg: DataConfig) -> GroupedDataset:
     if malformed:
         log.warning("utkface: skipped %d files with malformed names or ages outside data.age_bins", malformed)
     frame = pd.DataFrame(rows)
-    order = np.random.default_rng(cfg.split_seed).permutation(len(frame))
+    order = np.random.default_rng(cfg.seed).permutation(len(frame))
     cut1, cut2 = int(0.8 * len(frame)), int(0.9 * len(frame))
     split = np.empty(len(frame), dtype=object)
     split[order[:cut1]], split[order[cut1:cut2]], split[order[cut2:]] = "train", "val", "test"

@@ -29,7 +29,7 @@ def load_dataset(cfg: DataConfig, check_images: bool = False) -> GroupedDataset:
         aligned = dataset.info.get("aligned") or infer_aligned(train, dataset.n_classes, dataset.n_attributes)
     dataset.info["aligned"] = {int(c): int(a) for c, a in aligned.items()}
     dataset.info["severity"] = cfg.severity
-    dataset.records = apply_severity(dataset.records, cfg.severity, aligned, cfg.split_seed)
+    dataset.records = apply_severity(dataset.records, cfg.severity, aligned, cfg.seed)
     if check_images:
         bad = find_bad_images(dataset.records["source"].tolist())
         if bad and not cfg.skip_bad_images:

@@ -5,8 +5,12 @@ its images read as exactly the unit's group (class and attribute). The filter st
 every image once, and reports fidelity per method and unit over all generated images
 ("before" filtering) and over the kept ones ("after"), so the filter's effect shows.
 
-Judges, chosen by ``fidelity.judge`` (``auto``: the renderer on the built-in benchmark, CLIP
-elsewhere):
+Judges, chosen by ``fidelity.judge`` (``auto``: the learned judge on the built-in benchmark,
+CLIP elsewhere):
+
+- ``learned``: a small CNN trained on group-balanced real renders of the built-in benchmark
+  (``engine.models.judge``, shipped with the package): it reads an image as a model of the
+  real images does, so an image it reads right also looks like a real one of its group.
 
 - ``renderer``: the built-in benchmark's own drawing rules (``engine.data.builtin``), read
   backwards. The attribute is the background family whose colour ramp the image border lies
@@ -163,6 +167,23 @@ class RendererJudge:
         return labels, attributes
 
 
+class LearnedJudge:
+    """Reads class and attribute with the shipped learned judge (engine.models.judge)."""
+
+    name = "learned"
+
+    def __init__(self):
+        from engine.models.judge import load_judge
+
+        self.model = load_judge()
+
+    def read(self, images) -> tuple[np.ndarray, np.ndarray]:
+        from engine.models.judge import read_groups
+
+        labels, attributes = read_groups(self.model, list(images))
+        return labels.astype(np.int64), attributes.astype(np.int64)
+
+
 class ClipJudge:
     """Zero-shot image-text encoder: the class and attribute prompts nearest each image."""
 
@@ -184,10 +205,10 @@ class ClipJudge:
 
 
 def judge_kind(cfg) -> str:
-    """The judge ``fidelity.judge`` names; 'auto' picks the renderer on the built-in benchmark."""
+    """The judge ``fidelity.judge`` names; 'auto' picks the learned judge on the built-in benchmark."""
     if cfg.fidelity.judge != "auto":
         return cfg.fidelity.judge
-    return "renderer" if cfg.data.name == "builtin" else "clip"
+    return "learned" if cfg.data.name == "builtin" else "clip"
 
 
 def judge_prompts(cfg, class_names: list[str], attribute_names: list[str]) -> tuple[list[str], list[str]]:

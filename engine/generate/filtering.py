@@ -121,6 +121,8 @@ class SyntheticImageScorer:
         self.judge = None
         if judge == "renderer":
             self.judge = fidelity.RendererJudge()
+        elif judge == "learned":
+            self.judge = fidelity.LearnedJudge()
         elif judge == "clip":
             self.judge = fidelity.ClipJudge(self.encoder, *judge_prompts)
 

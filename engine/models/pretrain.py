@@ -7,6 +7,8 @@ Phases, run in order (:attr:`PretrainSettings.phases` picks some):
         caption dropout (the empty prompt is the unconditional one, for classifier-free
         guidance); an EMA of both is what ships, in diffusers format.
   clip  the tiny contrastive image/text encoder.
+  judge the built-in benchmark's learned fidelity judge (engine.models.judge), trained on
+        benchmark renders, not on the base corpus: it judges, it generates nothing.
 
 Each phase keeps its result in ``work_dir``, so a re-run after a crash skips finished phases.
 With ``init_from`` the vae phase only encodes the corpus with that model's VAE, and the unet
@@ -38,7 +40,7 @@ from engine.storage import atomic_local_directory
 
 log = logging.getLogger(__name__)
 
-PHASES = ("vae", "unet", "clip")
+PHASES = ("vae", "unet", "clip", "judge")
 DEFAULT_WORK_DIR = Path("runs/pretrain_tiny")
 
 
@@ -52,9 +54,10 @@ def _knob(default, doc: str, kind: type | None = None):
 class PretrainSettings:
     """Every setting of the tiny models' pretraining; the defaults made the shipped models."""
 
-    phases: tuple[str, ...] = _knob(PHASES, "a subset of vae, unet, clip")
+    phases: tuple[str, ...] = _knob(PHASES, "a subset of vae, unet, clip, judge")
     out_sd: Path = field(default_factory=tiny.tiny_model_path, metadata={"help": "where the tiny SD ships"})
     out_clip: Path = field(default_factory=tiny.tiny_clip_path, metadata={"help": "where the tiny CLIP ships"})
+    out_judge: Path = field(default_factory=lambda: _judge_path(), metadata={"help": "where the learned judge ships"})
     work_dir: Path = _knob(DEFAULT_WORK_DIR, "each phase's result, kept so a re-run skips it")
     seed: int = 0
     corpus_size: int = 20000
@@ -71,6 +74,8 @@ class PretrainSettings:
     clip_steps: int = 800
     clip_batch: int = 96
     clip_lr: float = 2e-3
+    judge_renders_per_group: int = 4000
+    judge_steps: int = 3000
     max_minutes_vae: float | None = _knob(None, "end the VAE phase after this long, its learning rate fully decayed")
     max_minutes_unet: float | None = _knob(None, "as --max-minutes-vae, for the UNet phase")
     max_minutes_clip: float | None = _knob(None, "as --max-minutes-vae, for the CLIP phase")
@@ -87,8 +92,11 @@ class PretrainSettings:
         """A few steps of every phase on a tiny corpus, in a work folder of its own unless one
         was given: a check that the whole path runs, not a model."""
         work_dir = Path("runs/pretrain_tiny_smoke") if self.work_dir == DEFAULT_WORK_DIR else self.work_dir
-        return replace(self, corpus_size=256, clip_corpus_size=256, vae_steps=4, unet_steps=4, clip_steps=4,
-                       vae_batch=8, unet_batch=16, clip_batch=16, work_dir=work_dir)
+        # A smoke judge never replaces the shipped one unless asked to.
+        out_judge = work_dir / "judge" if self.out_judge == _judge_path() else self.out_judge
+        return replace(self, out_judge=out_judge, corpus_size=256, clip_corpus_size=256, vae_steps=4, unet_steps=4, clip_steps=4,
+                       vae_batch=8, unet_batch=16, clip_batch=16, judge_renders_per_group=16, judge_steps=4,
+                       work_dir=work_dir)
 
 
 def run_pretraining(settings: PretrainSettings) -> dict[str, dict]:
@@ -103,6 +111,8 @@ def run_pretraining(settings: PretrainSettings) -> dict[str, dict]:
             stats["unet"] = run_unet_phase(settings, corpus)
     if "clip" in settings.phases:
         stats["clip"] = run_clip_phase(settings)
+    if "judge" in settings.phases:
+        stats["judge"] = run_judge_phase(settings)
     return stats
 
 
@@ -390,3 +400,23 @@ def run_clip_phase(settings: PretrainSettings) -> dict:
         for path in tmp.iterdir():
             path.chmod(0o644)
     return stats
+
+
+# --------------------------------------------------------------------------- judge
+
+
+def _judge_path() -> Path:
+    from engine.models.judge import judge_path
+
+    return judge_path()
+
+
+def run_judge_phase(settings: PretrainSettings) -> dict:
+    """Train the learned fidelity judge and ship it to ``out_judge``; returns its report."""
+    from engine.models.judge import train_judge
+
+    t0 = time.time()
+    report = train_judge(settings.out_judge, per_group=settings.judge_renders_per_group, steps=settings.judge_steps,
+                         seed=settings.seed + 4, progress=lambda n: progress(n, "judge"))
+    report["seconds"] = round(time.time() - t0, 1)
+    return report

@@ -40,7 +40,7 @@ from engine import storage
 from engine.config import TrainConfig
 from engine.metrics import summarize
 from engine.train.backbones import Classifier, build_classifier
-from engine.train.methods import Phase, get_method
+from engine.train.methods import SYNTHETIC, Phase, get_method
 
 log = logging.getLogger(__name__)
 
@@ -262,8 +262,8 @@ class WorkerRun:
     rank: int
     world: int
     device: torch.device
-    # The fit's name for each dataset a phase reads (REAL or SYNTHETIC): one fit holds the
-    # datasets of several methods.
+    # The fit's name for each view a phase reads (``Phase.view``): one fit holds the views
+    # of several methods.
     datasets: dict[str, str] = field(default_factory=dict)
     tensorboard_dir: str | None = None
     failure_marker: str | None = None
@@ -278,6 +278,12 @@ class WorkerRun:
         # The selection phase is the last one; its first epoch is the first candidate.
         return len(self.schedule) - self.phases[-1].epochs
 
+    def ends_pretraining(self, epoch: int) -> bool:
+        """Whether ``epoch`` is the last of a synthetic phase that a real-data phase follows."""
+        index, within = self.schedule[epoch]
+        phase = self.phases[index]
+        return phase.dataset == SYNTHETIC and within == phase.epochs - 1 and index < len(self.phases) - 1
+
     @property
     def per_worker_batch(self) -> int:
         return max(2, self.cfg.batch_size // self.world)
@@ -287,7 +293,7 @@ class WorkerRun:
         return evaluate(module, blocks, self.per_worker_batch * 4, self.n_groups, self.device, train_counts)
 
     def dataset_name(self, phase: Phase) -> str:
-        return self.datasets.get(phase.dataset, phase.dataset)
+        return self.datasets.get(phase.view, phase.view)
 
     @classmethod
     def from_config(cls, config: dict, job: dict) -> WorkerRun:
@@ -298,7 +304,7 @@ class WorkerRun:
 
         ctx = ray.train.get_context()
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
-        cfg = config["train"]
+        cfg = config["train"].for_method(job["method"])
         return cls(
             cfg=cfg,
             method=job["method"],
@@ -492,6 +498,10 @@ def train_method(run: WorkerRun, resumed: dict | None, finished: dict, fit_epoch
                 current.optimizer.load_state_dict(resumed["optimizer"])
                 current.aggregate.load_state_dict(resumed["aggregate"])
         metrics = _run_epoch(run, module, current, epoch)
+        if run.ends_pretraining(epoch):
+            # The classifier as the synthetic images alone left it, scored on real images: how
+            # far they are from the real ones (the domain gap).
+            metrics["synthetic_only"] = {split: run.evaluate(module, split, run.train_counts) for split in ("val", "test")}
         history.append(metrics)
         best = _keep_if_best(best, module, metrics, run.first_scored_epoch)
         _log_epoch(writer, run, metrics)

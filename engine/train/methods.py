@@ -7,6 +7,11 @@ phases; it never asks which method it is running.
 
 - ``erm``: cross-entropy on the real (biased) training set.
 - ``group_dro``: Group-DRO on the real training set, optionally with group-balanced sampling.
+- ``dfr``: Deep Feature Reweighting (Kirichenko et al. 2022), the real-data control for the
+  generative methods' stage 2: ERM on the real set, then the last layer retrained on it
+  group-balanced, with the generative methods' stage-2 settings.
+- ``oracle`` (built-in benchmark only): a generative method's two stages, with its synthetic
+  set replaced by as many fresh real renders per group (engine.generate.oracle): the ceiling.
 - ``vanilla``, ``lora``, ``dreambooth``, ``clustered_dreambooth``: stage 1 pretrains on that
   generator's kept synthetic images with beta * CE + (1 - beta) * SupCon; stage 2 fine-tunes
   on real data in the mode ``train.stage2`` names:
@@ -66,6 +71,12 @@ class Phase:
     aggregate: Aggregate = "mean"
     balanced: bool = False  # group-balanced sampling of the phase's dataset
 
+    @property
+    def view(self) -> str:
+        """The name of the Ray Data view the phase iterates: its dataset, sampled as it asks
+        (a method may read the real set both as it is and group-balanced)."""
+        return f"{self.dataset}_balanced" if self.balanced else self.dataset
+
     def __post_init__(self) -> None:
         for field, kind in (("dataset", Dataset), ("trainable", Trainable), ("sample_loss", SampleLoss),
                             ("aggregate", Aggregate)):
@@ -94,6 +105,7 @@ class Phase:
 class Method:
     name = ""
     uses_synthetic = False
+    synthetic_stage = ""  # the stage whose marker names the synthetic set it reads
 
     def phases(self, cfg: TrainConfig) -> list[Phase]:
         raise NotImplementedError
@@ -119,13 +131,42 @@ class GroupDRO(Method):
         ]
 
 
+def stage2_phase(cfg: TrainConfig) -> Phase | None:
+    """The real-data phase that follows a pretraining, in the mode ``train.stage2`` names;
+    every mode reads the real set group-balanced (module docstring)."""
+    finetune = {"name": "finetune", "dataset": REAL, "epochs": cfg.epochs, "balanced": cfg.group_balanced_sampling}
+    if cfg.stage2 == "none":
+        return None
+    if cfg.stage2 == "last_layer":
+        # The encoder is frozen: SupCon on its features has no gradient (module docstring).
+        return Phase(**finetune, learning_rate=cfg.finetune_learning_rate, trainable="head", sample_loss="ce")
+    if cfg.stage2 == "full":
+        return Phase(**finetune, learning_rate=cfg.learning_rate, trainable="all", sample_loss="ce_supcon")
+    return Phase(**finetune, learning_rate=cfg.learning_rate, trainable="all", sample_loss="ce", aggregate="group_dro")
+
+
+class DFR(Method):
+    """ERM, then the last layer retrained group-balanced: the generative methods' stage 2 on
+    an encoder that learnt from the real set alone."""
+
+    name = "dfr"
+
+    def phases(self, cfg: TrainConfig) -> list[Phase]:
+        erm = Phase(name="train", dataset=REAL, epochs=cfg.epochs, learning_rate=cfg.learning_rate,
+                    trainable="all", sample_loss="ce")
+        last_layer = Phase(name="finetune", dataset=REAL, epochs=cfg.epochs, learning_rate=cfg.finetune_learning_rate,
+                           trainable="head", sample_loss="ce", balanced=True)
+        return [erm, last_layer]
+
+
 class SyntheticPretraining(Method):
     """Pretrain on one generator's synthetic images, then fine-tune on the real ones."""
 
     uses_synthetic = True
 
-    def __init__(self, generator: str):
+    def __init__(self, generator: str, synthetic_stage: str | None = None):
         self.name = generator
+        self.synthetic_stage = synthetic_stage or f"filter/{generator}"
 
     def phases(self, cfg: TrainConfig) -> list[Phase]:
         phases = []
@@ -133,25 +174,17 @@ class SyntheticPretraining(Method):
             # The synthetic set is group-balanced by construction: no resampling needed.
             phases.append(Phase(name="pretrain", dataset=SYNTHETIC, epochs=cfg.pretrain_epochs,
                                 learning_rate=cfg.learning_rate, trainable="all", sample_loss="ce_supcon"))
-        # Every stage-2 mode reads the real set group-balanced (module docstring).
-        finetune = {"name": "finetune", "dataset": REAL, "epochs": cfg.epochs, "balanced": cfg.group_balanced_sampling}
-        if cfg.stage2 == "none":
-            return phases
-        if cfg.stage2 == "last_layer":
-            # The encoder is frozen: SupCon on its features has no gradient (module docstring).
-            stage2 = Phase(**finetune, learning_rate=cfg.finetune_learning_rate, trainable="head", sample_loss="ce")
-        elif cfg.stage2 == "full":
-            stage2 = Phase(**finetune, learning_rate=cfg.learning_rate, trainable="all", sample_loss="ce_supcon")
-        else:
-            stage2 = Phase(**finetune, learning_rate=cfg.learning_rate, trainable="all", sample_loss="ce",
-                           aggregate="group_dro")
-        return [*phases, stage2]
+        stage2 = stage2_phase(cfg)
+        return phases if stage2 is None else [*phases, stage2]
 
 
 METHODS: dict[str, Method] = {
     "erm": ERM(),
     "group_dro": GroupDRO(),
+    "dfr": DFR(),
     **{name: SyntheticPretraining(name) for name in GENERATIVE_METHODS},
+    # The oracle's "synthetic" set is real renders (engine.generate.oracle).
+    "oracle": SyntheticPretraining("oracle", synthetic_stage="oracle"),
 }
 
 

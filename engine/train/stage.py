@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import json
 import logging
 import math
 import time
@@ -27,7 +28,6 @@ from engine import storage
 from engine.config import Config
 from engine.data.stage import load_run_dataset
 from engine.errors import FairsynthError
-from engine.generate.filtering import filter_stage_name
 from engine.generate.shards import shard_paths, synthetic_dir
 from engine.raylib import init_ray
 from engine.resources import train_workers, use_gpu
@@ -45,19 +45,21 @@ def stage_name(method: str) -> str:
 
 
 def train_hash(cfg: Config, run: RunDir, method: str) -> str:
-    """What a method's classifier depends on: the data, the train section and the seed, and for
+    """What a method's classifier depends on: the data, the train section as the method trains
+    with it (its own overrides, not another method's) and the seed, and for
     a generative method the synthetic images it reads. Those are named by the filter stage's
     marker (the generation plan's hash and the settings that pick the kept images), so an
     upstream change that leaves the kept images as they were (a sampler's batch size, the
     fidelity judge) trains nothing again."""
-    key = cfg.slice_hash("data", "train", "seed")
+    own = cfg.train.for_method(method).model_dump(mode="json", exclude={"method_overrides"})
+    key = hashlib.sha256(json.dumps([cfg.slice_hash("data", "seed"), own], sort_keys=True).encode()).hexdigest()[:16]
     if get_method(method).uses_synthetic:
         key = f"{key}-{_kept_set_hash(run, method)}"
     return key
 
 
 def _kept_set_hash(run: RunDir, method: str) -> str:
-    path = run.marker(filter_stage_name(method))
+    path = run.marker(get_method(method).synthetic_stage)
     if not path.exists():
         return "none"  # not filtered yet: never equal to a finished filter's hash
     marker = read_json(path)
@@ -104,14 +106,14 @@ def _synthetic_inputs(run: RunDir, method: str, phases: list, n_groups: int, gro
     shards = shard_paths(run, method)
     if not shards:
         raise FairsynthError(
-            f"no synthetic shards in {directory}; run jobs/generate.py and jobs/filter.py "
-            f"--method {method} first (or set train.pretrain_epochs=0)"
+            f"no synthetic shards in {directory}; run `python jobs/full.py --set 'methods=[{method}]'` "
+            "first (or set train.pretrain_epochs=0)"
         )
     counts = train_data.kept_synthetic_counts(shards, n_groups)
     if sum(counts) == 0:
         raise FairsynthError(
-            f"{directory} has no kept synthetic images; re-run jobs/filter.py --method {method} "
-            "with a larger filter.keep_fraction"
+            f"{directory} has no kept synthetic images; re-run the filter stage with a larger "
+            f"filter.keep_fraction (`python jobs/full.py --set 'methods=[{method}]' --set filter.keep_fraction=...`)"
         )
     empty = [group_name(g) for g, c in enumerate(counts) if c == 0]
     if empty:
@@ -120,12 +122,12 @@ def _synthetic_inputs(run: RunDir, method: str, phases: list, n_groups: int, gro
 
 
 def _training_datasets(t, phases: list, real_base, train_counts: list[int], shards: list, synthetic_counts: list[int]) -> dict:
-    """The Ray Data dataset each of a method's phases iterates, by name (REAL or SYNTHETIC).
-    Every method gets views of its own (each counts its epochs from the first, for seeded
+    """The Ray Data view each of a method's phases iterates, by ``Phase.view`` (its dataset,
+    sampled as it is or group-balanced). Every method gets views of its own (each counts its epochs from the first, for seeded
     order, resampling and augmentation); ``real_base()`` gives the decoded real split they share."""
     datasets = {}
     for phase in phases:
-        if phase.dataset in datasets:
+        if phase.view in datasets:
             continue
         if phase.dataset == REAL:
             base = real_base()
@@ -136,7 +138,7 @@ def _training_datasets(t, phases: list, real_base, train_counts: list[int], shar
             )
             counts = synthetic_counts
         weights = train_data.balanced_weights(counts) if phase.balanced else None
-        datasets[phase.dataset] = train_data.training_view(
+        datasets[phase.view] = train_data.training_view(
             base, image_size=t.image_size, augment=t.augment, weights=weights, seed=t.seed
         )
     return datasets
@@ -209,6 +211,7 @@ def _stage_metrics(method: str, final: dict, t, phases: list, dataset, train_cou
         "method": method,
         "val": final["val"],
         "test": final["test"],
+        "synthetic_only": _synthetic_only(final, phases),
         "best_epoch": final["best_epoch"],
         "epochs": [{k: v for k, v in h.items() if not _is_nan(v)} for h in history],
         "synthetic_images": int(sum(synthetic_counts)) if uses_synthetic else 0,
@@ -228,6 +231,14 @@ def _stage_metrics(method: str, final: dict, t, phases: list, dataset, train_cou
     }
 
 
+def _synthetic_only(final: dict, phases: list) -> dict | None:
+    """val and test figures of the classifier trained on synthetic images alone: the end of
+    stage 1 (the loop scores it there), or the final model when nothing follows stage 1."""
+    if phases and phases[-1].dataset == SYNTHETIC:
+        return {"val": final["val"], "test": final["test"]}
+    return next((h["synthetic_only"] for h in final["history"] if "synthetic_only" in h), None)
+
+
 @dataclasses.dataclass
 class MethodInputs:
     """What one method trains on, checked in the driver before any worker starts."""
@@ -241,7 +252,7 @@ class MethodInputs:
 def _method_inputs(cfg: Config, run: RunDir, methods: list[str], dataset) -> list[MethodInputs]:
     inputs = []
     for method in methods:
-        phases = get_method(method).phases(cfg.train)
+        phases = get_method(method).phases(cfg.train.for_method(method))
         shards, counts = _synthetic_inputs(run, method, phases, dataset.n_groups, dataset.group_name)
         inputs.append(MethodInputs(method, phases, shards, counts))
     return inputs
