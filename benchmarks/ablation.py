@@ -16,8 +16,9 @@ train; more images per group re-runs generate, filter and train).
     group_prompt_filter  the filter's text term names the attribute too (the paper's names the class)
     images_400     400 synthetic images per group
 
-Prints a markdown table, then, as the last line, one JSON object. A figure to read, with no
-target: the issue asks how each choice moves the result, not for a threshold.
+Prints a markdown table of validation figures (choices are made on validation; test figures
+are read once, for the results table), then, as the last line, one JSON object. A figure to
+read, with no target: it shows how each choice moves the result, not a threshold.
 
     python benchmarks/ablation.py [--method clustered_dreambooth] [--config tiny] [--seed 0]
         [--run-dir runs/ablation] [--only base,no_filter] [--set key=value ...]
@@ -36,8 +37,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-from engine.pipeline import SEEDED_SECTIONS  # noqa: E402  (needs ROOT on the path)
 
 VARIANTS = {
     "base": [],
@@ -79,10 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def command(args, variant: str) -> list[str]:
     """The jobs/full.py command line of one variant."""
-    # A seed sets every stage's seed too, as ``jobs/full.py --seeds`` does for each of its seeds,
-    # so --seed S repeats the S column of a multi-seed run.
-    seeds = [f"seed={args.seed}", *(f"{section}.seed={args.seed}" for section in SEEDED_SECTIONS)]
-    sets = [f"methods=[{args.method}]", *seeds, *args.overrides, *VARIANTS[variant]]
+    # The run's one seed sets the data and every stage, so --seed S repeats the S column of a
+    # multi-seed run.
+    sets = [f"methods=[{args.method}]", f"seed={args.seed}", *args.overrides, *VARIANTS[variant]]
     return ["python", "jobs/full.py", "--config", args.config, "--run-dir", args.run_dir,
             *[part for s in sets for part in ("--set", s)]]
 
@@ -102,8 +100,8 @@ def run_variant(args, variant: str) -> dict:
     return {
         "variant": variant,
         "command": shlex.join(cmd),
-        "test_worst_group": row["test_worst_group"],
-        "test_average_group": row["test_average_group"],
+        "val_worst_group": row["val_worst_group"],
+        "val_average_group": row["val_average_group"],
         "synthetic_images": row.get("synthetic_images", 0),
         "fidelity_after": fidelity.get("after"),
         "seconds": round(time.time() - started, 1),
@@ -120,13 +118,13 @@ def main(argv=None) -> None:
     for variant in args.only:
         print(f"running {variant}: {shlex.join(command(args, variant))}", file=sys.stderr, flush=True)
         results.append(run_variant(args, variant))
-    print(f"| {args.method}, seed {args.seed} | test WGA / AGA (%) | group fidelity (%) | synthetic images |")
+    print(f"| {args.method}, seed {args.seed} | val WGA / AGA (%) | group fidelity (%) | synthetic images |")
     print("|---|---|---|---|")
     for r in results:
-        print(f"| {TITLES[r['variant']]} | {pct(r['test_worst_group'])} / {pct(r['test_average_group'])} | "
+        print(f"| {TITLES[r['variant']]} | {pct(r['val_worst_group'])} / {pct(r['val_average_group'])} | "
               f"{pct(r['fidelity_after'])} | {r['synthetic_images']} |")
     print(json.dumps({"benchmark": "ablation", "method": args.method, "config": args.config, "seed": args.seed,
-                      "metric": "test_worst_group", "value": results[0]["test_worst_group"],
+                      "metric": "val_worst_group", "value": results[0]["val_worst_group"],
                       "variants": results}))
 
 
