@@ -363,11 +363,27 @@ def load_manifest(cfg: DataConfig) -> GroupedDataset:
             "split": split,
         }
     )
+    _refuse_repeated_images(rows, where)
     return _finish(
         "manifest",
         rows,
         cfg.class_names or [f"class {i}" for i in range(n_classes)],
         cfg.attribute_names or [f"attribute {i}" for i in range(n_attrs)],
+    )
+
+
+def _refuse_repeated_images(rows: pd.DataFrame, where: str) -> None:
+    """One file listed twice (as ``a.png`` and ``./a.png``, or under two labels or splits)
+    would put test images into training or count an image twice: name the first such pair."""
+    repeated = rows["source"].duplicated(keep=False)
+    if not repeated.any():
+        return
+    first = rows[repeated].groupby("source", sort=False).head(2).iloc[:2]
+    (i, a), (j, b) = first.iterrows()
+    raise FairsynthError(
+        f"{where} rows {i + 1} and {j + 1} name the same image {a['source']} "
+        f"({a['image_id']!r} label {a['label']} split {a['split']}; {b['image_id']!r} label {b['label']} "
+        f"split {b['split']}); list each image once"
     )
 
 
