@@ -116,10 +116,10 @@ def test_own_negative_prompt_names_every_other_class_and_attribute_or_nothing_in
     paper = load_config(None, ['generate.own_negative_prompt_template=""'])
     assert {u.negative_prompt for u in plan_units(paper, dataset, True, True, False)} == {""}
     assert load_config("waterbirds_0999", []).generate.own_negative_prompt_template == ""
-    bad = load_config(None, ['generate.own_negative_prompt_template="{other_group}"'])
-    with pytest.raises(FairsynthError, match=r"generate.own_negative_prompt_template = '\{other_group\}' cannot be filled"
-                       r".*\{other_class_names\}, \{other_attribute_names\}"):
-        plan_units(bad, dataset, True, True, False)
+    with pytest.raises(FairsynthError, match=r"generate.own_negative_prompt_template = '\{other_group\}': has the "
+                       r"unknown placeholder \{other_group\}; valid placeholders: \{other_class_names\}, "
+                       r"\{other_attribute_names\}"):
+        load_config(None, ['generate.own_negative_prompt_template="{other_group}"'])
 
 
 def test_unit_with_no_images_and_nothing_to_borrow_is_a_clear_error():
