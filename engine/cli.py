@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from engine.config import PRESET_DIR, Config, load_config
 from engine.errors import FairsynthError
+from engine.redact import redact, redact_log_handlers
 
 HELP_WIDTH = 120  # a config key's help line is cut here; engine/config.py has the whole text
 
@@ -121,12 +122,13 @@ def run_job(main: Callable[[], object]) -> None:
     # FAISS reports at INFO which CPU build it tried first, with a traceback-like line for the
     # one it could not load; that is normal and not the job's news.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    redact_log_handlers()
     os.umask(0o022)  # outputs are never world-writable
     signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
     except FairsynthError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact(str(err))}", file=sys.stderr)
         sys.exit(FairsynthError.exit_code)
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import string
 from pathlib import Path
 from typing import Any, Literal
 
@@ -78,6 +79,27 @@ def _check_concurrency(value: Any) -> Any:
 
 Concurrency = int | Literal["auto"]
 AUTO = "auto"
+
+
+def _check_template(template: str, words: tuple[str, ...]) -> str:
+    """A prompt template may name only ``words`` ({class_name}, ...): anything else would
+    fail only when the stage that fills it runs, after hours of fine-tuning and generation."""
+    valid = ", ".join("{" + w + "}" for w in words)
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        unknown = [name for name in names if name not in words]
+        if not unknown:
+            template.format(**{w: "x" for w in words})  # a bad format spec, such as {class_name:d}
+    except (ValueError, KeyError, IndexError) as exc:
+        raise ValueError(f"cannot be filled ({exc}); valid placeholders: {valid} (write {{{{ and }}}} for braces)") from None
+    if unknown:
+        raise ValueError(f"has the unknown placeholder {{{unknown[0]}}}; valid placeholders: {valid}")
+    return template
+
+
+def _template_of(*words: str):
+    """A field validator that checks a template's placeholders against ``words``."""
+    return classmethod(lambda cls, v: _check_template(v, words))
 
 
 class ActorStageConfig(SeededSection):
@@ -289,6 +311,12 @@ class GenerateConfig(ActorStageConfig):
     rows_per_shard: int = Field(64, ge=1)
     unet_cache_size: int = Field(2, ge=1, description="DreamBooth UNets a sampler keeps loaded")
 
+    _prompts = field_validator("prompt_template")(_template_of("class_name", "attribute_name"))
+    _identifier = field_validator("identifier_template")(_template_of("class_name", "attribute_name", "identifier"))
+    _negative = field_validator("negative_prompt_template")(_template_of("source_attribute_name"))
+    _own_negative = field_validator("own_negative_prompt_template")(_template_of(
+        "other_class_names", "other_attribute_names", "class_name", "attribute_name"))
+
     @field_validator("images_per_group")
     @classmethod
     def _positive(cls, v: Any) -> Any:
@@ -306,6 +334,8 @@ class FilterConfig(ActorStageConfig):
     )
     batch_size: int = Field(128, ge=1, description="images per encoder batch")
 
+    _prompt = field_validator("class_prompt_template")(_template_of("class_name", "attribute_name"))
+
 
 class FidelityConfig(Section):
     """Synthetic group fidelity (engine.generate.fidelity): how often a judge reads a unit's
@@ -319,6 +349,9 @@ class FidelityConfig(Section):
     attribute_prompt_template: str = Field(
         "a photo of a {attribute_name}", description="clip judge: one prompt per attribute"
     )
+
+    _class_prompt = field_validator("class_prompt_template")(_template_of("class_name"))
+    _attribute_prompt = field_validator("attribute_prompt_template")(_template_of("attribute_name"))
 
 
 class TrainConfig(SeededSection):

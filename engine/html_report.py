@@ -18,8 +18,10 @@ import base64
 import html
 import logging
 from datetime import datetime, timezone
+from pathlib import Path
 
 from engine import storage
+from engine.errors import FairsynthError
 from engine.report import (
     METHOD_TITLES,
     _fidelity_cell,
@@ -92,6 +94,23 @@ def results_section(rows: list[dict]) -> str:
             + _table(header, body))
 
 
+def _inside_run(path: RunPath, root: RunPath) -> bool:
+    """Whether the report may embed ``path``: a regular file of the run itself, never a link,
+    nor a file reached through a linked folder (it would carry, say, a credentials file
+    into a page that is mailed and uploaded). Object stores have no links."""
+    if storage.is_remote(str(root)):
+        return True
+    local = Path(path)
+    if local.is_symlink() or not local.is_file() or not local.resolve().is_relative_to(Path(root).resolve()):
+        log.warning("report: not embedding %s, which is not a regular file inside the run directory", path)
+        return False
+    return True
+
+
+def _run_files(root: RunPath, *patterns: str) -> list[RunPath]:
+    return [p for pattern in patterns for p in sorted(root.glob(pattern)) if _inside_run(p, root)]
+
+
 def _pictures(paths: list[RunPath], root: RunPath, caption) -> str:
     figures = []
     for path in paths:
@@ -101,7 +120,7 @@ def _pictures(paths: list[RunPath], root: RunPath, caption) -> str:
 
 
 def plots_section(root: RunPath) -> str:
-    plots = sorted(root.glob("plots/*.png"))
+    plots = _run_files(root, "plots/*.png")
     if not plots:
         return ""
     return "<h2>Per-group accuracy</h2>" + _pictures(plots, root, lambda rel: f"test accuracy per group ({rel.stem})")
@@ -109,7 +128,7 @@ def plots_section(root: RunPath) -> str:
 
 def grids_section(root: RunPath) -> str:
     # A job of several seeds keeps each seed's grids in its own run directory.
-    grids = sorted(root.glob("grids/*.png")) + sorted(root.glob("seed_*/grids/*.png"))
+    grids = _run_files(root, "grids/*.png", "seed_*/grids/*.png")
     if not grids:
         return ""
     note = ("<p class=\"note\">One row per fine-tuned unit, its first images in seed order; "
@@ -134,7 +153,7 @@ def _predicted_seconds(root: RunPath) -> dict[tuple[str, str, str], float]:
 
 def timings_section(root: RunPath) -> str:
     path = root / "stage_seconds.json"
-    if not storage.exists(path):
+    if not storage.exists(path) or not _inside_run(path, root):
         return ""
     seconds = read_json(path)
     predicted = _predicted_seconds(root)
@@ -158,13 +177,16 @@ def timings_section(root: RunPath) -> str:
 
 def config_section(root: RunPath) -> str:
     path = root / "config.yaml"
-    if not storage.exists(path):
+    if not storage.exists(path) or not _inside_run(path, root):
         return ""
     return f"<h2>Resolved config</h2><pre>{_escape(path.read_text())}</pre>"
 
 
 def render_html_report(run_root) -> str:
     root = storage.as_path(run_root)
+    if not _inside_run(root / "results.json", root):
+        raise FairsynthError(f"{root / 'results.json'} is not a regular file inside the run directory; "
+                             "re-run the job to write it")
     rows = read_json(root / "results.json")
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sections = [results_section(rows), plots_section(root), grids_section(root),

@@ -52,6 +52,10 @@ def init_ray(cfg: RayConfig) -> None:
     if address:
         context = ray.init(address=address, **kwargs)
     else:
+        # Ray's runtime-env agent logs each runtime env at INFO, and Tune puts the driver's
+        # AWS_SECRET_ACCESS_KEY into its trials' runtime env: Ray's own components log at
+        # WARNING, so no secret lands in the session's log files.
+        os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
         # "local" starts a fresh instance even when another Ray runs on this machine, so a
         # laptop run never lands on someone else's cluster and its busy CPUs.
         context = ray.init(

@@ -16,6 +16,7 @@ from pathlib import Path
 from engine import storage
 from engine.config import Config
 from engine.errors import FairsynthError
+from engine.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class MlflowTracker(Tracker):
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "fairsynth"))
         with mlflow.start_run(run_name=root.name) as run:
             mlflow.log_params(flatten(cfg.model_dump(mode="json")))
-            mlflow.set_tag("fairsynth.run_dir", str(root))
+            mlflow.set_tag("fairsynth.run_dir", redact(str(root)))
             mlflow.log_metrics(result_metrics(rows))
             with tempfile.TemporaryDirectory(prefix="fairsynth-track-") as scratch:
                 for name in ARTIFACTS:
@@ -88,7 +89,7 @@ class MlflowTracker(Tracker):
                         local = Path(scratch) / name
                         local.write_bytes(storage.read_bytes(root / name))
                         mlflow.log_artifact(str(local))
-        log.info("logged to MLflow run %s (%s)", run.info.run_id, mlflow.get_tracking_uri())
+        log.info("logged to MLflow run %s (%s)", run.info.run_id, redact(mlflow.get_tracking_uri()))
 
 
 TRACKERS: dict[str, type[Tracker]] = {t.name: t for t in (Tracker, MlflowTracker)}

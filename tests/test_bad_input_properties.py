@@ -298,6 +298,14 @@ def test_any_manifest_loads_or_fails_in_one_line(content):
     # A label of 2**63-1 asked for that many class names.
     ("manifest", {"manifest.csv": "path,label,attribute,split\na.jpg,9223372036854775807,0,train\n"},
      r"has label '9223372036854775807'; expected an integer from 0 to 0 \(ids count from 0 without gaps"),
+    # One image in train and in test, under two spellings and two labels, leaked test images into training.
+    ("manifest", {"manifest.csv": "path,label,attribute,split\nb.jpg,0,0,train\na.jpg,0,1,train\nsub/../a.jpg,1,1,test\n"},
+     r"manifest.csv rows 2 and 3 name the same image .*/a.jpg \('a.jpg' label 0 split train; 'sub/../a.jpg' "
+     r"label 1 split test\); list each image once$"),
+    ("manifest", {"manifest.csv": "path,label,attribute,split\na.jpg,0,0,train\n./a.jpg,0,0,train\nb.jpg,1,1,val\n"},
+     r"rows 1 and 2 name the same image .*/a.jpg \('a.jpg' label 0 split train; './a.jpg' label 0 split train\)"),
+    ("manifest", {"manifest.csv": "path,label,attribute,split\na.jpg,0,0,train\nb.jpg,1,1,val\na.jpg,0,0,2\n"},
+     r"rows 1 and 3 name the same image .*/a.jpg \('a.jpg' label 0 split train; 'a.jpg' label 0 split test\)"),
 ])
 def test_bad_metadata_names_the_file_and_the_value(tmp_path, name, files, needle):
     for file, content in files.items():

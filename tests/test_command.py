@@ -58,6 +58,8 @@ def test_plan_runs_on_the_tiny_preset(tmp_path):
 @pytest.mark.parametrize("command, override, named", [
     ("plan", "generate.steps=many", "generate.steps"),
     ("run", "generate.no_such_key=1", "generate.no_such_key"),
+    # Used to fail only after fine-tuning and generation, with a traceback from the filter stage.
+    ("run", "filter.class_prompt_template=a photo of a {class}", "unknown placeholder {class}"),
 ])
 def test_a_bad_set_exits_2_with_one_line(tmp_path, command, override, named):
     run_dir = ["--run-dir", str(tmp_path / "run")] if command == "run" else []

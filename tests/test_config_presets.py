@@ -71,3 +71,28 @@ def test_the_dataset_presets_share_every_paper_setting_but_their_data_and_prompt
         assert (cfg["data"]["name"], cfg["data"]["image_size"], cfg["data"]["severity"]) == (dataset, 224, "original")
         # Every method the data allows: the oracle draws built-in renders, so real data has none.
         assert cfg["methods"] == [m for m in paper["methods"] if m != "oracle"]
+
+
+@pytest.mark.parametrize("key, template, needle", [
+    ("generate.prompt_template", "a photo of a {class} on {attribute_name}",
+     "has the unknown placeholder {class}; valid placeholders: {class_name}, {attribute_name}"),
+    ("generate.identifier_template", "{identifier} {class_name.upper}", "unknown placeholder {class_name.upper}"),
+    ("generate.negative_prompt_template", "{attribute_name}",
+     "unknown placeholder {attribute_name}; valid placeholders: {source_attribute_name}"),
+    ("generate.own_negative_prompt_template", "{other_class_names} {0}", "unknown placeholder {0}"),
+    ("filter.class_prompt_template", "a photo of a {class_name", "cannot be filled (expected '}' before end of string)"),
+    ("fidelity.class_prompt_template", "a photo of a {attribute_name}",
+     "unknown placeholder {attribute_name}; valid placeholders: {class_name}"),
+    ("fidelity.attribute_prompt_template", "a photo of {}", "unknown placeholder {}"),
+])
+def test_every_prompt_template_is_checked_when_the_config_loads(key, template, needle):
+    with pytest.raises(FairsynthError) as err:
+        load_config("tiny", [f'{key}="{template}"'])  # quoted: YAML reads a bare {x} as a mapping
+    assert str(err.value).startswith(f"config error: {key} = {template!r}: ") and needle in str(err.value)
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_templates_with_every_valid_placeholder_and_literal_braces_load():
+    cfg = load_config("tiny", ["generate.identifier_template={identifier} {{x}} {class_name} {attribute_name}",
+                               "filter.class_prompt_template=a photo of a {class_name} on {attribute_name}"])
+    assert cfg.generate.identifier_template.format(identifier="sks", class_name="c", attribute_name="a") == "sks {x} c a"

@@ -15,7 +15,7 @@ from PIL import Image
 
 from engine.config import load_config
 from engine.data import builtin
-from engine.data.datasets import load_image
+from engine.data.datasets import find_bad_images, load_image
 from engine.data.prepare import load_dataset
 from engine.data.severity import apply_severity, conflicting_to_keep, infer_aligned
 from engine.errors import FairsynthError
@@ -165,6 +165,40 @@ def test_corrupt_image_fails_or_is_skipped(waterbirds_root):
     ds = load_dataset(data_cfg("waterbirds", waterbirds_root, skip_bad_images="true"), check_images=True)
     assert ds.info["bad_images_skipped"] == 1
     assert sum(ds.group_counts("train")) + sum(ds.group_counts("val")) + sum(ds.group_counts("test")) == 21
+
+
+def _png_claiming_size(path: Path, width: int, height: int) -> None:
+    """A small PNG whose header claims ``width`` x ``height`` (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    _img(path, size=(4, 4))
+    data = bytearray(path.read_bytes())
+    header = b"IHDR" + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[12:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(header))
+    path.write_bytes(bytes(data))
+
+
+def test_16_bit_grey_converts_and_float_pixels_are_refused(tmp_path):
+    ramp = np.array([[0, 257 * 64, 257 * 128, 65535]] * 4, dtype=np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")  # Pillow reads it back as mode I;16
+    pixels = load_image(str(tmp_path / "grey16.png"), 4)
+    assert pixels[0, :, 0].tolist() == [0, 64, 128, 255] and (pixels[..., 0] == pixels[..., 2]).all()
+    Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)).save(tmp_path / "float.tiff")
+    with pytest.raises(FairsynthError, match=r"float.tiff has floating-point pixels \(mode F\)"):
+        load_image(str(tmp_path / "float.tiff"), 4)
+    assert find_bad_images([str(tmp_path / "grey16.png"), str(tmp_path / "float.tiff")]) == [str(tmp_path / "float.tiff")]
+
+
+@pytest.mark.parametrize("side", [10_000, 30_000])  # past Pillow's warning, and past its own refusal
+def test_a_decompression_bomb_is_refused_in_one_line(tmp_path, side):
+    bomb = tmp_path / "bomb.png"
+    _png_claiming_size(bomb, side, side)
+    with pytest.raises(FairsynthError, match=r"bomb.png .*decompression bomb.*; shrink or remove it$") as err:
+        load_image(str(bomb), 32)
+    assert len(str(err.value).splitlines()) == 1
+    assert find_bad_images([str(bomb)]) == [str(bomb)]
 
 
 # --- severity and groups -------------------------------------------------------------------

@@ -116,10 +116,10 @@ def test_own_negative_prompt_names_every_other_class_and_attribute_or_nothing_in
     paper = load_config(None, ['generate.own_negative_prompt_template=""'])
     assert {u.negative_prompt for u in plan_units(paper, dataset, True, True, False)} == {""}
     assert load_config("waterbirds_0999", []).generate.own_negative_prompt_template == ""
-    bad = load_config(None, ['generate.own_negative_prompt_template="{other_group}"'])
-    with pytest.raises(FairsynthError, match=r"generate.own_negative_prompt_template = '\{other_group\}' cannot be filled"
-                       r".*\{other_class_names\}, \{other_attribute_names\}"):
-        plan_units(bad, dataset, True, True, False)
+    with pytest.raises(FairsynthError, match=r"generate.own_negative_prompt_template = '\{other_group\}': has the "
+                       r"unknown placeholder \{other_group\}; valid placeholders: \{other_class_names\}, "
+                       r"\{other_attribute_names\}"):
+        load_config(None, ['generate.own_negative_prompt_template="{other_group}"'])
 
 
 def test_unit_with_no_images_and_nothing_to_borrow_is_a_clear_error():
@@ -240,6 +240,55 @@ def test_finished_experiment_is_removed_and_a_lost_unit_trains_again_to_the_same
     assert unit_record(run, "lora", "g3") == records["g3"]  # untouched
     assert unit_record(run, "lora", "g0")["final_loss"] == records["g0"]["final_loss"]
     assert not list(tune_dir.rglob("checkpoint_*"))
+
+
+def _rerun_with_records(cfg, run: RunDir, method: str, experiments: dict[str, str]) -> None:
+    """Re-run a finished stage after setting the units' recorded experiments; the records are
+    put back afterwards (the run is shared by the module's tests)."""
+    saved = {u: unit_record(run, method, u) for u in experiments}
+    try:
+        for unit, experiment in experiments.items():
+            record = {**saved[unit], "experiment": experiment}
+            (run / f"finetune/{method}/units/{unit}/unit.json").write_text(json.dumps(record))
+        run.clear_marker(f"finetune/{method}")
+        run_finetune_stage(cfg, run, method)
+    finally:
+        for unit, record in saved.items():
+            (run / f"finetune/{method}/units/{unit}/unit.json").write_text(json.dumps(record))
+
+
+def test_a_unit_record_naming_a_folder_outside_the_tune_storage_deletes_nothing(lora_run, tmp_path, caplog):
+    cfg, run, _ = lora_run
+    precious = tmp_path / "precious"
+    (precious / "keep").mkdir(parents=True)
+    (run / "finetune/lora/tune/linked").symlink_to(precious, target_is_directory=True)
+    try:
+        with caplog.at_level("WARNING", logger="engine.finetune.stage"):
+            _rerun_with_records(cfg, run, "lora", {"g0": str(precious), "g3": "../units"})
+            _rerun_with_records(cfg, run, "lora", {"g0": "linked", "g3": "../../.."})
+    finally:
+        (run / "finetune/lora/tune/linked").unlink()
+    assert (precious / "keep").is_dir() and (run / "finetune/lora/units/g0/unit.json").exists()
+    refused = [r.getMessage() for r in caplog.records if "not deleting" in r.getMessage()]
+    assert len(refused) == 4 and any(repr(str(precious)) in message for message in refused)
+
+
+def test_a_copied_run_deletes_its_own_tune_folders_never_the_originals(lora_run, tmp_path):
+    """The README's recipe: copy a run (here one whose experiments are still on disk), run the copy."""
+    cfg, run, _ = lora_run
+    name = Path(unit_record(run, "lora", "g0")["experiment"]).name
+    leftover = run / f"finetune/lora/tune/{name}"
+    (leftover / "checkpoint_000000").mkdir(parents=True)
+    try:
+        copy = tmp_path / "copy"
+        shutil.copytree(run.root, copy, symlinks=True)
+        RunDir(copy).clear_marker("finetune/lora")
+        run_finetune_stage(make_cfg(copy, "finetune.inject_failure_at_step=3", "finetune.lora_learning_rate=1e-2"),
+                           RunDir(copy), "lora")
+        assert (leftover / "checkpoint_000000").is_dir(), "the copy deleted the original run's experiment"
+        assert not (copy / f"finetune/lora/tune/{name}").exists()
+    finally:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def test_nan_loss_stops_the_trial_keeps_its_checkpoint_and_marks_nothing(local_ray, tmp_path):

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 
+from engine.errors import FairsynthError
 from engine.html_report import write_html_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -35,6 +37,45 @@ def test_report_is_self_contained_and_shows_every_result(run_dir):
             assert cell in page, (row["method"], metric)
     for section in ("Results", "Per-group accuracy", "Synthetic samples", "Stage timings", "Resolved config"):
         assert f"<h2>{section}</h2>" in page
+
+
+def test_report_embeds_no_file_a_link_leads_out_of_the_run(finished_run: Path, tmp_path):
+    """A plot, a grid folder or config.yaml that is a link to a file outside the run (say
+    ~/.aws/credentials) is left out of the page, which is mailed and uploaded to MLflow."""
+    secret = tmp_path / "credentials"
+    secret.write_text("[default]\naws_secret_access_key = FAKE-SECRET-7f3a9c\n")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "inside.png").symlink_to(secret)
+    (tmp_path / "elsewhere" / "plain.png").write_bytes(b"FAKE-SECRET-7f3a9c as a file")
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "plots" / "leak.png").symlink_to(secret)
+    (run / "seed_1").mkdir()
+    (run / "seed_1" / "grids").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (run / "config.yaml").unlink()
+    (run / "config.yaml").symlink_to(secret)
+    secret_json = tmp_path / "key.json"
+    secret_json.write_text(json.dumps({"FAKE-SECRET-json": {"token": {"private_key": 1.0}}}))
+    (run / "stage_seconds.json").unlink()
+    (run / "stage_seconds.json").symlink_to(secret_json)
+
+    page = write_html_report(run).read_text()
+    embedded = [base64.b64decode(part.split('"', 1)[0]) for part in page.split("data:image/png;base64,")[1:]]
+    assert len(embedded) == 2  # the run's own plot and grid
+    assert "FAKE-SECRET" not in page and not any(b"FAKE-SECRET" in data for data in embedded)
+    assert "<h2>Results</h2>" in page and "<h2>Resolved config</h2>" not in page
+
+
+def test_report_refuses_a_results_file_that_is_a_link(finished_run: Path, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "report.html").unlink(missing_ok=True)  # another test's report of the shared run
+    (tmp_path / "results.json").write_bytes((run / "results.json").read_bytes())
+    (run / "results.json").unlink()
+    (run / "results.json").symlink_to(tmp_path / "results.json")
+    with pytest.raises(FairsynthError, match="results.json is not a regular file inside the run directory"):
+        write_html_report(run)
+    assert not (run / "report.html").exists()
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (apt-get install chromium)")

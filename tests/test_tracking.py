@@ -46,3 +46,16 @@ def test_mlflow_missing_fails_before_any_work(monkeypatch):
     with pytest.raises(FairsynthError, match="pip install mlflow-skinny"):
         MlflowTracker().check()
     assert load_config("tiny", ["tracking=mlflow"]).tracking == "mlflow"
+
+
+def test_the_mlflow_log_line_names_the_server_without_its_password(finished_run: Path, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    # What a server URI with credentials in it reads back as, once the run is logged.
+    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "https://alice:hunter2-9c1f@mlflow.example.com")
+    cfg = Config.model_validate(yaml.safe_load((finished_run / "config.yaml").read_text()))
+    rows = json.loads((finished_run / "results.json").read_text())
+    with caplog.at_level("INFO", logger="engine.tracking"):
+        MlflowTracker().log_run(cfg, finished_run, rows)
+    (line,) = [r.getMessage() for r in caplog.records if "logged to MLflow run" in r.getMessage()]
+    assert line.endswith("(https://alice:***@mlflow.example.com)")

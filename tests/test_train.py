@@ -36,6 +36,7 @@ from engine.train.data import (
     block_count,
     resample_groups,
 )
+from engine.train.loop import CHECKPOINT_FIELDS, read_checkpoint_state
 from engine.train.losses import GroupDROLoss, supcon_per_sample
 from engine.train.methods import get_method
 from engine.train.stage import train_hash
@@ -436,7 +437,7 @@ def test_each_method_trains_one_epoch_with_two_ddp_workers(shared_run, method):
         assert [e["objective"] for e in metrics["epochs"]] == ["0.5 CE + 0.5 SupCon", "CE"]
         states = {}
         for path in Path(metrics["checkpoint_dir"]).rglob("state.pt"):
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = read_checkpoint_state(path.read_bytes(), str(path))
             states[state["epoch"]] = state["model"]
         assert sorted(states) == [1, 2]
         encoder = [k for k in states[1] if k.startswith("encoder.")]
@@ -444,6 +445,10 @@ def test_each_method_trains_one_epoch_with_two_ddp_workers(shared_run, method):
         assert not torch.equal(states[1]["head.weight"], states[2]["head.weight"])
     else:
         assert phases == ["train"] and metrics["synthetic_images"] == 0
+        # The real checkpoints load with weights_only: tensors and plain values only.
+        states = [read_checkpoint_state(p.read_bytes(), str(p)) for p in Path(metrics["checkpoint_dir"]).rglob("state.pt")]
+        assert states and all(CHECKPOINT_FIELDS <= set(s) for s in states)
+        assert states[-1]["history"][0]["phase"] == "train" and "model" in states[-1]["best"]
     # A second call finds the completion marker and trains nothing.
     again = run_train_stage(cfg, run, method)
     assert again["stage_seconds"] == metrics["stage_seconds"]
@@ -512,6 +517,42 @@ def test_a_failed_fit_gives_back_the_methods_its_latest_checkpoint_finished(tmp_
         torch.save({"finished": finished}, experiment / f"checkpoint_{stamp}" / "state.pt")
     assert _finished_in_latest_checkpoint(str(experiment)) == {"erm": {"best_epoch": 3}}
     assert _finished_in_latest_checkpoint(str(tmp_path / "none-yet")) == {}
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: what a planted checkpoint would run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_pickle_planted_in_a_checkpoint_is_refused_and_never_run(tmp_path):
+    """A checkpoint under the run directory is loaded with weights_only: a planted payload is
+    refused in one line before any worker starts, and its code never runs."""
+    import ray.train
+
+    from engine.train import run_train_stage
+    from engine.train.loop import _load_state
+    from engine.train.stage import _finished_in_latest_checkpoint, _storage
+
+    cfg, run = _prepare(tmp_path / "run")
+    storage_path, name = _storage(cfg, run, {"erm": train_hash(cfg, run, "erm")})
+    checkpoint = Path(storage_path) / name / "checkpoint_2026-01-01_10-00-00.1"
+    checkpoint.mkdir(parents=True)
+    marker = tmp_path / "payload-ran"
+    torch.save({"method": "erm", "finished": {}, "model": _Payload(marker)}, checkpoint / "state.pt")
+
+    with pytest.raises(FairsynthError, match=r"state.pt is not a checkpoint this version wrote \(Unsupported global") as err:
+        run_train_stage(cfg, run, "erm")
+    assert "\n" not in str(err.value)
+    with pytest.raises(FairsynthError, match="not a checkpoint this version wrote"):
+        _load_state(ray.train.Checkpoint.from_directory(str(checkpoint)))
+    assert _finished_in_latest_checkpoint(str(checkpoint.parent)) == {}
+    assert not marker.exists(), "the planted payload ran"
+    assert not (run / "train/erm/metrics.json").exists()
 
 
 def _without_timings(metrics: dict) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import logging
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -363,11 +364,27 @@ def load_manifest(cfg: DataConfig) -> GroupedDataset:
             "split": split,
         }
     )
+    _refuse_repeated_images(rows, where)
     return _finish(
         "manifest",
         rows,
         cfg.class_names or [f"class {i}" for i in range(n_classes)],
         cfg.attribute_names or [f"attribute {i}" for i in range(n_attrs)],
+    )
+
+
+def _refuse_repeated_images(rows: pd.DataFrame, where: str) -> None:
+    """One file listed twice (as ``a.png`` and ``./a.png``, or under two labels or splits)
+    would put test images into training or count an image twice: name the first such pair."""
+    repeated = rows["source"].duplicated(keep=False)
+    if not repeated.any():
+        return
+    first = rows[repeated].groupby("source", sort=False).head(2).iloc[:2]
+    (i, a), (j, b) = first.iterrows()
+    raise FairsynthError(
+        f"{where} rows {i + 1} and {j + 1} name the same image {a['source']} "
+        f"({a['image_id']!r} label {a['label']} split {a['split']}; {b['image_id']!r} label {b['label']} "
+        f"split {b['split']}); list each image once"
     )
 
 
@@ -388,17 +405,51 @@ def load_image(source: str, size: int) -> np.ndarray:
     if source.startswith(BUILTIN_SCHEME):
         return builtin.render_address(source, size)
     try:
-        with Image.open(source) as img:
-            img = img.convert("RGB")
+        with _open_image(source) as img:
+            _refuse_oversized(img, source)
+            img = _as_rgb(img, source)
             if img.size != (size, size):
                 img = _center_square(img).resize((size, size), Image.BICUBIC)
             return np.asarray(img, dtype=np.uint8)
     except FileNotFoundError:
         raise FairsynthError(f"missing image {source}; check data.root") from None
+    except Image.DecompressionBombError as exc:
+        raise FairsynthError(f"image {source} refused as a possible decompression bomb ({exc}); "
+                             "shrink or remove it") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise FairsynthError(
             f"unreadable image {source} ({exc.__class__.__name__}); replace it, or set data.skip_bad_images=true"
         ) from None
+
+
+def _open_image(source: str) -> Image.Image:
+    # Pillow warns of images past its pixel limit; _refuse_oversized refuses them in one line instead.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(source)
+
+
+def _refuse_oversized(img: Image.Image, source: str) -> None:
+    # Pillow only warns up to twice its limit; an image that large is refused before it is decoded.
+    width, height = img.size
+    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+        raise FairsynthError(f"image {source} is {width} x {height} pixels, over the {Image.MAX_IMAGE_PIXELS} "
+                             "pixels Pillow decodes safely (a possible decompression bomb); shrink or remove it")
+
+
+def _as_rgb(img: Image.Image, source: str) -> Image.Image:
+    """8-bit RGB. Pillow's own conversion clips 16-bit grey (PNG's I;16) to white, so those
+    pixels are scaled; float pixels have no agreed range and are refused."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        values = np.asarray(img).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise FairsynthError(f"image {source} has {img.mode} pixels outside 0-65535; save it as 8- or 16-bit")
+        grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if img.mode == "F":
+        raise FairsynthError(f"image {source} has floating-point pixels (mode F), which have no fixed range; "
+                             "save it as an 8- or 16-bit image")
+    return img.convert("RGB")
 
 
 def _center_square(img: Image.Image) -> Image.Image:
@@ -409,14 +460,17 @@ def _center_square(img: Image.Image) -> Image.Image:
 
 
 def find_bad_images(sources: list[str]) -> list[str]:
-    """Sources that cannot be decoded completely (missing, corrupt or truncated files)."""
+    """Sources that cannot be decoded completely (missing, corrupt or truncated files), or
+    whose pixels cannot be read as 8-bit RGB (float pixels, decompression bombs)."""
     bad = []
     for source in sources:
         if source.startswith(BUILTIN_SCHEME):
             continue
         try:
-            with Image.open(source) as img:
+            with _open_image(source) as img:
+                _refuse_oversized(img, source)
                 img.load()
-        except (OSError, UnidentifiedImageError, SyntaxError):
+                _as_rgb(img, source)
+        except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError, FairsynthError):
             bad.append(source)
     return bad

@@ -199,7 +199,8 @@ def _materialize(run: RunDir, method: str, unit: Unit, result: UnitResult, train
         "steps": result.steps, "final_loss": result.final_loss, "learning_rate": result.learning_rate,
         "heldout_loss": result.heldout_loss, "started_at": result.started_at,
         "finished_at": result.finished_at, "resumed_at": result.resumed_at,
-        "experiment": result.experiment,
+        # Its name under the Tune storage, not a path: a copied run then deletes its own copy.
+        "experiment": result.experiment.rstrip("/").rsplit("/", 1)[-1],
     }
     target = unit_dir(run, method, unit.unit)
     with result.checkpoint.as_directory() as folder, atomic_directory(target, last=UNIT_FILE) as tmp:
@@ -245,6 +246,12 @@ def _check_devices(cfg: Config) -> None:
         log.warning("the Ray cluster has GPUs but finetune.trial_resources asks for none: trials train on CPU")
 
 
+def tune_storage(cfg: Config, run: RunDir, method: str) -> str:
+    """Where Tune keeps a method's experiments: the run directory unless ray.storage_path says
+    otherwise; a URI (s3://...) goes to Tune as it is (Ray opens it with pyarrow.fs on every node)."""
+    return (cfg.ray.storage_path or storage.uri(run / f"finetune/{method}/tune")).rstrip("/")
+
+
 def train_units(cfg: Config, run: RunDir, strategy: FinetuneStrategy, units: list[Unit]) -> dict[str, dict]:
     """Train every unit that has no matching record yet; returns each unit's record."""
     from engine.raylib import init_ray
@@ -269,10 +276,7 @@ def train_units(cfg: Config, run: RunDir, strategy: FinetuneStrategy, units: lis
         )
         for u in pending
     ]
-    # Tune keeps experiments in the run directory unless ray.storage_path says otherwise; a
-    # URI (s3://...) goes to Tune as it is (Ray opens it with pyarrow.fs on every node).
-    tune_storage = cfg.ray.storage_path or storage.uri(run / f"finetune/{method}/tune")
-    results = run_unit_trials(jobs, ft, tune_storage, prefix=f"{method}-{train_hash}", model_device=cfg.model.device)
+    results = run_unit_trials(jobs, ft, tune_storage(cfg, run, method), prefix=f"{method}-{train_hash}", model_device=cfg.model.device)
     kind = strategy.artifact_kind(ft)
     for unit in pending:
         records[unit.unit] = _materialize(run, method, unit, results[unit.unit], train_hash, kind)
@@ -330,16 +334,37 @@ def run_finetune_stage(cfg: Config, run: RunDir, method: str) -> dict:
     manifest = build_manifest(cfg, run, strategy, units, records)
     atomic_write_json(manifest_path(run, method), manifest)
     run.mark_complete(stage, expected, units=len(units), trained=sum(u.trains for u in units))
-    _remove_experiments(records)
+    _remove_experiments(records, tune_storage(cfg, run, method))
     return manifest
 
 
-def _remove_experiments(records: dict) -> None:
+def _remove_experiments(records: dict, storage_root: str) -> None:
     """Delete the Tune experiments of units the manifest now lists: each unit's artifact is in
     the run directory, so their checkpoints are a second copy."""
     from engine.finetune.tune import remove_experiment
 
-    for experiment in sorted({r["experiment"] for r in records.values() if r and r.get("experiment")}):
-        if remove_experiment(experiment):
+    for recorded in sorted({r["experiment"] for r in records.values() if r and r.get("experiment")}):
+        experiment = experiment_under(storage_root, recorded)
+        if experiment is None:
+            log.warning("not deleting %r, which a unit.json names as its Tune experiment: it is not a folder "
+                        "of this run's Tune storage %s", recorded, storage_root)
+        elif remove_experiment(experiment):
             log.info("removed the finished fine-tuning experiment %s", experiment)
 
+
+def experiment_under(storage_root: str, recorded: str) -> str | None:
+    """The experiment folder a unit record names, when it is one folder directly under
+    ``storage_root`` (its name, or a full path written by an earlier version); None for any
+    other path (a tampered record, or the run this one was copied from), which is never deleted."""
+    name = str(recorded).rstrip("/")
+    if name.startswith(storage_root + "/"):
+        name = name[len(storage_root) + 1:]
+    if name in ("", ".", "..") or "/" in name or "\\" in name:
+        return None
+    experiment = f"{storage_root}/{name}"
+    if "://" not in experiment:
+        # A link named like an experiment would lead the deletion out of the storage.
+        real_root = Path(storage_root).resolve()
+        if Path(experiment).is_symlink() or Path(experiment).resolve().parent != real_root:
+            return None
+    return experiment

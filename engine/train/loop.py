@@ -22,8 +22,11 @@ checkpoints): phases, losses and trainable parameters come from ``engine.train.m
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
+import pickle
+import re
 import shutil
 import tempfile
 import time
@@ -38,6 +41,7 @@ import torch.distributed as dist
 
 from engine import storage
 from engine.config import TrainConfig
+from engine.errors import FairsynthError
 from engine.metrics import summarize
 from engine.train.backbones import Classifier, build_classifier
 from engine.train.methods import SYNTHETIC, Phase, get_method
@@ -198,9 +202,26 @@ def _save_checkpoint(state: dict):
     return ray.train.Checkpoint.from_directory(directory), directory
 
 
+def read_checkpoint_state(data: bytes, where: str) -> dict:
+    """A checkpoint's state, loaded with ``weights_only``: tensors and plain Python values only,
+    so a pickle planted in the run directory cannot run code when a run resumes."""
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        # torch's message is a page long; its WeightsUnpickler line says what was refused.
+        found = re.search(r"WeightsUnpickler error:\s*([^\n]+?)(?:\. |\n|$)", str(exc))
+        reason = found.group(1) if found else type(exc).__name__
+        raise FairsynthError(
+            f"{where} is not a checkpoint this version wrote ({reason}); it is not loaded: "
+            "delete its experiment folder and re-run the train stage"
+        ) from None
+
+
 def _load_state(checkpoint) -> dict:
     with checkpoint.as_directory() as directory:
-        return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=False)
+        path = os.path.join(directory, STATE_FILE)
+        with open(path, "rb") as f:
+            return read_checkpoint_state(f.read(), path)
 
 
 def _selection_key(metrics: dict) -> tuple:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import logging
 import math
@@ -34,7 +33,7 @@ from engine.resources import train_workers, use_gpu
 from engine.runs import RunDir, atomic_write_json, read_json
 from engine.train import data as train_data
 from engine.train.backbones import build_classifier
-from engine.train.loop import STATE_FILE, train_loop
+from engine.train.loop import STATE_FILE, read_checkpoint_state, train_loop
 from engine.train.methods import REAL, SYNTHETIC, get_method
 
 log = logging.getLogger(__name__)
@@ -306,6 +305,10 @@ def run_train_stages(cfg: Config, run: RunDir, methods: list[str]) -> dict[str, 
     if sum(train_counts) == 0:
         raise FairsynthError(f"{run / 'data/records.parquet'} has no training images; re-run the data stage")
     inputs = _method_inputs(cfg, run, pending, dataset)
+    storage_path, name = _storage(cfg, run, {m: keys[m] for m in pending})
+    checkpoint_dir = f"{storage_path.rstrip('/')}/{name}"
+    # The checkpoint a resumed fit starts from is checked here, in one line, before a worker loads it.
+    _latest_checkpoint_state(checkpoint_dir)
 
     init_ray(cfg.ray)
     # 'auto' workers and model.device=cpu resolve here, against the cluster the job reached.
@@ -313,7 +316,6 @@ def run_train_stages(cfg: Config, run: RunDir, methods: list[str]) -> dict[str, 
     # At least a block per worker: each streams its share of val and test (engine.train.loop).
     eval_refs = {s: train_data.eval_split_refs(dataset.split(s), t.image_size, t.num_workers) for s in ("val", "test")}
     datasets, jobs = _fit_datasets(t, run, inputs, dataset.records, train_counts)
-    storage_path, name = _storage(cfg, run, {m: keys[m] for m in pending})
     loop_config = {
         "train": t,
         "methods": jobs,
@@ -331,7 +333,6 @@ def run_train_stages(cfg: Config, run: RunDir, methods: list[str]) -> dict[str, 
                  " -> ".join(f"{p.name}({p.epochs} epochs, {p.objective(t)})" for p in item.phases), t.num_workers)
     log.info("train: inputs of %d method(s) ready after %.1f s", len(pending), time.perf_counter() - started)
     fit_started_at = time.time()
-    checkpoint_dir = f"{storage_path.rstrip('/')}/{name}"
 
     def save(finals: dict) -> None:
         """metrics.json and the completion marker of every method in ``finals``. A result that
@@ -372,17 +373,21 @@ def run_train_stages(cfg: Config, run: RunDir, methods: list[str]) -> dict[str, 
     return {m: done[m] for m in methods}
 
 
+def _latest_checkpoint_state(experiment: str) -> dict | None:
+    """The state in an experiment's latest checkpoint (checkpoint folders sort by their time
+    stamps), or None when it has none; FairsynthError when that state is not one of ours."""
+    folder = storage.as_path(experiment)
+    checkpoints = sorted(p for p in folder.iterdir() if p.name.startswith("checkpoint_")) if folder.exists() else []
+    if not checkpoints:
+        return None
+    return read_checkpoint_state((checkpoints[-1] / STATE_FILE).read_bytes(), str(checkpoints[-1] / STATE_FILE))
+
+
 def _finished_in_latest_checkpoint(experiment: str) -> dict:
     """The finished methods' results in an experiment's latest checkpoint; none if it has no
     readable one (a failure before the first epoch ended)."""
     try:
-        import torch
-
-        folder = storage.as_path(experiment)
-        checkpoints = sorted(p for p in folder.iterdir() if p.name.startswith("checkpoint_")) if folder.exists() else []
-        if not checkpoints:
-            return {}
-        state = torch.load(io.BytesIO((checkpoints[-1] / STATE_FILE).read_bytes()), map_location="cpu", weights_only=False)
+        state = _latest_checkpoint_state(experiment) or {}
         return dict(state.get("finished", {}))
     except Exception as exc:  # saving what finished is a courtesy on the way to re-raising
         log.warning("train: could not read the finished methods from %s (%s: %s)", experiment, type(exc).__name__, exc)
