@@ -82,12 +82,14 @@ def _storage(cfg: Config, run: RunDir, keys: dict[str, str]) -> tuple[str, str]:
 def _ordered_ingest():
     """Train's default ingest options, in order: each worker's split then gets the same rows
     in the same order every run (the splitter ignores locality and deals blocks by a fixed
-    rule), which reproducible metrics need."""
-    from ray.train import DataConfig
+    rule), which reproducible metrics need. Built here rather than from
+    DataConfig.default_ingest_options(), which passes the deprecated exclude_resources on and
+    so warns."""
+    from ray.data import DataContext, ExecutionOptions
 
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return options
+    current = DataContext.get_current().execution_options
+    return ExecutionOptions(resource_limits=current.resource_limits, preserve_order=True,
+                            verbose_progress=current.verbose_progress)
 
 
 def _check_backbone(cfg: Config, n_classes: int) -> None:
