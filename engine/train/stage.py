@@ -25,6 +25,7 @@ from pathlib import Path
 
 from engine import storage
 from engine.config import Config
+from engine.console import ray_prints
 from engine.data.stage import load_run_dataset
 from engine.errors import FairsynthError
 from engine.generate.filtering import filter_stage_name
@@ -348,7 +349,8 @@ def run_train_stages(cfg: Config, run: RunDir, methods: list[str]) -> dict[str, 
             done[item.method] = metrics
 
     try:
-        result = trainer.fit()
+        with ray_prints():  # what Ray Train prints around the fit goes to the run's log
+            result = trainer.fit()
     except BaseException:
         # The methods the fit finished before it failed are kept, so a re-run (with the same
         # methods or fewer) trains only what is left.
