@@ -8,9 +8,15 @@ stage, so no cache key or completion marker covers them.
 
 from __future__ import annotations
 
+import logging
+
 from huggingface_hub import ModelCard, ModelCardData
 
+from engine import storage
+
 CARD_FILE = "README.md"
+
+log = logging.getLogger(__name__)
 
 # The base model's license binds what is fine-tuned from it.
 OPENRAIL_BASES = ("stable-diffusion-v1-", "stable-diffusion-v1-5")
@@ -242,12 +248,18 @@ def current_filter_summary(run, method: str) -> dict | None:
 
 def write_dataset_card(run, method: str, filtered: dict | None) -> None:
     """Write ``RUN/synthetic/<method>/README.md`` from the generate stage's summary, the
-    finetune manifest and ``filtered`` (the filter stage's summary, or None)."""
+    finetune manifest and ``filtered`` (the filter stage's summary, or None); nothing when a
+    source is missing."""
     from engine.finetune.stage import manifest_path
     from engine.generate.shards import synthetic_dir
     from engine.runs import atomic_write_text, read_json
 
     folder = synthetic_dir(run, method)
+    sources = (run / "data/groups.json", folder / "_summary.json", manifest_path(run, method))
+    missing = [path for path in sources if not storage.exists(path)]
+    if missing:  # shards that no generate stage wrote (a test's, an import): a card has no source
+        log.info("no dataset card for %s: %s is missing", folder, missing[0])
+        return
     card = dataset_card(method=method, groups=read_json(run / "data/groups.json"),
                         generated=read_json(folder / "_summary.json"),
                         manifest=read_json(manifest_path(run, method)), filtered=filtered)
