@@ -79,12 +79,15 @@ def _split_stderr(log: io.TextIOBase) -> None:
     sys.stderr.flush()
     terminal = os.fdopen(os.dup(2), "w", buffering=1, encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
                          errors="backslashreplace")
-    os.dup2(log.fileno(), 2)
     old = sys.stderr
+    sys.stderr = terminal  # first: whatever fails from here on still reaches the console
+    os.dup2(log.fileno(), 2)
     for handler in _all_handlers():
+        # logging's last-resort handler reads sys.stderr anew on every record.
+        if isinstance(getattr(type(handler), "stream", None), property):
+            continue
         if isinstance(handler, logging.StreamHandler) and handler.stream in (old, sys.__stderr__):
             handler.setStream(terminal)
-    sys.stderr = terminal
 
 
 def _job_logs_to_file(log: io.TextIOBase) -> None:
