@@ -10,10 +10,12 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import yaml
 from pydantic import BaseModel
 
+from engine import console
 from engine.config import PRESET_DIR, Config, load_config
 from engine.errors import FairsynthError
 from engine.redact import redact, redact_log_handlers
@@ -78,6 +80,8 @@ def job_parser(description: str, run_dir: bool = True) -> argparse.ArgumentParse
     if run_dir:
         parser.add_argument("--run-dir", default=None, help="run directory (default: config run_dir)")
         parser.add_argument("--force", action="store_true", help="reuse a run directory written by another config")
+        parser.add_argument("--verbose", action="store_true",
+                            help="show Ray's own output on the console (default: in RUN/logs/)")
     return parser
 
 
@@ -100,9 +104,13 @@ def dotted_overrides(tokens: list[str], parser: argparse.ArgumentParser) -> list
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
+    """The job's config; a job with a run directory also sends Ray's own output to the run's
+    log from here on (engine/console.py), unless --verbose."""
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "run_dir", None):
         cfg.run_dir = args.run_dir
+    if hasattr(args, "verbose") and not console.verbose_requested(args.verbose):
+        console.route_to_run_log(cfg.run_dir, Path(sys.argv[0]).stem.replace("fairsynth ", ""))
     return cfg
 
 
@@ -133,3 +141,9 @@ def run_job(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         sys.exit(130)
+    except Exception:
+        if console.log_path() is not None:
+            print(f"Ray's output of this job: {console.log_path()}", file=sys.stderr)
+        raise
+    finally:
+        console.finish()

@@ -10,6 +10,7 @@ import threading
 import ray
 
 from engine.config import RayConfig
+from engine.console import route_ray_loggers, route_ray_output
 from engine.errors import FairsynthError
 
 log = logging.getLogger(__name__)
@@ -19,10 +20,11 @@ log = logging.getLogger(__name__)
 _started_address: str | None = None
 
 
-def init_ray(cfg: RayConfig) -> None:
-    """Join the configured cluster, or start a local Ray; a no-op when already connected."""
+def init_ray(cfg: RayConfig) -> str | None:
+    """Join the configured cluster, or start a local Ray; a no-op when already connected.
+    Returns the address of the dashboard of a local Ray it started, else None."""
     if ray.is_initialized():
-        return
+        return None
     previous_sigterm = signal.getsignal(signal.SIGTERM)
     # LoggingConfig also reconfigures this process's root logger (level and a handler of its
     # own); a job that set up its logging keeps it, or its INFO lines vanish and the rest
@@ -49,6 +51,7 @@ def init_ray(cfg: RayConfig) -> None:
     if from_env and from_env == _started_address:
         from_env = None  # our own earlier instance, shut down since
     address = cfg.address or from_env
+    route_ray_loggers()  # what ray.init logs (token authentication turned on, ...) to the run's log
     if address:
         context = ray.init(address=address, **kwargs)
     else:
@@ -71,13 +74,16 @@ def init_ray(cfg: RayConfig) -> None:
         root.setLevel(job_logging[0])
         root.handlers[:] = job_logging[1]
     _quiet_driver_logs(cfg.log_level)
-    if not address and context.dashboard_url:
-        log.info("ray dashboard: http://%s", context.dashboard_url)
+    route_ray_output()  # Ray's own output to the run's log, when the job routes it there
+    dashboard = f"http://{context.dashboard_url}" if not address and context.dashboard_url else None
+    if dashboard:
+        log.info("ray dashboard: %s", dashboard)
     # Ray installs a native SIGTERM handler that aborts the process; the job's own handler
     # (engine.cli) unwinds cleanly instead, so put it back.
     if previous_sigterm is not None and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, previous_sigterm)
     log.info("ray resources: %s", ray.cluster_resources())
+    return dashboard
 
 
 def _quiet_driver_logs(level: str) -> None:

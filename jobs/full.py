@@ -24,7 +24,7 @@ def main() -> None:
         args.overrides.append(f"seeds=[{args.seeds}]")
     cfg = config_from_args(args)
 
-    from engine import storage
+    from engine import console, storage
     from engine.pipeline import run_full
     from engine.raylib import init_ray
     from engine.report import console_summary
@@ -32,7 +32,9 @@ def main() -> None:
     from engine.runs import read_json
 
     start = time.perf_counter()
-    init_ray(cfg.ray)
+    dashboard = init_ray(cfg.ray)
+    if dashboard:
+        print(f"ray dashboard: {dashboard}", flush=True)
     check_cluster_supplies(cfg)  # before any stage runs: a GPU preset on a machine without one
 
     def announce(stage: str) -> None:
@@ -42,6 +44,8 @@ def main() -> None:
     rows = read_json(storage.as_path(cfg.run_dir) / "results.json")
     print()
     print(console_summary(rows, table, cfg.run_dir))
+    if console.log_path() is not None:
+        print(f"log: {console.log_path()} (Ray's own output; --verbose shows it here)")
     print(f"done in {time.perf_counter() - start:.0f} s")
 
 

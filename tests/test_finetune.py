@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -178,6 +179,8 @@ def test_lora_loads_with_plain_diffusers_and_changes_images(lora_run, tmp_path):
         pipe.unload_lora_weights()
         return float(np.abs(after - before).mean())
 
+    # The folder diffusers loads from holds the unit's model card too (test_lora_units_have_a_model_card).
+    assert (run.root / manifest["units"][0]["artifact"] / "README.md").is_file()
     # The baseline: the adapter as training starts it (Gaussian A, zero B), saved by the strategy.
     strategy = get_strategy("lora")
     unet, text_encoder = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)
@@ -193,12 +196,46 @@ def test_lora_loads_with_plain_diffusers_and_changes_images(lora_run, tmp_path):
     assert np.allclose(draw(), before, atol=1e-6)  # unloaded, nothing is left
 
 
+def test_lora_units_have_a_model_card_the_hub_tools_read(lora_run):
+    from huggingface_hub import ModelCard
+
+    from engine.generate.grids import grid_path
+
+    cfg, run, manifest = lora_run
+    units = {u["unit"]: u for u in manifest["units"]}
+    for name, group in (("g0", "landbird / land"), ("g3", "waterbird / water")):
+        card = ModelCard.load(run.root / units[name]["artifact"] / "README.md")
+        assert card.data.base_model == "tiny" and card.data.library_name == "diffusers"
+        assert card.data.license == "apache-2.0"
+        assert {"text-to-image", "diffusers", "lora", "fairsynth"} <= set(card.data.tags)
+        assert "dreambooth" not in card.data.tags
+        assert card.data.instance_prompt == units[name]["prompt"]
+        record = unit_record(run, "lora", name)
+        assert f"unit {name}: {group}" in card.text
+        assert f"| steps trained | {record['steps']} |" in card.text
+        assert f"| learning rate used | {record['learning_rate']} |" in card.text
+        assert f"| finetune.lora_rank | {cfg.finetune.lora_rank} |" in card.text
+        # The samples link leads to the generate stage's grid of the method (engine/generate/grids.py).
+        link = re.search(r"\[`grids/lora.png`\]\(([^)]+)\)", card.text).group(1)
+        folder = run.root / units[name]["artifact"]
+        assert (folder / link).resolve() == Path(grid_path(run, "lora")).resolve()
+        assert "pipe.load_lora_weights" in card.text
+    # Borrowing units draw with their lender's folder and card; they have none of their own.
+    assert not (run / "finetune/lora/units/g1").exists()
+
+
 def test_rerun_skips_finished_units(lora_run):
     cfg, run, manifest = lora_run
     before = unit_record(run, "lora", "g0")
+    marker = json.loads(run.marker("finetune/lora").read_text())["hash"]
+    # A card is no input: an edited one neither retrains its unit nor changes the stage's key.
+    card = run / "finetune/lora/units/g0/README.md"
+    card.write_text(card.read_text() + "\nedited by hand\n")
     run.clear_marker("finetune/lora")
     assert run_finetune_stage(cfg, run, "lora") == manifest
     assert unit_record(run, "lora", "g0") == before
+    assert json.loads(run.marker("finetune/lora").read_text())["hash"] == marker
+    assert card.read_text().endswith("edited by hand\n")
 
 
 def test_crashed_trial_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(lora_run, tmp_path):
@@ -364,6 +401,7 @@ def train_in_process(cfg, run, method: str, unit_name: str, folder: Path):
 
 
 def test_dreambooth_resumes_exactly_and_its_compact_artifact_draws_as_the_fine_tuned_unet(dreambooth_run, tmp_path):
+    from huggingface_hub import ModelCard
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -377,7 +415,11 @@ def test_dreambooth_resumes_exactly_and_its_compact_artifact_draws_as_the_fine_t
     assert unit["artifact_kind"] == "svd_delta" and unit_record(run, "dreambooth", "g0")["resumed_at"] == 2
     folder = run.root / unit["artifact"]
     stored = folder / DELTA_FILES["unet"]
-    assert sorted(p.name for p in folder.iterdir()) == [DELTA_FILES["unet"], "unit.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", DELTA_FILES["unet"], "unit.json"]
+    card = ModelCard.load(folder / "README.md")
+    assert {"dreambooth", "fairsynth"} <= set(card.data.tags) and "lora" not in card.data.tags
+    assert card.data.instance_prompt == "a photo of a landbird on land sks"
+    assert f"at rank {cfg.finetune.delta_rank}" in card.text and "| finetune.prior_preservation | True |" in card.text
     with safe_open(stored, "pt") as f:
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
     assert {d for k, d in dtypes.items() if k.endswith((".up", ".down"))} == {"F16"}

@@ -11,6 +11,7 @@ fine-tuning; the units, prompts and borrowing come from the finetune stage's own
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from huggingface_hub import DatasetCard
 from PIL import Image
 
 from engine.config import load_config
@@ -409,7 +411,10 @@ def test_generate_and_filter_each_method(prepared_run, method):
     assert summary["images"] == 4 * IMAGES_PER_GROUP and summary["shards_written"] == plan.n_shards
 
     folder = run / "synthetic" / method
-    table = pq.read_table(folder).to_pandas()  # plain pyarrow, the whole folder
+    table = read_folder(folder).to_pandas()  # plain pyarrow, the whole folder
+    card = DatasetCard.load(folder / "README.md")
+    assert [f["name"] for f in card.data.dataset_info["features"]] == list(table.columns)
+    assert "Not filtered yet" in card.text
     assert table.groupby("group").size().to_dict() == plan.per_group
     assert table.groupby("unit").size().to_dict() == plan.rows.groupby("unit").size().to_dict()
     assert not table.duplicated(["unit", "seed"]).any()
@@ -428,7 +433,7 @@ def test_generate_and_filter_each_method(prepared_run, method):
     filtered = run_filter_stage(cfg, run, method)
     marker = read_json(run.marker(f"filter/{method}"))
     assert marker["kept_hash"].startswith(plan.hash) and marker["kept_hash"] != marker["hash"]
-    table = pq.read_table(folder).to_pandas()
+    table = read_folder(folder).to_pandas()
     assert table["score"].notna().all()
     kept = table.groupby("group")["kept"].sum().to_dict()
     assert kept == {g: keep_count(IMAGES_PER_GROUP, cfg.filter.keep_fraction) for g in plan.per_group}
@@ -436,12 +441,24 @@ def test_generate_and_filter_each_method(prepared_run, method):
     for _, part in table.groupby("group"):  # the kept ones are the best scored
         assert part.loc[part["kept"], "score"].min() >= part.loc[~part["kept"], "score"].max()
     assert Image.open(run / "grids" / f"{method}.png").size[0] > 8 * 32
+    # The filter stage updates the set's card with its keep rate and group fidelity.
+    card = DatasetCard.load(folder / "README.md")
+    assert f"{filtered['kept']} of {filtered['images']} images" in card.text
+    assert f"is {filtered['fidelity']['before']:.3f} over all images" in card.text
+    for group, count in kept.items():
+        assert re.search(rf"^\| {group} \| [^|]+ \| {IMAGES_PER_GROUP} \| {count} \| [0-9.]+ \| [0-9.]+ \|$",
+                         card.text, re.M), group
 
     # A second run adds nothing and rewrites nothing.
     before = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.parquet")}
     assert run_generate_stage(cfg, run, method)["plan_hash"] == plan.hash
     run_filter_stage(cfg, run, method)
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.parquet")} == before
+
+
+def read_folder(folder: Path):
+    """A method's synthetic folder as one table, stepping over its dataset card (README.md)."""
+    return pq.read_table(folder, ignore_prefixes=[".", "_", "README"])
 
 
 def test_a_lost_shard_is_redrawn_identically_and_alone(prepared_run):
@@ -466,8 +483,10 @@ def test_a_lost_shard_is_redrawn_identically_and_alone(prepared_run):
         pixels_a = np.asarray(Image.open(io.BytesIO(a["bytes"])), dtype=int)
         pixels_b = np.asarray(Image.open(io.BytesIO(b["bytes"])), dtype=int)
         assert np.abs(pixels_a - pixels_b).max() <= 1
-    # New rows invalidate the filtering: it must run again over the whole set.
+    # New rows invalidate the filtering: it must run again over the whole set, and the set's
+    # card no longer reports the old keep rate.
     assert not run.marker(f"filter/{method}").exists()
+    assert "Not filtered yet" in DatasetCard.load(folder / "README.md").text
 
 
 def test_job_without_a_manifest_fails_in_one_line(tmp_path):

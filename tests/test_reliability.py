@@ -97,7 +97,7 @@ def test_a_worker_node_lost_during_generation_loses_and_repeats_no_row(tmp_path)
 
     assert killed, "no shard landed, so no node was removed"
     assert 0 < killed["shards_before"] < plan.n_shards, "the node must die mid-way through the stage"
-    table = pq.read_table(folder).to_pandas()
+    table = pq.read_table(folder, ignore_prefixes=[".", "_", "README"]).to_pandas()  # not the dataset card
     assert summary["images"] == len(plan.rows) == 4 * IMAGES_PER_GROUP
     assert len(table) == len(plan.rows)  # nothing lost, nothing written twice
     assert not table.duplicated(["unit", "seed"]).any()
@@ -136,7 +136,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
 
 def _synthetic(run_dir: Path):
     folder = run_dir / "severity-0.95" / "synthetic" / "lora"
-    table = pq.read_table(folder).to_pandas().sort_values(["unit", "seed"]).reset_index(drop=True)
+    table = pq.read_table(folder, ignore_prefixes=[".", "_", "README"]).to_pandas().sort_values(["unit", "seed"]).reset_index(drop=True)
     return table[["unit", "seed", "prompt", "image", "score", "kept"]]
 
 

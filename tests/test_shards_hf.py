@@ -131,6 +131,54 @@ def test_engine_readers_get_png_bytes_and_a_rewrite_keeps_the_layout(written):
     assert read_shard(path)["kept"].tolist() == shard["kept"].tolist()
 
 
+def _write_card(run: RunDir, rows: pd.DataFrame) -> None:
+    """The set's dataset card, from the files the data, finetune and generate stages write."""
+    from engine.cards import write_dataset_card
+    from engine.runs import atomic_write_json
+
+    atomic_write_json(run / "data/groups.json", {
+        "dataset": "builtin", "class_names": ["landbird", "waterbird"], "attribute_names": ["land", "water"]})
+    units = [{"unit": f"g{g}", "group": g, "prompt": f"prompt {g}", "negative_prompt": "", "borrowed_from": None}
+             for g in range(4)]
+    atomic_write_json(run / f"finetune/{METHOD}/manifest.json", {"method": METHOD, "units": units})
+    atomic_write_json(synthetic_dir(run, METHOD) / "_summary.json", {
+        "base_model": "tiny", "images": len(rows), "shards": len(SHARDS), "plan_hash": "test",
+        "sampling": {"steps": 2}, "per_group": rows.groupby("group").size().astype(str).to_dict(),
+        "per_unit": rows.groupby("unit").size().to_dict()})
+    write_dataset_card(run, METHOD, None)
+
+
+def test_load_dataset_on_the_folder_takes_the_features_from_the_dataset_card(written, tmp_path):
+    import datasets
+    from huggingface_hub import DatasetCard
+
+    run, rows = written
+    _write_card(run, rows)
+    folder = synthetic_dir(run, METHOD)
+    card = DatasetCard.load(folder / "README.md")
+    features = card.data.dataset_info["features"]
+    assert [f["name"] for f in features] == [f.name for f in pq.read_schema(shard_paths(run, METHOD)[0])]
+    assert card.data.configs[0]["data_files"] == [{"split": "train", "path": "part-*.parquet"}]
+    assert "Not filtered yet" in card.text
+
+    ds = datasets.load_dataset(str(folder), split="train", cache_dir=str(tmp_path / "hf"))
+    assert len(ds) == len(rows)
+    assert ds.features["label"].names == ["landbird", "waterbird"]
+    assert ds.features["attribute"].names == ["land", "water"]
+    assert ds.features["group"].names == ["landbird / land", "landbird / water", "waterbird / land", "waterbird / water"]
+    assert isinstance(ds.features["image"], datasets.Image)
+    plain = {"unit": "string", "cluster": "int64", "seed": "int64", "prompt": "string", "negative_prompt": "string",
+             "method": "string", "base_model": "string", "score": "float64", "kept": "bool"}
+    assert {name: ds.features[name].dtype for name in plain} == plain
+    row = ds[0]
+    assert ds.features["group"].int2str(row["group"]) == (
+        f"{ds.features['label'].int2str(row['label'])} / {ds.features['attribute'].int2str(row['attribute'])}")
+    assert isinstance(row["image"], Image.Image)
+    # A whole-folder Parquet read steps over the card as over the _-files.
+    table = pq.read_table(folder, ignore_prefixes=[".", "_", "README"])
+    assert table.num_rows == len(rows)
+
+
 def test_a_shard_of_plain_png_bytes_still_reads_and_is_rewritten_as_images(written):
     """Runs generated before the image layout keep working: readers take the old column, and
     the next rewrite (the filter stage's) stores the new layout."""

@@ -12,7 +12,8 @@ Owns ``RUN/finetune/``:
   DreamBooth ``unet_delta.safetensors`` (and ``text_encoder_delta.safetensors``), each
   layer's change at rank ``finetune.delta_rank`` (engine/finetune/delta.py), or with
   ``dreambooth_store: unet`` a partial pipeline folder with ``unet/`` and ``text_encoder/``) and
-  ``unit.json`` (the hashes it was trained under, steps, loss). Written in one rename, so a
+  ``unit.json`` (the hashes it was trained under, steps, loss) and ``README.md``, its model card
+  (engine/cards.py: base model, prompts, group, training settings; no hash covers it). Written in one rename, so a
   unit folder is complete or absent; a unit whose hashes match is not trained again.
 - ``<method>/tune/``: the Ray Tune experiments (trial checkpoints), unless
   ``ray.storage_path`` puts them on shared storage. An experiment is deleted once the
@@ -31,11 +32,14 @@ import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from engine import storage
+from engine.cards import CARD_FILE, unit_card
 from engine.config import Config
 from engine.data.stage import run_data_stage
 from engine.errors import FairsynthError
@@ -190,8 +194,10 @@ def _unit_record(run: RunDir, method: str, unit: Unit, train_hash: str) -> dict 
     return record
 
 
-def _materialize(run: RunDir, method: str, unit: Unit, result: UnitResult, train_hash: str, kind: str) -> dict:
-    """Copy the unit's artifact out of its trial's last checkpoint into the run, in one rename."""
+def _materialize(run: RunDir, method: str, unit: Unit, result: UnitResult, train_hash: str, kind: str,
+                 card: Callable[[Unit, dict], str]) -> dict:
+    """Copy the unit's artifact out of its trial's last checkpoint into the run, with its model
+    card, in one rename."""
     from engine.finetune.trainer import ARTIFACT_DIR
 
     record = {
@@ -211,6 +217,7 @@ def _materialize(run: RunDir, method: str, unit: Unit, result: UnitResult, train
                 f"{run / f'finetune/{method}/tune'} and re-run"
             )
         shutil.copytree(source, tmp, dirs_exist_ok=True)
+        (tmp / CARD_FILE).write_text(card(unit, record))
         (tmp / UNIT_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     _keep_tensorboard(run, method, unit.unit, result)
     return record
@@ -231,6 +238,19 @@ def _keep_tensorboard(run: RunDir, method: str, unit: str, result: UnitResult) -
                     storage.write_bytes(run / f"finetune/{method}/tensorboard/{unit}/{name}", events.read())
     except OSError as exc:  # the curves are a convenience; the unit is what the stage owes
         log.warning("unit %s: TensorBoard events not kept (%s)", unit, exc)
+
+
+def card_writer(cfg: Config, run: RunDir, strategy: FinetuneStrategy) -> Callable[[Unit, dict], str]:
+    """The model card of a unit trained under ``cfg``, given the unit and its record."""
+    groups = read_json(run / "data/groups.json")
+    settings = {k: getattr(cfg.finetune, k) for k in strategy.training_fields()}
+
+    def card(unit: Unit, record: dict) -> str:
+        names = f"{groups['class_names'][unit.label]} / {groups['attribute_names'][unit.attribute]}"
+        return unit_card(method=strategy.name, base_model=cfg.model.base, dataset=groups["dataset"],
+                         unit=asdict(unit), group_name=names, settings=settings, record=record)
+
+    return card
 
 
 def _check_devices(cfg: Config) -> None:
@@ -277,9 +297,9 @@ def train_units(cfg: Config, run: RunDir, strategy: FinetuneStrategy, units: lis
         for u in pending
     ]
     results = run_unit_trials(jobs, ft, tune_storage(cfg, run, method), prefix=f"{method}-{train_hash}", model_device=cfg.model.device)
-    kind = strategy.artifact_kind(ft)
+    kind, card = strategy.artifact_kind(ft), card_writer(cfg, run, strategy)
     for unit in pending:
-        records[unit.unit] = _materialize(run, method, unit, results[unit.unit], train_hash, kind)
+        records[unit.unit] = _materialize(run, method, unit, results[unit.unit], train_hash, kind, card)
     return records
 
 

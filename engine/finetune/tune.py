@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config import FinetuneConfig
+from engine.console import ray_prints
 from engine.errors import FairsynthError
 from engine.finetune.strategies import get_strategy
 from engine.finetune.trainer import FAILURE_MARKER, UnitJob, UnitTrainer
@@ -192,7 +193,9 @@ def _fit(trainable, name: str, storage_path: str, ft: FinetuneConfig, param_spac
                 callbacks=[step_progress(trials, ft.steps, f"finetune {name.split('-')[0]}")],
             ),
         )
-    return tuner.fit(), experiment
+    with ray_prints():  # Tune's experiment table and paths go to the run's log
+        grid = tuner.fit()
+    return grid, experiment
 
 
 def _collect(grid, experiment: str, ft: FinetuneConfig, lr_field: str) -> dict[str, UnitResult]:

@@ -11,7 +11,8 @@ same 32 px images, so its scores rank images by the same rule at a smaller scale
 
 Scoring is a Ray Data pass (``read_parquet`` -> ``map_batches(SyntheticImageScorer)``), the
 ranking happens on the driver (one float per image), and each shard is then rewritten
-atomically with its ``score`` and ``kept`` columns. ``RUN/filter/<method>/summary.json``
+atomically with its ``score`` and ``kept`` columns, and the set's dataset card
+(``RUN/synthetic/<method>/README.md``) gets the keep rate and fidelity. ``RUN/filter/<method>/summary.json``
 records per-group counts and mean scores of kept and dropped images, and the synthetic group
 fidelity per unit before and after filtering (engine.generate.fidelity; its judge reads each
 image in the same scoring pass).
@@ -28,6 +29,7 @@ import pandas as pd
 import pyarrow as pa
 
 from engine import storage
+from engine.cards import write_dataset_card
 from engine.config import Config
 from engine.data.stage import load_run_dataset
 from engine.errors import FairsynthError
@@ -334,5 +336,6 @@ def run_filter_stage(cfg: Config, run: RunDir, method: str) -> dict:
         "stage_seconds": round(time.perf_counter() - started, 2),
     }
     atomic_write_json(summary_path, summary)
+    write_dataset_card(run, method, summary)
     run.mark_complete(stage, stage_hash, kept=summary["kept"], kept_hash=kept_hash)
     return summary

@@ -4,7 +4,9 @@
 (schema :data:`SYNTHETIC_SCHEMA`); any Parquet reader opens them, and Hugging Face ``datasets``
 (``load_dataset("parquet", data_files=...)``) decodes the ``image`` column to PIL images.
 Book-keeping files beside them start with ``_`` (``_COMPLETE.json``, ``_summary.json``), which
-Parquet dataset readers skip. A shard is written to a temporary name and renamed, so a reader,
+Parquet dataset readers skip; ``README.md`` is the set's dataset card (engine/cards.py), which
+``datasets.load_dataset(folder)`` reads for the features (a whole-folder pyarrow read needs
+``ignore_prefixes=[".", "_", "README"]``, or the ``part-*.parquet`` files). A shard is written to a temporary name and renamed, so a reader,
 or a re-run after a node died, never sees half a shard: it is there whole or not at all.
 """
 
@@ -52,10 +54,15 @@ _COLUMNS = pa.schema([
 _HF_VALUES = {pa.int64(): "int64", pa.string(): "string", pa.float64(): "float64", pa.bool_(): "bool"}
 
 
+def hf_value_dtype(arrow_type: pa.DataType) -> str:
+    """The Hugging Face ``Value`` dtype of a plain shard column."""
+    return _HF_VALUES[arrow_type]
+
+
 def _hf_features(schema: pa.Schema) -> dict:
     """The columns as datasets' Features.to_dict() writes them, without importing datasets."""
     return {
-        f.name: {"_type": "Image"} if f.type == IMAGE_TYPE else {"dtype": _HF_VALUES[f.type], "_type": "Value"}
+        f.name: {"_type": "Image"} if f.type == IMAGE_TYPE else {"dtype": hf_value_dtype(f.type), "_type": "Value"}
         for f in schema
     }
 

@@ -18,6 +18,7 @@ from dataclasses import replace
 from tqdm.auto import tqdm
 
 from engine import storage
+from engine.cards import current_filter_summary, write_dataset_card
 from engine.config import Config
 from engine.data.stage import load_run_dataset
 from engine.errors import FairsynthError
@@ -63,7 +64,8 @@ def build_plan(cfg: Config, run: RunDir, method: str) -> GroupBalancedPlan:
 
 
 def run_generate_stage(cfg: Config, run: RunDir, method: str) -> dict:
-    """Write ``RUN/synthetic/<method>/*.parquet`` and ``RUN/grids/<method>.png``; return a summary.
+    """Write ``RUN/synthetic/<method>/*.parquet``, its dataset card (README.md) and
+    ``RUN/grids/<method>.png``; return a summary.
 
     Skipped when complete for the same plan. The completion marker holds the plan hash, which
     covers the manifest's units and artifacts, the per-group counts, seeds, prompts, sampler
@@ -122,6 +124,7 @@ def run_generate_stage(cfg: Config, run: RunDir, method: str) -> dict:
         **timing,
     }
     atomic_write_json(summary_path, summary)
+    write_dataset_card(run, method, current_filter_summary(run, method))
     run.mark_complete(stage, plan.hash, images=summary["images"])
     return summary
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from engine import storage
 from engine.config import Config
+from engine.console import ray_prints
 from engine.data.stage import load_run_dataset
 from engine.errors import FairsynthError
 from engine.generate.shards import shard_paths, synthetic_dir
@@ -83,12 +84,14 @@ def _storage(cfg: Config, run: RunDir, keys: dict[str, str]) -> tuple[str, str]:
 def _ordered_ingest():
     """Train's default ingest options, in order: each worker's split then gets the same rows
     in the same order every run (the splitter ignores locality and deals blocks by a fixed
-    rule), which reproducible metrics need."""
-    from ray.train import DataConfig
+    rule), which reproducible metrics need. Built here rather than from
+    DataConfig.default_ingest_options(), which passes the deprecated exclude_resources on and
+    so warns."""
+    from ray.data import DataContext, ExecutionOptions
 
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return options
+    current = DataContext.get_current().execution_options
+    return ExecutionOptions(resource_limits=current.resource_limits, preserve_order=True,
+                            verbose_progress=current.verbose_progress)
 
 
 def _check_backbone(cfg: Config, n_classes: int) -> None:
@@ -358,7 +361,8 @@ def run_train_stages(cfg: Config, run: RunDir, methods: list[str]) -> dict[str, 
             done[item.method] = metrics
 
     try:
-        result = trainer.fit()
+        with ray_prints():  # what Ray Train prints around the fit goes to the run's log
+            result = trainer.fit()
     except BaseException:
         # The methods the fit finished before it failed are kept, so a re-run (with the same
         # methods or fewer) trains only what is left.
