@@ -8,6 +8,8 @@
   classifier metrics (results.json, every accuracy and synthetic fidelity) as an
   uninterrupted run: training is seeded and ordered, so the same inputs give the same metrics.
   Nothing the job writes is world-writable, even under a umask of 0.
+- ``jobs/full.py`` gets SIGTERM during DreamBooth fine-tuning, its progress bar drawn: it exits
+  130, and the same command restores the Tune experiment and finishes the run.
 - A run directory written by another config is refused, in one line, unless ``--force``.
 
 A crashed fine-tuning trial, a lost training worker, a NaN loss and bad input are tested
@@ -191,6 +193,38 @@ def test_sigterm_mid_generation_then_rerun_resumes_and_matches_an_uninterrupted_
     assert _metrics(interrupted) == _metrics(tmp_path / "whole")
     writable = [p for p in interrupted.rglob("*") if not p.is_symlink() and p.stat().st_mode & 0o002]
     assert not writable, f"world-writable: {writable[:3]}"
+
+
+@pytest.mark.slow
+def test_sigterm_during_dreambooth_fine_tuning_then_the_same_command_finishes_the_run(tmp_path):
+    """With the fine-tuning bar drawn (as on a user's console), the Tuner saved in the
+    experiment could not be restored: a live tqdm bar travelled in its pickle."""
+    command = [sys.executable, str(ROOT / "jobs" / "full.py"), "--run-dir", str(tmp_path)]
+    for override in [*SMALL_JOB, "methods=[dreambooth]", "finetune.steps=24", "finetune.num_class_images=4"]:
+        command += ["--set", override]
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    tune_dir = tmp_path / "severity-0.95" / "finetune" / "dreambooth" / "tune"
+
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None and not list(tune_dir.glob("*/*/checkpoint_*")):
+        time.sleep(0.2)
+    assert proc.poll() is None, "the job ended before a fine-tuning trial checkpointed"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 130, out[-4000:]  # a clean stop, not a SIGABRT (-6)
+    assert "interrupted: re-run the same command to resume" in out
+    assert "finetune dreambooth:" in out  # the bar was drawn, so it was there to be pickled
+    assert not (tmp_path / "results.json").exists()
+
+    resumed = _finish(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True))
+    assert "resuming the fine-tuning experiment" in resumed and "Traceback" not in resumed
+    units = tmp_path / "severity-0.95" / "finetune" / "dreambooth" / "units"
+    records = [json.loads(p.read_text()) for p in sorted(units.glob("*/unit.json"))]
+    assert len(records) == 4 and all(r["steps"] == 24 for r in records)
+    assert max(r["resumed_at"] for r in records) > 0  # a trial went on from its checkpoint
+    assert json.loads((tmp_path / "results.json").read_text())
 
 
 def test_a_run_directory_of_another_config_is_refused_in_one_line_unless_forced(tmp_path):
