@@ -24,6 +24,7 @@ from engine.errors import FairsynthError
 from engine.finetune import run_finetune_stage
 from engine.finetune.units import plan_units
 from engine.models.tiny import tiny_model_path
+from engine.raylib import local_ray as shared_local_ray
 from engine.runs import RunDir, atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,11 +41,8 @@ TEST_SETTINGS = [
 
 @pytest.fixture(scope="module")
 def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
+    with shared_local_ray(num_cpus=2, ignore_reinit_error=True):
+        yield
 
 
 def make_cfg(run_dir: Path, *extra: str):

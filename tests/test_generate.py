@@ -27,6 +27,7 @@ from engine.errors import FairsynthError
 from engine.finetune.stage import load_manifest
 from engine.generate.filtering import filter_prompts, keep_count, select_top_fraction
 from engine.generate.plan import GroupBalancedPlan, split_proportionally
+from engine.raylib import local_ray
 from engine.runs import RunDir, atomic_write_json, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -381,16 +382,13 @@ def prepared_run(tmp_path_factory, pipe):
     run.prepare(cfg)
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with local_ray(num_cpus=2, log_to_driver=False):
         run_data_stage(cfg, run)
         run_cluster_stage(cfg, run)
         run_finetune_stage(cfg, run, "vanilla")
         for method in ("lora", "dreambooth", "clustered_dreambooth"):
             _manifest_with_artifacts(cfg, run, pipe, method)
         yield cfg, run
-    finally:
-        ray.shutdown()
 
 
 @pytest.mark.parametrize("method", [

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine.config import load_config
+from engine.raylib import local_cluster
 from engine.runs import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +49,6 @@ def _node_hosting_most_work(cluster, candidates):
 
 def test_a_worker_node_lost_during_generation_loses_and_repeats_no_row(tmp_path):
     import ray
-    from ray.cluster_utils import Cluster
 
     from engine.data.stage import run_data_stage
     from engine.finetune import run_finetune_stage
@@ -59,31 +59,30 @@ def test_a_worker_node_lost_during_generation_loses_and_repeats_no_row(tmp_path)
         ray.shutdown()
     # The head only runs the driver; two 2-CPU workers run the sampler actors (one whole CPU
     # each) and the writers, so losing a worker always takes a sampler with it.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
-    cfg = load_config(None, [
-        f"run_dir={tmp_path}",
-        "data.severity=0.9", "data.builtin.n_train=200", "data.builtin.n_val=8", "data.builtin.n_test=8",
-        f"generate.images_per_group={IMAGES_PER_GROUP}", "generate.steps=4", "generate.batch_size=2",
-        "generate.rows_per_shard=2", "generate.num_actors=2", "generate.actor_num_cpus=1",
-    ])
-    run = RunDir(tmp_path)
-    run.prepare(cfg)
-    folder = tmp_path / "synthetic" / "vanilla"
-    killed = {}
+    with local_cluster(num_cpus=0, include_dashboard=False) as cluster:
+        workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+        cfg = load_config(None, [
+            f"run_dir={tmp_path}",
+            "data.severity=0.9", "data.builtin.n_train=200", "data.builtin.n_val=8", "data.builtin.n_test=8",
+            f"generate.images_per_group={IMAGES_PER_GROUP}", "generate.steps=4", "generate.batch_size=2",
+            "generate.rows_per_shard=2", "generate.num_actors=2", "generate.actor_num_cpus=1",
+        ])
+        run = RunDir(tmp_path)
+        run.prepare(cfg)
+        folder = tmp_path / "synthetic" / "vanilla"
+        killed = {}
 
-    def kill_a_worker_once_shards_land():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not killed:
-            landed = list(folder.glob("part-*.parquet")) if folder.exists() else []
-            if landed:
-                victim = _node_hosting_most_work(cluster, workers)
-                cluster.remove_node(victim, allow_graceful=False)
-                killed["shards_before"] = len(landed)
-                return
-            time.sleep(0.05)
+        def kill_a_worker_once_shards_land():
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and not killed:
+                landed = list(folder.glob("part-*.parquet")) if folder.exists() else []
+                if landed:
+                    victim = _node_hosting_most_work(cluster, workers)
+                    cluster.remove_node(victim, allow_graceful=False)
+                    killed["shards_before"] = len(landed)
+                    return
+                time.sleep(0.05)
 
-    try:
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()
         run_data_stage(cfg, run)
@@ -93,9 +92,6 @@ def test_a_worker_node_lost_during_generation_loses_and_repeats_no_row(tmp_path)
         killer.start()
         summary = run_generate_stage(cfg, run, "vanilla")
         killer.join(timeout=5)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
     assert killed, "no shard landed, so no node was removed"
     assert 0 < killed["shards_before"] < plan.n_shards, "the node must die mid-way through the stage"

@@ -14,6 +14,7 @@ import pytest
 
 from engine import storage
 from engine.errors import FairsynthError
+from engine.raylib import local_cluster
 from engine.runs import RunDir, atomic_write_json, read_json
 from engine.storage import RemotePath
 
@@ -194,8 +195,6 @@ def test_tiny_job_on_s3_and_two_nodes_matches_a_local_run(s3_env, tmp_path, monk
     """The whole job with run_dir=s3://... on a cluster of a 0-CPU head and two worker nodes:
     every remote actor, task and Train worker reads and writes the bucket; its shards and
     metrics equal a local run's of the same config."""
-    from ray.cluster_utils import Cluster
-
     monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "artifact-cache"))  # the nodes' download cache
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     local_dir = str(tmp_path / "local")
@@ -204,8 +203,7 @@ def test_tiny_job_on_s3_and_two_nodes_matches_a_local_run(s3_env, tmp_path, monk
     remote_dir = f"s3://{BUCKET}/run"
     # The worker nodes inherit this process's environment, AWS variables included (set by
     # s3_env), as a real cluster's nodes have them from their own environment.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    try:
+    with local_cluster(num_cpus=0, include_dashboard=False) as cluster:
         for _ in range(2):
             cluster.add_node(num_cpus=2)
         cluster.wait_for_nodes()
@@ -214,8 +212,6 @@ def test_tiny_job_on_s3_and_two_nodes_matches_a_local_run(s3_env, tmp_path, monk
         workdir = tmp_path / "cwd"
         workdir.mkdir()
         out = _run_job(remote_dir, [f"ray.address={cluster.address}"], env, workdir, tmp_path / "s3.log")
-    finally:
-        cluster.shutdown()
     assert "results:" in out
     assert not list(workdir.iterdir()), "the job wrote into its working folder instead of the bucket"
 

@@ -27,6 +27,7 @@ from engine.data import builtin
 from engine.data.stage import run_data_stage
 from engine.errors import FairsynthError
 from engine.generate.shards import synthetic_dir, write_shard_table
+from engine.raylib import local_ray
 from engine.runs import RunDir
 from engine.train.data import (
     _reflect_pad,
@@ -296,11 +297,8 @@ def test_streamed_evaluation_equals_whole_split_prediction(ray_session):
 
 @pytest.fixture(scope="module")
 def ray_session():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
+    with local_ray(num_cpus=2, ignore_reinit_error=True):
+        yield
 
 
 def _prepare(run_dir: Path, extra=()):
