@@ -3,6 +3,7 @@ the minority groups have no real images and borrow), with 2 trials at once on a 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -420,23 +421,38 @@ def test_dreambooth_and_clustered_dreambooth_share_cached_class_images(dreamboot
 
 @pytest.mark.slow
 def test_interrupted_job_resumes_the_experiment(tmp_path):
-    """SIGTERM the job once a trial has checkpointed; the re-run restores the Tune experiment
-    and the unfinished trials continue from their checkpoints."""
+    """SIGTERM the job once Tune has taken a trial's second checkpoint (step 10); the re-run
+    restores the Tune experiment and the trials continue from the latest checkpoints Tune
+    had recorded when the signal came. (A checkpoint folder that is written but not yet
+    reported is not one: the trial reports it, and Tune logs it in the trial's result.json.)"""
     settings = [f"--set={s}" for s in [*TEST_SETTINGS, "finetune.steps=40",
                                          "finetune.checkpoint_every=5"]]
     command = [sys.executable, str(ROOT / "jobs/finetune.py"), "--method", "lora", "--run-dir", str(tmp_path), *settings]
     env = {**os.environ, "RAY_ADDRESS": ""}
     job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not list(tmp_path.glob("finetune/lora/tune/*/*/checkpoint_000001")) and time.time() < deadline:
-        time.sleep(1)
+    while (seen := _latest_recorded_step(tmp_path / "finetune/lora/tune")) < 10 and time.time() < deadline:
+        time.sleep(0.5)
     job.terminate()
-    job.wait(timeout=120)
+    assert job.wait(timeout=120) == 130  # stopped cleanly: Tune saved the experiment
+    # Trials still report while Tune stops them, after it saved the experiment for the last time.
+    reported = _latest_recorded_step(tmp_path / "finetune/lora/tune")
+    assert 10 <= seen <= reported < 40
     assert not (tmp_path / "finetune/lora/manifest.json").exists()
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     run = RunDir(tmp_path)
-    assert max(unit_record(run, "lora", u)["resumed_at"] for u in ("g0", "g3")) >= 10
+    assert seen <= max(unit_record(run, "lora", u)["resumed_at"] for u in ("g0", "g3")) <= reported
+
+
+def _latest_recorded_step(tune_dir: Path) -> int:
+    """The highest step any trial reported to Tune with its checkpoint (its result.json lines)."""
+    steps = [0]
+    for results in tune_dir.glob("*/*/result.json"):
+        for line in results.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                steps.append(int(json.loads(line).get("step", 0)))
+    return max(steps)
 
 
 @pytest.mark.slow

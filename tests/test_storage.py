@@ -212,11 +212,13 @@ def test_tiny_job_on_s3_and_two_nodes_matches_a_local_run(s3_env, tmp_path, monk
         workdir = tmp_path / "cwd"
         workdir.mkdir()
         out = _run_job(remote_dir, [f"ray.address={cluster.address}"], env, workdir, tmp_path / "s3.log")
-    assert "results:" in out
+    # The finished job's summary: its results table, and the report where the run lives.
+    assert "| ERM |" in out and "| LoRA |" in out
+    assert f"report: {remote_dir}/report.html" in out
     assert not list(workdir.iterdir()), "the job wrote into its working folder instead of the bucket"
 
     remote = storage.as_path(remote_dir)
-    for name in ("results.json", "results.md", "config.yaml", "grids/severity-0.95_lora.png",
+    for name in ("results.json", "results.md", "report.html", "config.yaml", "grids/severity-0.95_lora.png",
                  "severity-0.95/finetune/lora/manifest.json", "severity-0.95/filter/lora/summary.json"):
         assert (remote / name).exists(), name
     manifest = read_json(remote / "severity-0.95/finetune/lora/manifest.json")
