@@ -136,6 +136,30 @@ def test_bad_run_dir_fails_at_start_in_one_line(s3_env, tmp_path, monkeypatch):
         RunDir(blocker / "run").prepare(cfg)
 
 
+def test_an_s3_run_directory_is_locked_with_a_conditional_write(s3_env):
+    """If-None-Match takes the lock (one writer wins); If-Match takes over exactly the expired
+    lock that was read."""
+    import time
+
+    from engine import runlock
+
+    run_dir = f"s3://{BUCKET}/locked"
+    lock = RemotePath(f"{run_dir}/{runlock.LOCK_NAME}")
+    with runlock.hold_run_dir(run_dir):
+        assert read_json(lock)["pid"] == os.getpid()
+        with pytest.raises(FairsynthError, match=rf"run directory {run_dir} is in use by another job \(host "):
+            runlock.acquire(run_dir)
+    assert not lock.exists()
+
+    now = time.time()
+    expired = runlock.Holder("another-host", 4242, now - 7200, now - runlock.EXPIRES_S - 1, "theirs")
+    lock.write_bytes(expired.encode())
+    taken, me = runlock.acquire(run_dir)
+    assert read_json(lock)["token"] == me.token
+    assert not taken.create(b"another job")  # the lock exists: a second writer loses
+    taken.delete()
+
+
 def test_bad_run_dir_exit_code(s3_env):
     """The job exits with code 2 and one line naming run_dir before any stage starts."""
     env = {**os.environ, **s3_env, "RAY_ADDRESS": ""}
