@@ -468,6 +468,27 @@ def test_a_lost_shard_is_redrawn_identically_and_alone(prepared_run):
     assert not run.marker(f"filter/{method}").exists()
 
 
+def test_a_truncated_shard_is_refused_by_training_and_drawn_again_by_the_next_run(prepared_run):
+    from engine.generate import run_filter_stage, run_generate_stage
+    from engine.train.data import kept_synthetic_counts
+
+    cfg, run = prepared_run
+    method = "vanilla"
+    run_generate_stage(cfg, run, method)
+    run_filter_stage(cfg, run, method)
+    folder = run / "synthetic" / method
+    damaged = sorted(folder.glob("part-*.parquet"))[0]
+    original = pq.read_table(damaged).to_pandas()
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # a copy cut short
+
+    with pytest.raises(FairsynthError, match=rf"synthetic shard {damaged} is damaged \(ArrowInvalid\); re-run"):
+        kept_synthetic_counts([damaged], 4)
+    summary = run_generate_stage(cfg, run, method)  # the stage was marked complete
+    assert summary["shards_written"] == 1
+    assert pq.read_table(damaged).to_pandas()[["unit", "seed"]].equals(original[["unit", "seed"]])
+    assert not run.marker(f"filter/{method}").exists()  # the filter ranks the whole set again
+
+
 def test_job_without_a_manifest_fails_in_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "jobs" / "generate.py"), "--method", "lora", "--run-dir", str(tmp_path)],

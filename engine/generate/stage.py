@@ -24,6 +24,7 @@ from engine.errors import FairsynthError
 from engine.generate.plan import GroupBalancedPlan
 from engine.generate.shards import (
     TIMING_COLUMNS,
+    remove_damaged_shards,
     remove_partial_shards,
     remove_stale_shards,
     shard_row_counts,
@@ -78,7 +79,7 @@ def run_generate_stage(cfg: Config, run: RunDir, method: str) -> dict:
     expected = plan.shard_sizes()
     if run.is_complete(stage, plan.hash) and summary_path.exists():
         present = {p.name for p in out_dir.glob("part-*.parquet")}
-        if present == set(expected):
+        if present == set(expected) and not remove_damaged_shards(out_dir, expected):
             log.info("generate %s: complete (plan %s), skipped", method, plan.hash)
             return read_json(summary_path)
 
@@ -86,6 +87,7 @@ def run_generate_stage(cfg: Config, run: RunDir, method: str) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_shards(out_dir, set(expected))
     remove_partial_shards(out_dir)
+    remove_damaged_shards(out_dir, expected)
     missing = [name for name in plan.shard_names if not (out_dir / name).exists()]
     log.info(
         "generate %s: plan %s, %d images in %d shards, %d shards to write",
