@@ -241,6 +241,29 @@ def test_finished_experiment_is_removed_and_a_lost_unit_trains_again_to_the_same
     assert not list(tune_dir.rglob("checkpoint_*"))
 
 
+def test_a_unit_artifact_with_wrong_shapes_is_refused_for_drawing_and_trained_again(lora_run, tmp_path):
+    """Planted after the stage finished: the next run notices it, whatever its marker says."""
+    from safetensors.torch import save_file
+
+    from engine.finetune.stage import damaged_units
+    from engine.generate.stage import _refuse_damaged_units
+
+    cfg, run, manifest = lora_run
+    weights = lora_tensors(run, "g0")
+    path = run / "finetune/lora/units/g0/pytorch_lora_weights.safetensors"
+    name = sorted(weights)[0]
+    save_file({**weights, name: weights[name].reshape(-1)[:-1].contiguous()}, str(path))
+
+    assert damaged_units(run, manifest) == [
+        (str(path.parent), f"{path.name} holds other tensors (names, shapes or types) than were written")]
+    with pytest.raises(FairsynthError, match=rf"unit artifact {path.parent} is damaged .*re-run the finetune stage"):
+        _refuse_damaged_units(run, "lora")
+    assert run_finetune_stage(cfg, run, "lora") == manifest  # marked complete, yet g0 is trained again
+    again = lora_tensors(run, "g0")
+    assert again.keys() == weights.keys() and all(torch.equal(again[k], weights[k]) for k in weights)
+    assert damaged_units(run, manifest) == []
+
+
 def test_nan_loss_stops_the_trial_keeps_its_checkpoint_and_marks_nothing(local_ray, tmp_path):
     cfg = make_cfg(tmp_path, "finetune.lora_learning_rate=1e30", "finetune.checkpoint_every=1")
     run = prepared_run(cfg)

@@ -95,6 +95,7 @@ def run_generate_stage(cfg: Config, run: RunDir, method: str) -> dict:
     )
     timing = {}
     if missing:
+        _refuse_damaged_units(run, method)
         # New rows invalidate any earlier filtering: it ranks every image of a group together.
         run.clear_marker(f"filter/{method}")
         timing = _generate_shards(cfg, run, plan, missing)
@@ -126,6 +127,19 @@ def run_generate_stage(cfg: Config, run: RunDir, method: str) -> dict:
     atomic_write_json(summary_path, summary)
     run.mark_complete(stage, plan.hash, images=summary["images"])
     return summary
+
+
+def _refuse_damaged_units(run: RunDir, method: str) -> None:
+    """No image is drawn from a unit artifact that differs from the one fine-tuning wrote."""
+    from engine.finetune.stage import damaged_units, manifest_path
+
+    damaged = damaged_units(run, read_json(manifest_path(run, method)))
+    if damaged:
+        folder, problem = damaged[0]
+        raise FairsynthError(
+            f"unit artifact {folder} is damaged ({problem}); re-run the finetune stage "
+            f"(jobs/finetune.py --method {method}, or the whole job), which trains it again"
+        )
 
 
 def _generate_shards(cfg: Config, run: RunDir, plan: GroupBalancedPlan, missing: list[str]) -> dict:
