@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import threading
@@ -74,10 +75,29 @@ def init_ray(cfg: RayConfig) -> None:
 
 
 def free_port() -> int:
-    """A TCP port that nothing listens on now, picked by the OS."""
-    with socket.socket() as probe:
+    """A TCP port that nothing listens on now, below the OS's ephemeral range (and above the
+    worker ports other Rays take, 10002-19999): a port the OS hands out for bind(0) or
+    connect() could be taken by another process before the Ray process that needs it binds."""
+    low, high = 20000, _ephemeral_ports_start()
+    for _ in range(100) if high - low > 1000 else ():
+        port = random.SystemRandom().randrange(low, high)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as probe:  # no room below the ephemeral range: let the OS pick
         probe.bind(("", 0))
         return probe.getsockname()[1]
+
+
+def _ephemeral_ports_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+            return int(ranges.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; macOS's range starts at 49152
 
 
 # The ports every node of a Ray this project starts opens, 0 so that each process binds one

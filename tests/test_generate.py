@@ -340,6 +340,7 @@ def _manifest_with_artifacts(cfg, run, pipe, method: str) -> dict:
     """The finetune stage's units for ``method``, with artifacts made here instead of trained."""
     from engine.cluster import load_assignments
     from engine.data.stage import load_run_dataset
+    from engine.finetune.stage import artifact_fingerprint
     from engine.finetune.units import plan_units
 
     dataset = load_run_dataset(run)
@@ -355,6 +356,8 @@ def _manifest_with_artifacts(cfg, run, pipe, method: str) -> dict:
                 _lora_artifact(pipe, run / folder, trained[lender])
             else:
                 _unet_artifact(pipe, run / folder, trained[lender])
+            # The unit's record, as the stage writes it: generation checks the artifact against it.
+            atomic_write_json(run / folder / "unit.json", {"unit": lender, "artifact_files": artifact_fingerprint(run / folder)})
         entries.append({
             "unit": unit.unit, "group": unit.group, "cluster": unit.cluster, "label": unit.label,
             "attribute": unit.attribute, "n_real": unit.n_real, "prompt": unit.prompt,
