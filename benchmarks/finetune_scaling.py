@@ -47,6 +47,7 @@ def main() -> None:
     from engine.finetune.trainer import UnitJob, unit_seed
     from engine.finetune.tune import run_unit_trials
     from engine.finetune.units import plan_units
+    from engine.raylib import start_local_ray
     from engine.runs import RunDir
 
     resources = f"{{CPU: 1, GPU: {args.gpu}}}" if args.gpu > 0 else "{CPU: 1}"
@@ -64,7 +65,7 @@ def main() -> None:
     dataset = run_data_stage(cfg, run)
     # Trained units of the real stage; with more trials than units, units repeat under new ids.
     units = [u for u in plan_units(cfg, dataset, True, strategy.uses_identifier, False) if u.trains]
-    ray.init(num_cpus=args.trials, num_gpus=1 if args.gpu > 0 else 0, include_dashboard=False)
+    start_local_ray(num_cpus=args.trials, num_gpus=1 if args.gpu > 0 else 0, include_dashboard=False)
     class_images = ensure_class_images(cfg, run, sorted({u.class_prompt for u in units})) if strategy.uses_prior(cfg.finetune) else {}
     jobs = []
     for i in range(args.trials):

@@ -177,6 +177,7 @@ def engine_stage(args, pipe, device: str, images: int) -> dict:
     from engine.data.stage import run_data_stage
     from engine.finetune import run_finetune_stage
     from engine.generate import run_generate_stage
+    from engine.raylib import start_local_ray
     from engine.runs import RunDir
 
     with tempfile.TemporaryDirectory(prefix="fairsynth-bench-") as scratch:
@@ -196,8 +197,8 @@ def engine_stage(args, pipe, device: str, images: int) -> dict:
         cfg = load_config(None, overrides)
         run = RunDir(Path(scratch) / "run")
         run.prepare(cfg)
-        ray.init(num_cpus=max(2, args.threads + 1) if device == "cpu" else None, include_dashboard=False,
-                 log_to_driver=False)
+        start_local_ray(num_cpus=max(2, args.threads + 1) if device == "cpu" else None, include_dashboard=False,
+                        log_to_driver=False)
         try:
             run_data_stage(cfg, run)
             run_finetune_stage(cfg, run, "vanilla")

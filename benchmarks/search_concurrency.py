@@ -70,6 +70,7 @@ def main() -> None:
     from engine.finetune.trainer import UnitJob, unit_seed
     from engine.finetune.tune import run_unit_trials
     from engine.finetune.units import plan_units
+    from engine.raylib import start_local_ray
     from engine.runs import RunDir
 
     resources = f"{{CPU: 1, GPU: {args.gpu}}}" if args.gpu > 0 else "{CPU: 1}"
@@ -91,7 +92,7 @@ def main() -> None:
         jobs.append(UnitJob(method="lora", unit=name, sources=unit.sources, train_prompt=unit.train_prompt,
                             class_prompt=unit.class_prompt, class_images=None, model=cfg.model,
                             finetune=cfg.finetune, seed=unit_seed(cfg.finetune.seed, name)))
-    ray.init(address="local", num_cpus=slots, num_gpus=1 if args.gpu > 0 else 0, include_dashboard=False)
+    start_local_ray(num_cpus=slots, num_gpus=1 if args.gpu > 0 else 0, include_dashboard=False)
 
     def timed(tag: str, groups: list[list[UnitJob]]) -> tuple[float, int, float]:
         """Wall seconds, peak trials at once, and the share of slot-seconds trials were training."""

@@ -487,7 +487,7 @@ class RayConfig(Section):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray")
     storage_path: str | None = Field(None, description="shared storage for Tune/Train (s3://... on clusters)")
     dashboard: bool = Field(
-        True, description="local Ray only: serve the dashboard on 127.0.0.1:8265 (Ray Train's clean-up monitor reads its state API)"
+        True, description="local Ray only: serve the dashboard on a free port of 127.0.0.1, logged at start (Ray Train's clean-up monitor reads its state API)"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "WARNING", description="Ray's own logs in workers; the job's progress lines are printed regardless"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import random
 import signal
+import socket
 import threading
 
 import ray
@@ -15,6 +18,8 @@ from engine.errors import FairsynthError
 
 log = logging.getLogger(__name__)
 
+# The environment variable a head's GCS takes its port from (ray_constants.GCS_PORT_ENVIRONMENT_VARIABLE).
+GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"
 # The address of the local Ray this process started and named in RAY_ADDRESS, so that a later
 # init_ray in the same process (after ray.shutdown) starts afresh instead of joining it.
 _started_address: str | None = None
@@ -61,15 +66,8 @@ def init_ray(cfg: RayConfig) -> str | None:
         os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
         # "local" starts a fresh instance even when another Ray runs on this machine, so a
         # laptop run never lands on someone else's cluster and its busy CPUs.
-        context = ray.init(
-            address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard,
-            dashboard_host="127.0.0.1", **kwargs,
-        )
-        # Ray's libraries look a cluster up again by themselves (Train's placement-group
-        # cleaner asks the state API); with another job's Ray on this machine that lookup
-        # finds several and fails. Naming ours keeps every lookup on this job's instance.
+        context = start_local_ray(num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard, **kwargs)
         _started_address = context.address_info["gcs_address"]
-        os.environ["RAY_ADDRESS"] = _started_address
     if job_logging is not None:
         root.setLevel(job_logging[0])
         root.handlers[:] = job_logging[1]
@@ -84,6 +82,176 @@ def init_ray(cfg: RayConfig) -> str | None:
         signal.signal(signal.SIGTERM, previous_sigterm)
     log.info("ray resources: %s", ray.cluster_resources())
     return dashboard
+
+
+def free_port() -> int:
+    """A TCP port that nothing listens on now, below the OS's ephemeral range (and above the
+    worker ports other Rays take, 10002-19999): a port the OS hands out for bind(0) or
+    connect() could be taken by another process before the Ray process that needs it binds."""
+    low, high = 20000, _ephemeral_ports_start()
+    for _ in range(100) if high - low > 1000 else ():
+        port = random.SystemRandom().randrange(low, high)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as probe:  # no room below the ephemeral range: let the OS pick
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
+def _ephemeral_ports_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+            return int(ranges.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; macOS's range starts at 49152
+
+
+# The ports every node of a Ray this project starts opens, 0 so that each process binds one
+# the OS picks: Ray's own defaults are fixed (dashboard agent 52365, ...) and the first Ray on a
+# machine holds them, so a second one's agent fails to start ("No available agent to submit job").
+NODE_PORTS = {
+    "dashboard_agent_listen_port": 0,  # the dashboard agent's HTTP server (job submission)
+    "metrics_agent_port": 0,  # the dashboard agent's gRPC server
+    "metrics_export_port": 0, "runtime_env_agent_port": 0,
+    "node_manager_port": 0, "object_manager_port": 0, "min_worker_port": 0, "max_worker_port": 0,
+}
+
+
+def head_ports() -> dict[str, int]:
+    """A head's ports as ``RayParams`` (and so ``ray.cluster_utils.Cluster``'s node arguments)
+    names them: :data:`NODE_PORTS`, and a free GCS and dashboard port named here, since their
+    addresses must be known before they start (Ray's defaults: 6379 and 8265)."""
+    return {"gcs_server_port": free_port(), "dashboard_port": free_port(), **NODE_PORTS}
+
+
+def ray_start_head_flags(gcs_port: int, dashboard_port: int) -> list[str]:
+    """``ray start --head`` flags for every port the head opens, the GCS and dashboard on the
+    ports given and the rest each on a free one (the CLI's defaults are Ray's fixed ports, the
+    Ray Client server's 10001 among them)."""
+    return [
+        f"--port={gcs_port}", f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+    ]
+
+
+@contextlib.contextmanager
+def _head_ports_of(ports: dict[str, int]):
+    """``ray.init`` takes no argument for most of a local head's ports, so its ``RayParams``
+    gets them as defaults while it starts the head (only arguments ``ray.init`` leaves unset)."""
+    import ray._private.parameter as parameter
+
+    original = parameter.RayParams
+
+    class RayParams(original):
+        def __init__(self, *args, **kwargs):
+            for name, port in ports.items():
+                if kwargs.get(name) is None:
+                    kwargs[name] = port
+            super().__init__(*args, **kwargs)
+
+    parameter.RayParams = RayParams
+    try:
+        yield
+    finally:
+        parameter.RayParams = original
+
+
+def _set_environ(values: dict[str, str | None]) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def _name_own_address(gcs_port: int) -> dict[str, str | None]:
+    """Set RAY_ADDRESS to the head about to start on ``gcs_port``, before it starts, so every
+    process it starts inherits it; returns the variables as they were. Ray's libraries look
+    the cluster up again by themselves, in workers too (Ray Train's placement-group cleaner
+    asks the state API), and without RAY_ADDRESS they search the machine, find every Ray on it
+    and fail ("Found multiple active Ray instances") or pick another's."""
+    before = {name: os.environ.get(name) for name in ("RAY_ADDRESS", GCS_PORT_VARIABLE)}
+    # The environment is the one way to name the GCS port to ray.init.
+    _set_environ({"RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{gcs_port}", GCS_PORT_VARIABLE: str(gcs_port)})
+    return before
+
+
+def start_local_ray(num_cpus: int | None = None, include_dashboard: bool | None = None, **kwargs):
+    """``ray.init(address="local", ...)`` that shares the machine: every port of the new head
+    is free (:func:`head_ports`), the dashboard listens on 127.0.0.1 only, and RAY_ADDRESS
+    names this head here and in every process it starts. Returns ray.init's context."""
+    ports = head_ports()
+    gcs_port, dashboard_port = ports.pop("gcs_server_port"), ports.pop("dashboard_port")
+    before = _name_own_address(gcs_port)
+    try:
+        with _head_ports_of(ports):
+            context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
+                               dashboard_host="127.0.0.1", dashboard_port=dashboard_port, **kwargs)
+    except BaseException:
+        _set_environ(before)
+        raise
+    _set_environ({GCS_PORT_VARIABLE: before[GCS_PORT_VARIABLE]})
+    actual = context.address_info["gcs_address"]
+    if actual != os.environ["RAY_ADDRESS"]:  # a Ray that ignored the port asked for
+        log.warning("the local Ray's GCS listens on %s, not on the port asked for", actual)
+        os.environ["RAY_ADDRESS"] = actual
+    return context
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int, include_dashboard: bool = False, **kwargs):
+    """:func:`start_local_ray` for tests and benchmarks: shut down on exit, and RAY_ADDRESS put
+    back, so a later Ray or job of the same process does not look for this one."""
+    before = os.environ.get("RAY_ADDRESS")
+    try:
+        yield start_local_ray(num_cpus=num_cpus, include_dashboard=include_dashboard, **kwargs)
+    finally:
+        ray.shutdown()
+        _set_environ({"RAY_ADDRESS": before})
+
+
+def _cluster_class():
+    from ray.cluster_utils import Cluster
+
+    class SharingCluster(Cluster):
+        """Every node it adds, the head included, opens its ports as :data:`NODE_PORTS` says."""
+
+        def add_node(self, wait: bool = True, **node_args):
+            return super().add_node(wait, **{**NODE_PORTS, **node_args})
+
+    return SharingCluster
+
+
+@contextlib.contextmanager
+def local_cluster(**head_args):
+    """A multi-node Ray on this machine (``ray.cluster_utils.Cluster``; add nodes with
+    ``add_node``), for tests and benchmarks, that shares the machine as
+    :func:`start_local_ray` does, its worker nodes included. On exit it is shut down,
+    RAY_ADDRESS is put back, and the record of it that Ray leaves for ``ray.init()`` to join
+    is removed."""
+    ports = head_ports()
+    before = _name_own_address(ports["gcs_server_port"])
+    cluster = None
+    try:
+        cluster = _cluster_class()(initialize_head=True, head_node_args={
+            "dashboard_host": "127.0.0.1", **ports, **head_args})
+        yield cluster
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+        _set_environ(before)
+        from ray._private.utils import get_ray_address_file, read_ray_address
+
+        if cluster is not None and read_ray_address() == cluster.address:
+            with contextlib.suppress(OSError):
+                os.remove(get_ray_address_file(None))
 
 
 def _quiet_driver_logs(level: str) -> None:

@@ -113,8 +113,8 @@ class RunDir:
             fix = "use a folder this user can write (on a cluster, a mount every node shares)"
         raise FairsynthError(f"run_dir = {self.uri!r} cannot be written ({problem}); {fix}, or set --run-dir")
 
-    def prepare(self, cfg: Config, force: bool = False) -> None:
-        """Create the run directory and write the resolved config, refusing to mix runs."""
+    def create(self) -> None:
+        """Create the run directory (a local one) and check that it can be written."""
         if not self.is_remote:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
@@ -124,6 +124,10 @@ class RunDir:
                     "use a folder this user can write, or set --run-dir"
                 ) from None
         self.check_writable()
+
+    def prepare(self, cfg: Config, force: bool = False) -> None:
+        """Create the run directory and write the resolved config, refusing to mix runs."""
+        self.create()
         path = self.root / "config.yaml"
         if path.exists() and not force:
             try:

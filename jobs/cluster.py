@@ -11,9 +11,11 @@ def main() -> None:
     cfg = config_from_args(args)
 
     from engine.cluster import run_cluster_stage
+    from engine.runlock import hold_until_exit
     from engine.runs import RunDir, read_json
 
     run = RunDir(cfg.run_dir)
+    hold_until_exit(cfg.run_dir, force=args.force)  # one job per run directory
     run.prepare(cfg, force=args.force)
     assignments = run_cluster_stage(cfg, run)
     summary = read_json(run / "cluster/summary.json")

@@ -19,10 +19,12 @@ def main() -> None:
     from engine.finetune import run_finetune_stage
     from engine.raylib import init_ray
     from engine.resources import check_cluster_supplies
+    from engine.runlock import hold_until_exit
     from engine.runs import RunDir
 
     cfg = config_from_args(args)
     run = RunDir(cfg.run_dir)
+    hold_until_exit(cfg.run_dir, force=args.force)  # one job per run directory
     run.prepare(cfg, force=args.force)
     init_ray(cfg.ray)
     check_cluster_supplies(cfg)

@@ -29,9 +29,11 @@ def main() -> None:
     from engine.raylib import init_ray
     from engine.report import console_summary
     from engine.resources import check_cluster_supplies
+    from engine.runlock import hold_until_exit
     from engine.runs import read_json
 
     start = time.perf_counter()
+    hold_until_exit(cfg.run_dir, force=args.force)  # one job per run directory
     dashboard = init_ray(cfg.ray)
     if dashboard:
         print(f"ray dashboard: {dashboard}", flush=True)

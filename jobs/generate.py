@@ -19,10 +19,12 @@ def main() -> None:
     args = parser.parse_args()
 
     from engine.generate import run_filter_stage, run_generate_stage
+    from engine.runlock import hold_until_exit
     from engine.runs import RunDir
 
     cfg = config_from_args(args)
     run = RunDir(cfg.run_dir)
+    hold_until_exit(cfg.run_dir, force=args.force)  # one job per run directory
     run.prepare(cfg, force=args.force)
     # The stages start or join Ray (cfg.ray) only when they have work to do.
     generated = run_generate_stage(cfg, run, args.method)

@@ -21,11 +21,13 @@ def main() -> None:
     from engine.data.stage import run_data_stage
     from engine.raylib import init_ray
     from engine.resources import check_cluster_supplies
+    from engine.runlock import hold_until_exit
     from engine.runs import RunDir
     from engine.train import run_train_stage
 
     cfg = config_from_args(args)
     run = RunDir(cfg.run_dir)
+    hold_until_exit(cfg.run_dir, force=args.force)  # one job per run directory
     run.prepare(cfg, force=args.force)
     init_ray(cfg.ray)
     check_cluster_supplies(cfg)  # a GPU preset on a machine without one stops before any stage

@@ -18,8 +18,21 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.pop("RAY_ADDRESS", None)
 
 ROOT = Path(__file__).resolve().parents[1]
+
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(autouse=True)
+def _ray_address_put_back():
+    """A local Ray a test starts names itself in RAY_ADDRESS (engine.raylib); a later test's
+    job would inherit it and wait for that Ray, shut down since."""
+    before = os.environ.get("RAY_ADDRESS")
+    yield
+    if before is None:
+        os.environ.pop("RAY_ADDRESS", None)
+    else:
+        os.environ["RAY_ADDRESS"] = before
 
 
 # A finished run's files (results, plots, a grid, timings, config) as jobs/full.py lays them

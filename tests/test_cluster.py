@@ -24,6 +24,7 @@ from engine.cluster import (
     subtype_nmi,
 )
 from engine.config import load_config
+from engine.raylib import local_ray
 from engine.runs import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,18 +227,13 @@ def test_job_rerun_skips_and_new_k_reuses_embeddings(clustered_run, tmp_path):
 
 
 def test_extreme_severity_leaves_empty_groups_unclustered(tmp_path):
-    import ray
-
     # At p = 0.999 with 200 images per class no bias-conflicting image survives: groups 1
     # (landbird on water) and 2 (waterbird on land) are empty.
     cfg = load_config(None, ["data.severity=0.999", "data.builtin.n_train=400", "ray.num_cpus=2"])
     run = RunDir(tmp_path)
     run.prepare(cfg)
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    try:
+    with local_ray(num_cpus=2):
         assignments = run_cluster_stage(cfg, run)
-    finally:
-        ray.shutdown()
     assert sorted(assignments["group"].unique()) == [0, 3] and assignments["image_id"].is_unique
     summary = json.loads((tmp_path / "cluster/summary.json").read_text())
     empty = [g for g in summary["groups"] if g["n_images"] == 0]

@@ -16,6 +16,7 @@ from engine.data import builtin
 from engine.data.stage import run_data_stage
 from engine.generate import fidelity
 from engine.generate.shards import encode_png, synthetic_dir, write_shard_table
+from engine.raylib import local_ray
 from engine.runs import RunDir, atomic_write_bytes, atomic_write_json
 
 IMAGES = 600  # per style: about 3 s of judging
@@ -183,11 +184,8 @@ def _write_unit_shards(run: RunDir, method: str) -> None:
 
 @pytest.fixture()
 def ray_session():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
+    with local_ray(num_cpus=2, ignore_reinit_error=True):
+        yield
 
 
 def test_filter_stage_measures_fidelity_and_results_carry_it(tmp_path, ray_session):

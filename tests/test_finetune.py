@@ -3,6 +3,7 @@ the minority groups have no real images and borrow), with 2 trials at once on a 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -25,6 +26,7 @@ from engine.errors import FairsynthError
 from engine.finetune import run_finetune_stage
 from engine.finetune.units import plan_units
 from engine.models.tiny import tiny_model_path
+from engine.raylib import local_ray as shared_local_ray
 from engine.runs import RunDir, atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,11 +43,8 @@ TEST_SETTINGS = [
 
 @pytest.fixture(scope="module")
 def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
+    with shared_local_ray(num_cpus=2, ignore_reinit_error=True):
+        yield
 
 
 def make_cfg(run_dir: Path, *extra: str):
@@ -328,6 +327,29 @@ def test_a_copied_run_deletes_its_own_tune_folders_never_the_originals(lora_run,
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+def test_a_unit_artifact_with_wrong_shapes_is_refused_for_drawing_and_trained_again(lora_run, tmp_path):
+    """Planted after the stage finished: the next run notices it, whatever its marker says."""
+    from safetensors.torch import save_file
+
+    from engine.finetune.stage import damaged_units
+    from engine.generate.stage import _refuse_damaged_units
+
+    cfg, run, manifest = lora_run
+    weights = lora_tensors(run, "g0")
+    path = run / "finetune/lora/units/g0/pytorch_lora_weights.safetensors"
+    name = sorted(weights)[0]
+    save_file({**weights, name: weights[name].reshape(-1)[:-1].contiguous()}, str(path))
+
+    assert damaged_units(run, manifest) == [
+        (str(path.parent), f"{path.name} holds other tensors (names, shapes or types) than were written")]
+    with pytest.raises(FairsynthError, match=rf"unit artifact {path.parent} is damaged .*re-run the finetune stage"):
+        _refuse_damaged_units(run, "lora")
+    assert run_finetune_stage(cfg, run, "lora") == manifest  # marked complete, yet g0 is trained again
+    again = lora_tensors(run, "g0")
+    assert again.keys() == weights.keys() and all(torch.equal(again[k], weights[k]) for k in weights)
+    assert damaged_units(run, manifest) == []
+
+
 def test_nan_loss_stops_the_trial_keeps_its_checkpoint_and_marks_nothing(local_ray, tmp_path):
     cfg = make_cfg(tmp_path, "finetune.lora_learning_rate=1e30", "finetune.checkpoint_every=1")
     run = prepared_run(cfg)
@@ -513,23 +535,38 @@ def test_dreambooth_and_clustered_dreambooth_share_cached_class_images(dreamboot
 
 @pytest.mark.slow
 def test_interrupted_job_resumes_the_experiment(tmp_path):
-    """SIGTERM the job once a trial has checkpointed; the re-run restores the Tune experiment
-    and the unfinished trials continue from their checkpoints."""
+    """SIGTERM the job once Tune has taken a trial's second checkpoint (step 10); the re-run
+    restores the Tune experiment and the trials continue from the latest checkpoints Tune
+    had recorded when the signal came. (A checkpoint folder that is written but not yet
+    reported is not one: the trial reports it, and Tune logs it in the trial's result.json.)"""
     settings = [f"--set={s}" for s in [*TEST_SETTINGS, "finetune.steps=40",
                                          "finetune.checkpoint_every=5"]]
     command = [sys.executable, str(ROOT / "jobs/finetune.py"), "--method", "lora", "--run-dir", str(tmp_path), *settings]
     env = {**os.environ, "RAY_ADDRESS": ""}
     job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not list(tmp_path.glob("finetune/lora/tune/*/*/checkpoint_000001")) and time.time() < deadline:
-        time.sleep(1)
+    while (seen := _latest_recorded_step(tmp_path / "finetune/lora/tune")) < 10 and time.time() < deadline:
+        time.sleep(0.5)
     job.terminate()
-    job.wait(timeout=120)
+    assert job.wait(timeout=120) == 130  # stopped cleanly: Tune saved the experiment
+    # Trials still report while Tune stops them, after it saved the experiment for the last time.
+    reported = _latest_recorded_step(tmp_path / "finetune/lora/tune")
+    assert 10 <= seen <= reported < 40
     assert not (tmp_path / "finetune/lora/manifest.json").exists()
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     run = RunDir(tmp_path)
-    assert max(unit_record(run, "lora", u)["resumed_at"] for u in ("g0", "g3")) >= 10
+    assert seen <= max(unit_record(run, "lora", u)["resumed_at"] for u in ("g0", "g3")) <= reported
+
+
+def _latest_recorded_step(tune_dir: Path) -> int:
+    """The highest step any trial reported to Tune with its checkpoint (its result.json lines)."""
+    steps = [0]
+    for results in tune_dir.glob("*/*/result.json"):
+        for line in results.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                steps.append(int(json.loads(line).get("step", 0)))
+    return max(steps)
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ from engine.errors import FairsynthError
 from engine.finetune.stage import load_manifest
 from engine.generate.filtering import filter_prompts, keep_count, select_top_fraction
 from engine.generate.plan import GroupBalancedPlan, split_proportionally
+from engine.raylib import local_ray
 from engine.runs import RunDir, atomic_write_json, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -341,6 +342,7 @@ def _manifest_with_artifacts(cfg, run, pipe, method: str) -> dict:
     """The finetune stage's units for ``method``, with artifacts made here instead of trained."""
     from engine.cluster import load_assignments
     from engine.data.stage import load_run_dataset
+    from engine.finetune.stage import artifact_fingerprint
     from engine.finetune.units import plan_units
 
     dataset = load_run_dataset(run)
@@ -356,6 +358,8 @@ def _manifest_with_artifacts(cfg, run, pipe, method: str) -> dict:
                 _lora_artifact(pipe, run / folder, trained[lender])
             else:
                 _unet_artifact(pipe, run / folder, trained[lender])
+            # The unit's record, as the stage writes it: generation checks the artifact against it.
+            atomic_write_json(run / folder / "unit.json", {"unit": lender, "artifact_files": artifact_fingerprint(run / folder)})
         entries.append({
             "unit": unit.unit, "group": unit.group, "cluster": unit.cluster, "label": unit.label,
             "attribute": unit.attribute, "n_real": unit.n_real, "prompt": unit.prompt,
@@ -383,16 +387,13 @@ def prepared_run(tmp_path_factory, pipe):
     run.prepare(cfg)
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with local_ray(num_cpus=2, log_to_driver=False):
         run_data_stage(cfg, run)
         run_cluster_stage(cfg, run)
         run_finetune_stage(cfg, run, "vanilla")
         for method in ("lora", "dreambooth", "clustered_dreambooth"):
             _manifest_with_artifacts(cfg, run, pipe, method)
         yield cfg, run
-    finally:
-        ray.shutdown()
 
 
 @pytest.mark.parametrize("method", [
@@ -487,6 +488,27 @@ def test_a_lost_shard_is_redrawn_identically_and_alone(prepared_run):
     # card no longer reports the old keep rate.
     assert not run.marker(f"filter/{method}").exists()
     assert "Not filtered yet" in DatasetCard.load(folder / "README.md").text
+
+
+def test_a_truncated_shard_is_refused_by_training_and_drawn_again_by_the_next_run(prepared_run):
+    from engine.generate import run_filter_stage, run_generate_stage
+    from engine.train.data import kept_synthetic_counts
+
+    cfg, run = prepared_run
+    method = "vanilla"
+    run_generate_stage(cfg, run, method)
+    run_filter_stage(cfg, run, method)
+    folder = run / "synthetic" / method
+    damaged = sorted(folder.glob("part-*.parquet"))[0]
+    original = pq.read_table(damaged).to_pandas()
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # a copy cut short
+
+    with pytest.raises(FairsynthError, match=rf"synthetic shard {damaged} is damaged \(ArrowInvalid\); re-run"):
+        kept_synthetic_counts([damaged], 4)
+    summary = run_generate_stage(cfg, run, method)  # the stage was marked complete
+    assert summary["shards_written"] == 1
+    assert pq.read_table(damaged).to_pandas()[["unit", "seed"]].equals(original[["unit", "seed"]])
+    assert not run.marker(f"filter/{method}").exists()  # the filter ranks the whole set again
 
 
 def test_job_without_a_manifest_fails_in_one_line(tmp_path):

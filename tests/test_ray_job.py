@@ -18,14 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from engine.raylib import free_port, ray_start_head_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -39,12 +35,12 @@ class Head:
 
 
 def start_head(env: dict, log: Path, num_cpus: int = 2, dashboard: bool = True) -> Head:
-    gcs_port, dashboard_port = _free_port(), _free_port()
+    gcs_port, dashboard_port = free_port(), free_port()
     temp_dir = Path("/tmp") / f"fsray{secrets.token_hex(3)}"  # short: socket paths are limited
     process = subprocess.Popen(
         [
-            RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--num-cpus={num_cpus}",
+            RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", *ray_start_head_flags(gcs_port, dashboard_port),
+            "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}",
             f"--include-dashboard={str(dashboard).lower()}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
         ],
         env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
@@ -99,17 +95,17 @@ def ray_head(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     head = start_head(env, tmp_path_factory.mktemp("ray_head") / "ray_start.log")
     try:
-        yield env, head.dashboard
+        yield env, head
     finally:
         stop_head(head)
 
 
 def test_full_job_through_ray_job_submit(ray_head, tmp_path):
-    env, address = ray_head
+    env, head = ray_head
     run_dir = tmp_path / "run"
     submit = subprocess.run(
         [
-            RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+            RAY, "job", "submit", "--address", head.dashboard, "--working-dir", str(ROOT), "--",
             sys.executable, "jobs/full.py", "--run-dir", str(run_dir),
             "--set", "methods=[erm]",
             "--set", "train.epochs=1",
@@ -129,14 +125,29 @@ def test_full_job_through_ray_job_submit(ray_head, tmp_path):
 
 
 def test_submit_without_token_is_refused(ray_head):
-    env, address = ray_head
+    env, head = ray_head
     anonymous = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN",)}
     anonymous["RAY_AUTH_TOKEN_PATH"] = "/nonexistent-token"
     anonymous["HOME"] = "/tmp"  # no default token file either
     out = subprocess.run(
-        [RAY, "job", "list", "--address", address], env=anonymous, capture_output=True, text=True, timeout=120
+        [RAY, "job", "list", "--address", head.dashboard], env=anonymous, capture_output=True, text=True, timeout=120
     )
     assert out.returncode != 0
+
+
+def test_the_test_head_opens_no_port_at_rays_fixed_defaults(ray_head):
+    """Another Ray on the machine holds Ray's defaults (GCS 6379, dashboard 8265, dashboard
+    agent 52365, Ray Client 10001); a head on one of them fails to start a part of itself."""
+    env, head = ray_head
+    fields = ["NodeManagerPort", "ObjectManagerPort", "MetricsExportPort", "MetricsAgentPort",
+              "DashboardAgentListenPort", "RuntimeEnvAgentPort"]
+    probe = (f"import json, ray; ray.init(address={head.gcs_address!r}); "
+             f"print(json.dumps([int(ray.nodes()[0][f]) for f in {fields!r}]))")
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ports = [*json.loads(done.stdout.strip().splitlines()[-1]), int(head.gcs_address.rsplit(":", 1)[1]),
+             int(head.dashboard.rsplit(":", 1)[1])]
+    assert all(ports) and not set(ports) & {6379, 8265, 52365, 10001}, ports
 
 
 @pytest.mark.slow  # two more heads started and stopped: about two minutes on 2 cores

@@ -8,6 +8,8 @@
   classifier metrics (results.json, every accuracy and synthetic fidelity) as an
   uninterrupted run: training is seeded and ordered, so the same inputs give the same metrics.
   Nothing the job writes is world-writable, even under a umask of 0.
+- ``jobs/full.py`` gets SIGTERM during DreamBooth fine-tuning, its progress bar drawn: it exits
+  130, and the same command restores the Tune experiment and finishes the run.
 - A run directory written by another config is refused, in one line, unless ``--force``.
 
 A crashed fine-tuning trial, a lost training worker, a NaN loss and bad input are tested
@@ -30,6 +32,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine.config import load_config
+from engine.raylib import local_cluster
 from engine.runs import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +49,6 @@ def _node_hosting_most_work(cluster, candidates):
 
 def test_a_worker_node_lost_during_generation_loses_and_repeats_no_row(tmp_path):
     import ray
-    from ray.cluster_utils import Cluster
 
     from engine.data.stage import run_data_stage
     from engine.finetune import run_finetune_stage
@@ -57,31 +59,30 @@ def test_a_worker_node_lost_during_generation_loses_and_repeats_no_row(tmp_path)
         ray.shutdown()
     # The head only runs the driver; two 2-CPU workers run the sampler actors (one whole CPU
     # each) and the writers, so losing a worker always takes a sampler with it.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
-    cfg = load_config(None, [
-        f"run_dir={tmp_path}",
-        "data.severity=0.9", "data.builtin.n_train=200", "data.builtin.n_val=8", "data.builtin.n_test=8",
-        f"generate.images_per_group={IMAGES_PER_GROUP}", "generate.steps=4", "generate.batch_size=2",
-        "generate.rows_per_shard=2", "generate.num_actors=2", "generate.actor_num_cpus=1",
-    ])
-    run = RunDir(tmp_path)
-    run.prepare(cfg)
-    folder = tmp_path / "synthetic" / "vanilla"
-    killed = {}
+    with local_cluster(num_cpus=0, include_dashboard=False) as cluster:
+        workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+        cfg = load_config(None, [
+            f"run_dir={tmp_path}",
+            "data.severity=0.9", "data.builtin.n_train=200", "data.builtin.n_val=8", "data.builtin.n_test=8",
+            f"generate.images_per_group={IMAGES_PER_GROUP}", "generate.steps=4", "generate.batch_size=2",
+            "generate.rows_per_shard=2", "generate.num_actors=2", "generate.actor_num_cpus=1",
+        ])
+        run = RunDir(tmp_path)
+        run.prepare(cfg)
+        folder = tmp_path / "synthetic" / "vanilla"
+        killed = {}
 
-    def kill_a_worker_once_shards_land():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not killed:
-            landed = list(folder.glob("part-*.parquet")) if folder.exists() else []
-            if landed:
-                victim = _node_hosting_most_work(cluster, workers)
-                cluster.remove_node(victim, allow_graceful=False)
-                killed["shards_before"] = len(landed)
-                return
-            time.sleep(0.05)
+        def kill_a_worker_once_shards_land():
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and not killed:
+                landed = list(folder.glob("part-*.parquet")) if folder.exists() else []
+                if landed:
+                    victim = _node_hosting_most_work(cluster, workers)
+                    cluster.remove_node(victim, allow_graceful=False)
+                    killed["shards_before"] = len(landed)
+                    return
+                time.sleep(0.05)
 
-    try:
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()
         run_data_stage(cfg, run)
@@ -91,9 +92,6 @@ def test_a_worker_node_lost_during_generation_loses_and_repeats_no_row(tmp_path)
         killer.start()
         summary = run_generate_stage(cfg, run, "vanilla")
         killer.join(timeout=5)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
     assert killed, "no shard landed, so no node was removed"
     assert 0 < killed["shards_before"] < plan.n_shards, "the node must die mid-way through the stage"
@@ -191,6 +189,38 @@ def test_sigterm_mid_generation_then_rerun_resumes_and_matches_an_uninterrupted_
     assert _metrics(interrupted) == _metrics(tmp_path / "whole")
     writable = [p for p in interrupted.rglob("*") if not p.is_symlink() and p.stat().st_mode & 0o002]
     assert not writable, f"world-writable: {writable[:3]}"
+
+
+@pytest.mark.slow
+def test_sigterm_during_dreambooth_fine_tuning_then_the_same_command_finishes_the_run(tmp_path):
+    """With the fine-tuning bar drawn (as on a user's console), the Tuner saved in the
+    experiment could not be restored: a live tqdm bar travelled in its pickle."""
+    command = [sys.executable, str(ROOT / "jobs" / "full.py"), "--run-dir", str(tmp_path)]
+    for override in [*SMALL_JOB, "methods=[dreambooth]", "finetune.steps=24", "finetune.num_class_images=4"]:
+        command += ["--set", override]
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    tune_dir = tmp_path / "severity-0.95" / "finetune" / "dreambooth" / "tune"
+
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None and not list(tune_dir.glob("*/*/checkpoint_*")):
+        time.sleep(0.2)
+    assert proc.poll() is None, "the job ended before a fine-tuning trial checkpointed"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 130, out[-4000:]  # a clean stop, not a SIGABRT (-6)
+    assert "interrupted: re-run the same command to resume" in out
+    assert "finetune dreambooth:" in out  # the bar was drawn, so it was there to be pickled
+    assert not (tmp_path / "results.json").exists()
+
+    resumed = _finish(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True))
+    assert "resuming the fine-tuning experiment" in resumed and "Traceback" not in resumed
+    units = tmp_path / "severity-0.95" / "finetune" / "dreambooth" / "units"
+    records = [json.loads(p.read_text()) for p in sorted(units.glob("*/unit.json"))]
+    assert len(records) == 4 and all(r["steps"] == 24 for r in records)
+    assert max(r["resumed_at"] for r in records) > 0  # a trial went on from its checkpoint
+    assert json.loads((tmp_path / "results.json").read_text())
 
 
 def test_a_run_directory_of_another_config_is_refused_in_one_line_unless_forced(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 
 from engine.config import PRESET_DIR, load_config
 from engine.errors import FairsynthError
+from engine.raylib import local_cluster
 from engine.resources import (
     actor_resources,
     check_cluster_supplies,
@@ -113,16 +114,11 @@ def gpu_cluster():
     """A head with no CPUs and two nodes declaring 2 GPUs each (no real GPU: Ray schedules on
     declared resources and sets CUDA_VISIBLE_DEVICES to the ids it hands out)."""
     import ray
-    from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    nodes = [cluster.add_node(num_cpus=1, num_gpus=2) for _ in range(2)]
-    ray.init(address=cluster.address)
-    try:
+    with local_cluster(num_cpus=0, include_dashboard=False) as cluster:
+        nodes = [cluster.add_node(num_cpus=1, num_gpus=2) for _ in range(2)]
+        ray.init(address=cluster.address)
         yield cluster, nodes
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def test_auto_trials_fill_every_declared_gpu(gpu_cluster, tmp_path):
@@ -156,17 +152,15 @@ def test_auto_trials_fill_every_declared_gpu(gpu_cluster, tmp_path):
 @pytest.mark.slow  # must outlast Ray Data's 20-second look at the cluster's size
 def test_actor_pool_grows_onto_a_node_added_mid_stage(tmp_path):
     import ray
-    from ray.cluster_utils import Cluster
 
     class SlowEmbedder:  # defined here so that workers unpickle it by value
         def __call__(self, batch):
             time.sleep(0.75)
             return {"row": batch["row"], "node": [ray.get_runtime_context().get_node_id()] * len(batch["row"])}
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    cluster.add_node(num_cpus=1, num_gpus=1)
-    ray.init(address=cluster.address)
-    try:
+    with local_cluster(num_cpus=0, include_dashboard=False) as cluster:
+        cluster.add_node(num_cpus=1, num_gpus=1)
+        ray.init(address=cluster.address)
         cfg = load_config(None, ["generate.num_actors=auto", "generate.actor_num_gpus=1",
                                  "generate.actor_num_cpus=0.25", "generate.batch_size=4"])
         # Ray Data re-reads the cluster's size every 20 s: the stage must outlast that.
@@ -182,9 +176,6 @@ def test_actor_pool_grows_onto_a_node_added_mid_stage(tmp_path):
             nodes.extend(batch["node"])
         assert len(nodes) == blocks * 4
         assert len(set(nodes)) == 2, "the pool never placed an actor on the node that joined"
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")

@@ -14,6 +14,7 @@ import pytest
 
 from engine import storage
 from engine.errors import FairsynthError
+from engine.raylib import local_cluster
 from engine.runs import RunDir, atomic_write_json, read_json
 from engine.storage import RemotePath
 
@@ -135,6 +136,30 @@ def test_bad_run_dir_fails_at_start_in_one_line(s3_env, tmp_path, monkeypatch):
         RunDir(blocker / "run").prepare(cfg)
 
 
+def test_an_s3_run_directory_is_locked_with_a_conditional_write(s3_env):
+    """If-None-Match takes the lock (one writer wins); If-Match takes over exactly the expired
+    lock that was read."""
+    import time
+
+    from engine import runlock
+
+    run_dir = f"s3://{BUCKET}/locked"
+    lock = RemotePath(f"{run_dir}/{runlock.LOCK_NAME}")
+    with runlock.hold_run_dir(run_dir):
+        assert read_json(lock)["pid"] == os.getpid()
+        with pytest.raises(FairsynthError, match=rf"run directory {run_dir} is in use by another job \(host "):
+            runlock.acquire(run_dir)
+    assert not lock.exists()
+
+    now = time.time()
+    expired = runlock.Holder("another-host", 4242, now - 7200, now - runlock.EXPIRES_S - 1, "theirs")
+    lock.write_bytes(expired.encode())
+    taken, me = runlock.acquire(run_dir)
+    assert read_json(lock)["token"] == me.token
+    assert not taken.create(b"another job")  # the lock exists: a second writer loses
+    taken.delete()
+
+
 def test_bad_run_dir_exit_code(s3_env):
     """The job exits with code 2 and one line naming run_dir before any stage starts."""
     env = {**os.environ, **s3_env, "RAY_ADDRESS": ""}
@@ -194,8 +219,6 @@ def test_tiny_job_on_s3_and_two_nodes_matches_a_local_run(s3_env, tmp_path, monk
     """The whole job with run_dir=s3://... on a cluster of a 0-CPU head and two worker nodes:
     every remote actor, task and Train worker reads and writes the bucket; its shards and
     metrics equal a local run's of the same config."""
-    from ray.cluster_utils import Cluster
-
     monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "artifact-cache"))  # the nodes' download cache
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     local_dir = str(tmp_path / "local")
@@ -204,8 +227,7 @@ def test_tiny_job_on_s3_and_two_nodes_matches_a_local_run(s3_env, tmp_path, monk
     remote_dir = f"s3://{BUCKET}/run"
     # The worker nodes inherit this process's environment, AWS variables included (set by
     # s3_env), as a real cluster's nodes have them from their own environment.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    try:
+    with local_cluster(num_cpus=0, include_dashboard=False) as cluster:
         for _ in range(2):
             cluster.add_node(num_cpus=2)
         cluster.wait_for_nodes()
@@ -214,13 +236,13 @@ def test_tiny_job_on_s3_and_two_nodes_matches_a_local_run(s3_env, tmp_path, monk
         workdir = tmp_path / "cwd"
         workdir.mkdir()
         out = _run_job(remote_dir, [f"ray.address={cluster.address}"], env, workdir, tmp_path / "s3.log")
-    finally:
-        cluster.shutdown()
-    assert "results:" in out
+    # The finished job's summary: its results table, and the report where the run lives.
+    assert "| ERM |" in out and "| LoRA |" in out
+    assert f"report: {remote_dir}/report.html" in out
     assert not list(workdir.iterdir()), "the job wrote into its working folder instead of the bucket"
 
     remote = storage.as_path(remote_dir)
-    for name in ("results.json", "results.md", "config.yaml", "grids/severity-0.95_lora.png",
+    for name in ("results.json", "results.md", "report.html", "config.yaml", "grids/severity-0.95_lora.png",
                  "severity-0.95/finetune/lora/manifest.json", "severity-0.95/filter/lora/summary.json"):
         assert (remote / name).exists(), name
     manifest = read_json(remote / "severity-0.95/finetune/lora/manifest.json")

@@ -28,6 +28,7 @@ from engine.data.stage import load_run_dataset, run_data_stage
 from engine.errors import FairsynthError
 from engine.generate.oracle import images_per_group
 from engine.generate.shards import synthetic_dir, write_shard_table
+from engine.raylib import local_ray
 from engine.runs import RunDir
 from engine.train.data import (
     _reflect_pad,
@@ -329,16 +330,32 @@ def test_streamed_evaluation_equals_whole_split_prediction(ray_session):
                                  np.bincount(groups, minlength=4).tolist()]
 
 
+def test_a_damaged_training_checkpoint_is_not_resumed_from(tmp_path, monkeypatch, caplog):
+    """A checkpoint cut short (a full disk, a copy interrupted) was unpickled on resume and
+    failed the fit; the run trains that method from the start instead."""
+    import ray.train
+
+    from engine.train import loop
+
+    whole = {field: 0 for field in loop.CHECKPOINT_FIELDS}
+    torch.save(whole, tmp_path / loop.STATE_FILE)
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(str(tmp_path)))
+    assert loop._latest_state(0).keys() == whole.keys()
+
+    damaged = tmp_path / loop.STATE_FILE
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with caplog.at_level("WARNING", logger=loop.__name__):
+        assert loop._latest_state(0) is None
+    assert f"the latest checkpoint {damaged} is damaged" in caplog.text and "training from the start" in caplog.text
+
+
 # --- Ray Train runs ----------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def ray_session():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
+    with local_ray(num_cpus=2, ignore_reinit_error=True):
+        yield
 
 
 def _prepare(run_dir: Path, extra=()):

@@ -180,6 +180,63 @@ def unit_dir(run: RunDir, method: str, unit: str) -> Path:
     return run / f"finetune/{method}/units/{unit}"
 
 
+def _file_fingerprint(path) -> dict:
+    """Size, and a hash of what a damaged copy changes, read cheaply even from a bucket: a
+    safetensors file's header (every tensor's name, type, shape and offsets), another file's
+    whole content."""
+    import pyarrow.fs as pafs
+
+    fs, fs_path = storage.fs_path(path)
+    with (fs or pafs.LocalFileSystem()).open_input_file(fs_path) as f:
+        size = f.size()
+        if path.suffix == ".safetensors":
+            length = int.from_bytes(f.read(8), "little")
+            data = f.read(length) if 8 + length <= size else b""
+        else:
+            data = f.read()
+    return {"bytes": size, "sha256": hashlib.sha256(data).hexdigest()[:16]}
+
+
+def artifact_fingerprint(folder) -> dict[str, dict]:
+    """Every artifact file of a unit folder (unit.json aside), by name."""
+    return {p.name: _file_fingerprint(p) for p in sorted(folder.iterdir()) if p.name != UNIT_FILE and p.is_file()}
+
+
+def artifact_problem(folder, record: dict) -> str | None:
+    """What differs between a unit's artifact and the one its record was written with; None
+    when it is whole, or when the record predates fingerprints."""
+    written = record.get("artifact_files")
+    if written is None:
+        return None
+    found = artifact_fingerprint(folder)
+    for name in sorted(set(written) | set(found)):
+        if name not in found:
+            return f"{name} is missing"
+        if name not in written:
+            return f"{name} was not written with the unit"
+        if found[name]["sha256"] != written[name]["sha256"]:
+            if name.endswith(".safetensors"):
+                return f"{name} holds other tensors (names, shapes or types) than were written"
+            return f"{name} differs from the file written"
+        if found[name]["bytes"] != written[name]["bytes"]:  # cut short, or grown
+            return f"{name} has {found[name]['bytes']} bytes where {written[name]['bytes']} were written"
+    return None
+
+
+def damaged_units(run: RunDir, manifest: dict) -> list[tuple[str, str]]:
+    """(unit folder, problem) for each artifact of a manifest that differs from its record."""
+    damaged = []
+    for artifact in sorted({u["artifact"] for u in manifest["units"] if u.get("artifact")}):
+        folder = run / artifact
+        try:
+            problem = artifact_problem(folder, json.loads((folder / UNIT_FILE).read_text()))
+        except (OSError, ValueError) as exc:
+            problem = f"{UNIT_FILE} cannot be read ({type(exc).__name__})"
+        if problem:
+            damaged.append((str(folder), problem))
+    return damaged
+
+
 def _unit_record(run: RunDir, method: str, unit: Unit, train_hash: str) -> dict | None:
     """The saved record of a trained unit when it matches this config, else None."""
     path = unit_dir(run, method, unit.unit) / UNIT_FILE
@@ -190,6 +247,10 @@ def _unit_record(run: RunDir, method: str, unit: Unit, train_hash: str) -> dict 
     except (json.JSONDecodeError, OSError):
         return None
     if record.get("hash") != train_hash or record.get("unit_hash") != unit.training_hash():
+        return None
+    problem = artifact_problem(path.parent, record)
+    if problem:
+        log.warning("unit artifact %s is damaged (%s); the unit is trained again", path.parent, problem)
         return None
     return record
 
@@ -217,6 +278,7 @@ def _materialize(run: RunDir, method: str, unit: Unit, result: UnitResult, train
                 f"{run / f'finetune/{method}/tune'} and re-run"
             )
         shutil.copytree(source, tmp, dirs_exist_ok=True)
+        record["artifact_files"] = artifact_fingerprint(Path(tmp))  # checked on every later run
         (tmp / CARD_FILE).write_text(card(unit, record))
         (tmp / UNIT_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     _keep_tensorboard(run, method, unit.unit, result)
@@ -340,7 +402,10 @@ def run_finetune_stage(cfg: Config, run: RunDir, method: str) -> dict:
     strategy = get_strategy(method)
     stage, expected = stage_name(method), stage_hash(cfg, strategy)
     if run.is_complete(stage, expected) and manifest_path(run, method).exists():
-        return load_manifest(run, method)
+        manifest = load_manifest(run, method)
+        if not damaged_units(run, manifest):
+            return manifest
+        # Those units are trained again below (their records no longer match).
     dataset = run_data_stage(cfg, run)
     assignments = None
     if strategy.per_cluster:

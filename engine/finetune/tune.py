@@ -22,11 +22,16 @@ any node of a cluster with shared ``ray.storage_path``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
+import pickle
 import re
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,37 +130,49 @@ def experiment_name(prefix: str, jobs: list[UnitJob], extra: str = "") -> str:
 
 def step_progress(n_trials: int, steps: int, desc: str):
     """A Tune callback drawing one progress bar (with an ETA) over the fine-tuning steps of
-    every trial of an experiment, from the steps each trial reports. (Tune calls it with
-    keyword arguments, so the hooks keep Tune's parameter names.)"""
-    from ray import tune
-    from tqdm.auto import tqdm
+    every trial of an experiment (engine.finetune.progress)."""
+    from engine.finetune.progress import StepProgress
 
-    class StepProgress(tune.Callback):
-        def __init__(self):
-            self.targets: dict[str, int] = {}
-            self.done: dict[str, int] = {}
-            self.bar = tqdm(total=n_trials * steps, unit="step", desc=desc, smoothing=0.1)
+    return StepProgress(n_trials, steps, desc)
 
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            # A searched trial has its own step count; one ASHA stops early ends at its last.
-            self.targets[trial.trial_id] = int(result.get("target_steps", steps))
-            self._set_total()
-            step = int(result.get("step", 0))
-            self.bar.update(max(0, step - self.done.get(trial.trial_id, 0)))
-            self.done[trial.trial_id] = max(step, self.done.get(trial.trial_id, 0))
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self.targets[trial.trial_id] = self.done.get(trial.trial_id, 0)
-            self._set_total()
+class _WithoutTqdm(pickle.Unpickler):
+    """Loads a pickle with every tqdm object in it replaced by an empty stand-in."""
 
-        def _set_total(self):
-            self.bar.total = sum(self.targets.values()) + (n_trials - len(self.targets)) * steps
-            self.bar.refresh()
+    class Dropped:
+        pass
 
-        def on_experiment_end(self, trials, **info):
-            self.bar.close()
+    def find_class(self, module: str, name: str):
+        from tqdm import tqdm
 
-    return StepProgress()
+        if module.split(".")[0] == "tqdm":
+            return self.Dropped
+        found = super().find_class(module, name)
+        return self.Dropped if isinstance(found, type) and issubclass(found, tqdm) else found
+
+
+def _make_tuner_state_loadable(experiment: str, callbacks: list) -> None:
+    """Runs interrupted before the fine-tuning bar stopped being pickled saved a live tqdm bar
+    in ``tuner.pkl``, which no later run can unpickle (a RecursionError inside tqdm). Such a
+    file gets ``callbacks`` in place of its own, so the experiment's trials resume."""
+    import ray.cloudpickle as cloudpickle
+    from ray.train._internal.storage import get_fs_and_path
+
+    fs, path = get_fs_and_path(experiment)
+    state_file = f"{path.rstrip('/')}/tuner.pkl"
+    with fs.open_input_file(state_file) as f:
+        data = f.readall()
+    try:
+        cloudpickle.loads(data)
+        return
+    except RecursionError:
+        pass
+    state = _WithoutTqdm(io.BytesIO(data)).load()
+    state["_run_config"].callbacks = callbacks
+    with fs.open_output_stream(f"{state_file}.tmp") as f:
+        f.write(cloudpickle.dumps(state))
+    fs.move(f"{state_file}.tmp", state_file)
+    log.info("%s: replaced the progress bar saved in tuner.pkl by an older version", experiment)
 
 
 def _fit(trainable, name: str, storage_path: str, ft: FinetuneConfig, param_space: dict,
@@ -166,8 +183,11 @@ def _fit(trainable, name: str, storage_path: str, ft: FinetuneConfig, param_spac
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     experiment = f"{storage_path.rstrip('/')}/{name}"
+    # Pickled with the Tuner and restored with it (engine.finetune.progress).
+    callbacks = [step_progress(trials, ft.steps, f"finetune {name.split('-')[0]}")]
     if tune.Tuner.can_restore(experiment):
         log.info("resuming the fine-tuning experiment in %s", experiment)
+        _make_tuner_state_loadable(experiment, callbacks)
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
@@ -190,12 +210,47 @@ def _fit(trainable, name: str, storage_path: str, ft: FinetuneConfig, param_spac
                 # holds only the compact artifact (engine/finetune/trainer.py).
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 verbose=0,
-                callbacks=[step_progress(trials, ft.steps, f"finetune {name.split('-')[0]}")],
+                callbacks=callbacks,
             ),
         )
-    with ray_prints():  # Tune's experiment table and paths go to the run's log
+    with _sigterm_stops_tune() as stopped, ray_prints():  # Tune's table and paths go to the run's log
         grid = tuner.fit()
+    if stopped:
+        raise KeyboardInterrupt  # the job's own SIGTERM handling goes on from here (engine.cli)
     return grid, experiment
+
+
+@contextlib.contextmanager
+def _sigterm_stops_tune():
+    """While Tune runs, SIGTERM stops it the way Ctrl-C does: Tune saves the experiment state
+    one last time and stops its trials, so a re-run resumes every trial from its latest
+    checkpoint. A KeyboardInterrupt raised inside Tune's loop instead skips that save (the
+    re-run then goes back to an older checkpoint) and leaves the trials to be killed with Ray.
+    Yields a list that holds the signal once one came; a second one interrupts at once."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous) or threading.current_thread() is not threading.main_thread():
+        yield []  # no handler of the job's to defer to: SIGTERM keeps its usual effect
+        return
+    received: list[int] = []
+
+    def stop(signum, frame):
+        tune_handler = signal.getsignal(signal.SIGUSR1)
+        if received or getattr(tune_handler, "__name__", "") != "signal_interrupt_tune_run":
+            previous(signum, frame)  # a second signal, or Tune not listening yet
+            return
+        received.append(signum)
+        log.warning("stopping the fine-tuning trials; the experiment is saved for the re-run")
+        tune_handler(signal.SIGUSR1, frame)
+
+    # Tune installs its SIGUSR1 handler in every fit and never removes it: an earlier fit's
+    # would set that fit's flag, which nothing reads any more.
+    previous_usr1 = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGUSR1, previous_usr1)
 
 
 def _collect(grid, experiment: str, ft: FinetuneConfig, lr_field: str) -> dict[str, UnitResult]:

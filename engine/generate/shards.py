@@ -206,6 +206,26 @@ def shard_row_counts(paths: list[RunPath]) -> dict[str, int]:
     return {p.name: storage.parquet_file(p).metadata.num_rows for p in paths}
 
 
+def remove_damaged_shards(out_dir: RunPath, expected_rows: dict[str, int]) -> list[str]:
+    """Delete the plan's shards whose Parquet footer cannot be read (a truncated file) or
+    counts other rows than planned, so that the stage draws them again; returns their names."""
+    damaged = []
+    for name, rows in sorted(expected_rows.items()):
+        path = out_dir / name
+        if not path.exists():
+            continue
+        try:
+            found = storage.parquet_file(path).metadata.num_rows
+            problem = None if found == rows else f"{found} rows where the plan has {rows}"
+        except (OSError, pa.ArrowException) as exc:
+            problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
+        if problem:
+            log.warning("synthetic shard %s is damaged (%s); it is drawn again", path, problem)
+            path.unlink()
+            damaged.append(name)
+    return damaged
+
+
 def remove_partial_shards(out_dir: RunPath) -> list[str]:
     """Delete half-written shards: temporary files of writers whose process died before the
     rename (a node lost mid-write). Only while no writer of the folder runs: before a stage's

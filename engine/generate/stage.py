@@ -25,6 +25,7 @@ from engine.errors import FairsynthError
 from engine.generate.plan import GroupBalancedPlan
 from engine.generate.shards import (
     TIMING_COLUMNS,
+    remove_damaged_shards,
     remove_partial_shards,
     remove_stale_shards,
     shard_row_counts,
@@ -80,7 +81,7 @@ def run_generate_stage(cfg: Config, run: RunDir, method: str) -> dict:
     expected = plan.shard_sizes()
     if run.is_complete(stage, plan.hash) and summary_path.exists():
         present = {p.name for p in out_dir.glob("part-*.parquet")}
-        if present == set(expected):
+        if present == set(expected) and not remove_damaged_shards(out_dir, expected):
             log.info("generate %s: complete (plan %s), skipped", method, plan.hash)
             return read_json(summary_path)
 
@@ -88,6 +89,7 @@ def run_generate_stage(cfg: Config, run: RunDir, method: str) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_shards(out_dir, set(expected))
     remove_partial_shards(out_dir)
+    remove_damaged_shards(out_dir, expected)
     missing = [name for name in plan.shard_names if not (out_dir / name).exists()]
     log.info(
         "generate %s: plan %s, %d images in %d shards, %d shards to write",
@@ -95,6 +97,7 @@ def run_generate_stage(cfg: Config, run: RunDir, method: str) -> dict:
     )
     timing = {}
     if missing:
+        _refuse_damaged_units(run, method)
         # New rows invalidate any earlier filtering: it ranks every image of a group together.
         run.clear_marker(f"filter/{method}")
         timing = _generate_shards(cfg, run, plan, missing)
@@ -127,6 +130,19 @@ def run_generate_stage(cfg: Config, run: RunDir, method: str) -> dict:
     write_dataset_card(run, method, current_filter_summary(run, method))
     run.mark_complete(stage, plan.hash, images=summary["images"])
     return summary
+
+
+def _refuse_damaged_units(run: RunDir, method: str) -> None:
+    """No image is drawn from a unit artifact that differs from the one fine-tuning wrote."""
+    from engine.finetune.stage import damaged_units, manifest_path
+
+    damaged = damaged_units(run, read_json(manifest_path(run, method)))
+    if damaged:
+        folder, problem = damaged[0]
+        raise FairsynthError(
+            f"unit artifact {folder} is damaged ({problem}); re-run the finetune stage "
+            f"(jobs/finetune.py --method {method}, or the whole job), which trains it again"
+        )
 
 
 def _generate_shards(cfg: Config, run: RunDir, plan: GroupBalancedPlan, missing: list[str]) -> dict:

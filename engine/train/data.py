@@ -29,6 +29,7 @@ import logging
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from engine import storage
 from engine.data.datasets import load_image
@@ -179,7 +180,13 @@ def kept_synthetic_counts(files: list[storage.RunPath], n_groups: int) -> list[i
     """Kept synthetic rows per group, read from the small columns only."""
     counts = np.zeros(n_groups, dtype=np.int64)
     for file in files:
-        schema = storage.parquet_file(file).schema_arrow
+        try:
+            schema = storage.parquet_file(file).schema_arrow
+        except (OSError, pa.ArrowException) as exc:  # a truncated file: never trained on
+            raise FairsynthError(
+                f"synthetic shard {file} is damaged ({type(exc).__name__}); re-run the generate stage, "
+                "which draws it again"
+            ) from None
         missing = [c for c in SYNTHETIC_COLUMNS if c not in schema.names]
         if missing:
             raise FairsynthError(

@@ -383,7 +383,12 @@ def _latest_state(rank: int) -> dict | None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
-    state = _load_state(checkpoint)
+    try:
+        state = _load_state(checkpoint)
+    except Exception as exc:  # cut short or overwritten: nothing of it is trained on
+        log.warning("rank %d: the latest checkpoint %s is damaged (%s); training from the start",
+                    rank, os.path.join(checkpoint.path, STATE_FILE), type(exc).__name__)
+        return None
     if CHECKPOINT_FIELDS - set(state):
         # An experiment left by an earlier fairsynth, whose checkpoints hold no best epoch.
         log.warning("rank %d: the latest checkpoint predates this version's format; training from the start", rank)
