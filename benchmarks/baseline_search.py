@@ -6,7 +6,8 @@ step size and group adjustment; the last-layer learning rate where a method has 
 Trial 0 is the configured values. Each trial trains every method once per tuning seed, in
 one Ray Train fit, on a finished run's data and synthetic sets (``jobs/full.py --run-dir RUN
 --seeds S,S``); the search writes only under RUN/search/. It reads validation figures alone:
-no test figure is trained on, printed or stored, so the seeds it tunes on can still be
+no test figure is trained on, printed or kept in search.json (each trial's metrics.json
+holds them, as every train stage writes them; the search never reads them), so the seeds it tunes on can still be
 reported elsewhere without having chosen anything on test.
 
 Prints, per method, each trial's values and its mean validation WGA over the seeds, and the
@@ -97,6 +98,8 @@ def choose(results: dict, methods: list[str], seeds: list[int], trials: int) -> 
             wga = sum(r["val_worst_group"] for r in runs) / len(runs)
             aga = sum(r["val_average_group"] for r in runs) / len(runs)
             rows.append({"trial": trial, "values": runs[0]["values"], "val_worst_group": wga, "val_average_group": aga})
+        if not rows:
+            raise FairsynthError(f"no finished trial of {method} on seeds {seeds}; run the search with --trials 1 or more")
         best = max(rows, key=lambda r: (r["val_worst_group"], r["val_average_group"], -r["trial"]))
         out[method] = {"trials": rows, "chosen": best}
     return out

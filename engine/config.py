@@ -396,7 +396,8 @@ class TrainConfig(SeededSection):
             "dfr": {"learning_rate": 0.0066, "weight_decay": 7.37e-05, "finetune_learning_rate": 0.0193},
         },
         description="per-method values of " + ", ".join(METHOD_HPARAMS) + " over the keys above (each "
-        "method's chosen on validation by benchmarks/baseline_search.py), e.g. {erm: {learning_rate: 0.004}}",
+        "method's chosen on validation by benchmarks/baseline_search.py), e.g. {erm: {learning_rate: 0.004}}; "
+        "setting it replaces the whole default block",
     )
     inject_failure_at_epoch: int | None = Field(
         None, ge=1, description="test hook: one worker process dies once after this epoch"

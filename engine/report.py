@@ -308,7 +308,7 @@ def results_markdown(rows: list[dict], title: str) -> str:
             "synthetic images alone, on test. Group fidelity: the share of kept (all generated) synthetic images "
             "that an independent judge reads as their unit's group, and the lowest unit's (%)",
             "",
-            "| Method | val | test | test per group: " + " / ".join(names) + " | synthetic only | group fidelity | synthetic images |",
+            "| Method | val (the epoch chosen on it) | test | test per group: " + " / ".join(names) + " | synthetic only | group fidelity | synthetic images |",
             "|---" * 7 + "|",
         ]
         for method in _row_order(list(chosen.values())):

@@ -164,7 +164,8 @@ def test_a_method_override_retrains_that_method_alone(tmp_path):
     """train.method_overrides scopes a hyperparameter to one method (as the baseline search
     chooses them): its classifier's key moves, the others' stay."""
     run = RunDir(tmp_path)
-    base = load_config(None, [f"run_dir={tmp_path}"])
+    # Setting method_overrides replaces the default's whole block (its tuned baselines).
+    base = load_config(None, [f"run_dir={tmp_path}", "train.method_overrides={}"])
     tuned = load_config(None, [f"run_dir={tmp_path}", "train.method_overrides={erm: {learning_rate: 0.004}}"])
     assert tuned.train.for_method("erm").learning_rate == 0.004
     assert tuned.train.for_method("group_dro").learning_rate == base.train.learning_rate

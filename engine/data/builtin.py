@@ -12,8 +12,11 @@ sub-types, so clustering has structure to find. Two styles share the vocabulary:
   Diffusion is pretrained on web images, never on the benchmark. ``photo`` draws shaded
   objects in any of the six colours at any size on textures of its own, with any amount of
   noise; ``base`` draws flat colours with a dark outline on plain backgrounds (captioned as
-  drawings). Neither uses the benchmark's renderer, palette or textures, so fine-tuning has
-  a domain gap to close, while the generator's VAE can still represent benchmark images.
+  drawings). Both share the world's shapes and colour tables with the benchmark (the six
+  objects' silhouettes and colours, each background family's colours), in every
+  (object, background) pair alike, as Stable Diffusion has seen birds and water; neither
+  uses the benchmark's renderer, its shared palette, jitter, noise or sizes, so fine-tuning
+  has a domain gap to close, while the generator's VAE can still represent benchmark images.
 
 Every image is a pure function of (object, background, seed, style, size, rendering).
 """

@@ -198,8 +198,10 @@ def _file_fingerprint(path) -> dict:
 
 
 def artifact_fingerprint(folder) -> dict[str, dict]:
-    """Every artifact file of a unit folder (unit.json aside), by name."""
-    return {p.name: _file_fingerprint(p) for p in sorted(folder.iterdir()) if p.name != UNIT_FILE and p.is_file()}
+    """Every artifact file of a unit folder, by name: not unit.json, nor the model card, an
+    output a user may edit."""
+    outputs = (UNIT_FILE, CARD_FILE)
+    return {p.name: _file_fingerprint(p) for p in sorted(folder.iterdir()) if p.name not in outputs and p.is_file()}
 
 
 def artifact_problem(folder, record: dict) -> str | None:
