@@ -99,6 +99,8 @@ def choose(results: dict, methods: list[str], seeds: list[int], trials: int) -> 
             aga = sum(r["val_average_group"] for r in runs) / len(runs)
             rows.append({"trial": trial, "values": runs[0]["values"], "val_worst_group": wga, "val_average_group": aga})
         if not rows:
+            from engine.errors import FairsynthError
+
             raise FairsynthError(f"no finished trial of {method} on seeds {seeds}; run the search with --trials 1 or more")
         best = max(rows, key=lambda r: (r["val_worst_group"], r["val_average_group"], -r["trial"]))
         out[method] = {"trials": rows, "chosen": best}
