@@ -61,7 +61,7 @@ def test_report_embeds_no_file_a_link_leads_out_of_the_run(finished_run: Path, t
 
     page = write_html_report(run).read_text()
     embedded = [base64.b64decode(part.split('"', 1)[0]) for part in page.split("data:image/png;base64,")[1:]]
-    assert len(embedded) == 2  # the run's own plot and grid
+    assert len(embedded) == 3  # the run's own two plots and grid
     assert "FAKE-SECRET" not in page and not any(b"FAKE-SECRET" in data for data in embedded)
     assert "<h2>Results</h2>" in page and "<h2>Resolved config</h2>" not in page
 
