@@ -119,8 +119,8 @@ def test_full_job_through_ray_job_submit(ray_head, tmp_path):
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     assert "succeeded" in submit.stdout.lower()
     rows = json.loads((run_dir / "results.json").read_text())
-    assert [r["method"] for r in rows] == ["erm"]
-    assert 0.0 <= rows[0]["test_worst_group"] <= rows[0]["test_average_group"] <= 1.0
+    assert [r["method"] for r in rows if r["method"] != "chance"] == ["erm"]
+    assert 0.0 <= rows[-1]["test_worst_group"] <= rows[-1]["test_average_group"] <= 1.0
     assert "| ERM |" in (run_dir / "results.md").read_text()
 
 
