@@ -159,21 +159,27 @@ def _same_weights(a: dict, b: dict) -> bool:
     )
 
 
+def _stop_when(proc, ready, what: str, poll: float, grace: float) -> str:
+    """SIGTERM a running job once ``ready()``; it must stop cleanly (130, not a SIGABRT) and
+    say how to resume. Returns its output."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None and not ready():
+        time.sleep(poll)
+    assert proc.poll() is None, f"the job ended before {what}"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=grace)
+    assert proc.returncode == 130, out[-4000:]
+    assert "interrupted: re-run the same command to resume" in out
+    return out
+
+
 @pytest.mark.slow
 def test_sigterm_mid_generation_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
     _finish(_job(tmp_path / "whole"))
 
     interrupted = tmp_path / "interrupted"
     shards = interrupted / "severity-0.95" / "synthetic" / "lora"
-    proc = _job(interrupted)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None and not list(shards.glob("part-*.parquet")):
-        time.sleep(0.05)
-    assert proc.poll() is None, "the job ended before any shard landed"
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, out[-4000:]
-    assert "interrupted: re-run the same command to resume" in out
+    _stop_when(_job(interrupted), lambda: list(shards.glob("part-*.parquet")), "any shard landed", 0.05, 120)
     landed = len(list(shards.glob("part-*.parquet")))
     assert landed and not (shards / "_COMPLETE.json").exists()
     assert not (interrupted / "results.json").exists()
@@ -202,14 +208,7 @@ def test_sigterm_during_dreambooth_fine_tuning_then_the_same_command_finishes_th
     tune_dir = tmp_path / "severity-0.95" / "finetune" / "dreambooth" / "tune"
 
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None and not list(tune_dir.glob("*/*/checkpoint_*")):
-        time.sleep(0.2)
-    assert proc.poll() is None, "the job ended before a fine-tuning trial checkpointed"
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=180)
-    assert proc.returncode == 130, out[-4000:]  # a clean stop, not a SIGABRT (-6)
-    assert "interrupted: re-run the same command to resume" in out
+    out = _stop_when(proc, lambda: list(tune_dir.glob("*/*/checkpoint_*")), "a fine-tuning trial checkpointed", 0.2, 180)
     assert "finetune dreambooth:" in out  # the bar was drawn, so it was there to be pickled
     assert not (tmp_path / "results.json").exists()
 

@@ -131,20 +131,6 @@ class GroupDRO(Method):
         ]
 
 
-def stage2_phase(cfg: TrainConfig) -> Phase | None:
-    """The real-data phase that follows a pretraining, in the mode ``train.stage2`` names;
-    every mode reads the real set group-balanced (module docstring)."""
-    finetune = {"name": "finetune", "dataset": REAL, "epochs": cfg.epochs, "balanced": cfg.group_balanced_sampling}
-    if cfg.stage2 == "none":
-        return None
-    if cfg.stage2 == "last_layer":
-        # The encoder is frozen: SupCon on its features has no gradient (module docstring).
-        return Phase(**finetune, learning_rate=cfg.finetune_learning_rate, trainable="head", sample_loss="ce")
-    if cfg.stage2 == "full":
-        return Phase(**finetune, learning_rate=cfg.learning_rate, trainable="all", sample_loss="ce_supcon")
-    return Phase(**finetune, learning_rate=cfg.learning_rate, trainable="all", sample_loss="ce", aggregate="group_dro")
-
-
 class DFR(Method):
     """ERM, then the last layer retrained group-balanced: the generative methods' stage 2 on
     an encoder that learnt from the real set alone."""
@@ -174,8 +160,19 @@ class SyntheticPretraining(Method):
             # The synthetic set is group-balanced by construction: no resampling needed.
             phases.append(Phase(name="pretrain", dataset=SYNTHETIC, epochs=cfg.pretrain_epochs,
                                 learning_rate=cfg.learning_rate, trainable="all", sample_loss="ce_supcon"))
-        stage2 = stage2_phase(cfg)
-        return phases if stage2 is None else [*phases, stage2]
+        # Every stage-2 mode reads the real set group-balanced (module docstring).
+        finetune = {"name": "finetune", "dataset": REAL, "epochs": cfg.epochs, "balanced": cfg.group_balanced_sampling}
+        if cfg.stage2 == "none":
+            return phases
+        if cfg.stage2 == "last_layer":
+            # The encoder is frozen: SupCon on its features has no gradient (module docstring).
+            stage2 = Phase(**finetune, learning_rate=cfg.finetune_learning_rate, trainable="head", sample_loss="ce")
+        elif cfg.stage2 == "full":
+            stage2 = Phase(**finetune, learning_rate=cfg.learning_rate, trainable="all", sample_loss="ce_supcon")
+        else:
+            stage2 = Phase(**finetune, learning_rate=cfg.learning_rate, trainable="all", sample_loss="ce",
+                           aggregate="group_dro")
+        return [*phases, stage2]
 
 
 METHODS: dict[str, Method] = {
