@@ -22,19 +22,6 @@ sys.path.insert(0, str(ROOT))
 JUDGES = ("learned", "renderer", "clip")
 
 
-def make_judge(name: str, cfg, class_names: list[str], attribute_names: list[str]):
-    from engine.generate import fidelity
-
-    if name == "learned":
-        return fidelity.LearnedJudge()
-    if name == "renderer":
-        return fidelity.RendererJudge()
-    from engine.models.encoders import load_encoder
-
-    prompts = fidelity.judge_prompts(cfg, class_names, attribute_names)
-    return fidelity.ClipJudge(load_encoder(cfg.model.encoder, device="cpu"), *prompts)
-
-
 def method_fidelity(run, method: str, judges: dict, n_attributes: int) -> dict:
     import numpy as np
 
@@ -74,7 +61,12 @@ def report(path: Path) -> None:
     cfg = load_config(path / "config.yaml")
     run = RunDir(path)
     dataset = load_run_dataset(run)
-    judges = {n: make_judge(n, cfg, dataset.class_names, dataset.attribute_names) for n in JUDGES}
+    from engine.generate import fidelity
+    from engine.models.encoders import load_encoder
+
+    prompts = fidelity.judge_prompts(cfg, dataset.class_names, dataset.attribute_names)
+    encoder = load_encoder(cfg.model.encoder, device="cpu")
+    judges = {n: fidelity.make_judge(n, encoder, prompts) for n in JUDGES}
     results = {}
     for method in [m for m in cfg.methods if m in GENERATIVE_METHODS]:
         results[method] = method_fidelity(run, method, judges, dataset.n_attributes)

@@ -204,6 +204,16 @@ class ClipJudge:
         return self.read_embeddings(self.encoder.encode_images(images))
 
 
+def make_judge(kind: str, encoder=None, prompts: tuple[list[str], list[str]] | None = None):
+    """The judge ``kind`` names (judge_kind); the clip judge reads with ``encoder`` and the
+    class and attribute ``prompts`` (judge_prompts)."""
+    if kind == "renderer":
+        return RendererJudge()
+    if kind == "learned":
+        return LearnedJudge()
+    return ClipJudge(encoder, *prompts)
+
+
 def judge_kind(cfg) -> str:
     """The judge ``fidelity.judge`` names; 'auto' picks the learned judge on the built-in benchmark."""
     if cfg.fidelity.judge != "auto":

@@ -120,13 +120,7 @@ class SyntheticImageScorer:
         self.prompt_embeddings = np.asarray(self.encoder.encode_texts(group_prompts), dtype=np.float32)
         self.group_means = group_means
         self.alpha = alpha
-        self.judge = None
-        if judge == "renderer":
-            self.judge = fidelity.RendererJudge()
-        elif judge == "learned":
-            self.judge = fidelity.LearnedJudge()
-        elif judge == "clip":
-            self.judge = fidelity.ClipJudge(self.encoder, *judge_prompts)
+        self.judge = None if judge is None else fidelity.make_judge(judge, self.encoder, judge_prompts)
 
     def _judge(self, batch: pd.DataFrame, embeddings: np.ndarray) -> dict:
         if self.judge is None:
