@@ -53,7 +53,8 @@ def draw_oracle_rows(cfg: Config, dataset, per_group: int) -> pd.DataFrame:
     for group in range(dataset.n_groups):
         label, attribute = divmod(group, dataset.n_attributes)
         objects, backgrounds = builtin.OBJECT_SUBTYPES[label], builtin.BACKGROUND_SUBTYPES[attribute]
-        while sum(r["group"] == group for r in rows) < per_group:
+        drawn = 0
+        while drawn < per_group:
             obj, bg = objects[rng.integers(len(objects))], backgrounds[rng.integers(len(backgrounds))]
             seed = int(rng.integers(0, 2**31 - 1))
             if seed in taken:
@@ -64,6 +65,7 @@ def draw_oracle_rows(cfg: Config, dataset, per_group: int) -> pd.DataFrame:
                          "unit": f"g{group}", "cluster": -1, "seed": seed, "prompt": "", "negative_prompt": "",
                          "method": ORACLE, "base_model": f"builtin renderer ({cfg.data.builtin.rendering})",
                          "score": float("nan"), "kept": True})
+            drawn += 1
     return pd.DataFrame(rows)
 
 
