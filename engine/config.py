@@ -358,7 +358,9 @@ class TrainConfig(SeededSection):
     backbone: Literal["tiny_resnet", "resnet18", "resnet50"] = "tiny_resnet"
     pretrained_weights: str | None = Field(None, description="local ImageNet weights file for torchvision backbones")
     image_size: int = Field(32, ge=8, description="side of the images the classifier trains and is evaluated on")
-    pretrain_epochs: int = Field(6, ge=0, description="stage 1, on synthetic images")
+    # 20, not 6: on the tuning seeds' validation split it lifted the oracle from 80 to 98 and
+    # the generative methods' mean worst-group accuracy by 3 points (docs/decisions.md).
+    pretrain_epochs: int = Field(20, ge=0, description="stage 1, on synthetic images")
     epochs: int = Field(8, ge=1, description="real-data training (stage 2 for generative methods)")
     batch_size: int = Field(64, ge=2)
     learning_rate: float = Field(2e-3, gt=0)
