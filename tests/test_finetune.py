@@ -651,3 +651,29 @@ def test_search_runs_every_units_trials_side_by_side_and_keeps_each_units_best(l
     again = run_unit_trials(jobs, cfg.finetune, str(tmp_path / "tune"), prefix="search")
     assert {u: (r.experiment, r.learning_rate, r.heldout_loss) for u, r in again.items()} == {
         u: (r.experiment, r.learning_rate, r.heldout_loss) for u, r in chosen.items()}
+
+
+def test_the_base_models_fingerprint_follows_its_bytes_not_its_file_times(tmp_path):
+    """A fresh clone or a copied model folder keeps trained units; re-trained weights do not."""
+    import os
+    import shutil
+
+    from engine.config import load_config
+    from engine.finetune.stage import model_fingerprint
+
+    folder = tmp_path / "base"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet/weights.safetensors").write_bytes(bytes(range(256)) * 20000)  # over 2 MiB
+    (folder / "model_index.json").write_text("{}")
+
+    def fingerprint(path):
+        return model_fingerprint(load_config(None, [f"model.base={path}"])).split(":")[1]
+
+    original = fingerprint(folder)
+    shutil.copytree(folder, tmp_path / "copy")
+    os.utime(tmp_path / "copy/unet/weights.safetensors", (1, 1))
+    assert fingerprint(tmp_path / "copy") == original
+    data = bytearray((folder / "unet/weights.safetensors").read_bytes())
+    data[-5] ^= 0xFF  # a change in the last MiB, as re-trained weights make everywhere
+    (folder / "unet/weights.safetensors").write_bytes(bytes(data))
+    assert fingerprint(folder) != original

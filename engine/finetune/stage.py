@@ -76,9 +76,22 @@ def _digest(payload) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _sampled_fingerprint(path: Path, sample: int = 1 << 20) -> tuple[int, str]:
+    """A file's size and a hash of its first and last MiB: re-trained weights change both,
+    while a copy, a fresh clone or a new node's checkout (new file times) changes neither."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(sample))
+        if size > 2 * sample:
+            f.seek(size - sample)
+        digest.update(f.read(sample))
+    return size, digest.hexdigest()[:16]
+
+
 def model_fingerprint(cfg: Config) -> str:
-    """The base model's identity: its files' sizes and times for a local folder, else its name,
-    so re-trained weights at the same path make trained units stale."""
+    """The base model's identity: its files' sizes and sampled contents for a local folder,
+    else its name, so re-trained weights at the same path make trained units stale."""
     base = cfg.model.base
     if base == "tiny":
         from engine.models.tiny import tiny_model_path
@@ -89,7 +102,7 @@ def model_fingerprint(cfg: Config) -> str:
     if not folder.is_dir():
         return base
     files = sorted(
-        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+        (str(p.relative_to(folder)), *_sampled_fingerprint(p))
         for p in folder.rglob("*")
         if p.is_file() and p.suffix in (".safetensors", ".bin", ".json", ".txt")
     )
