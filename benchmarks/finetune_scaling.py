@@ -29,9 +29,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def main() -> None:
+    from engine.generation_methods import GENERATION_METHODS
+
+    trained = [name for name, cls in GENERATION_METHODS.items() if cls.trains]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=2, help="units trained, and trial slots in the parallel run")
-    parser.add_argument("--method", default="lora", choices=["lora", "dreambooth", "clustered_dreambooth"])
+    parser.add_argument("--method", default="lora", choices=trained)
     parser.add_argument("--steps", type=int, default=None, help="training steps per unit (default: finetune.steps)")
     parser.add_argument("--gpu", type=float, default=0.0, help="GPU share per trial (0: CPU trials)")
     parser.add_argument("--base", default="tiny", help="model.base")
