@@ -56,6 +56,7 @@ def main() -> None:
     from engine.finetune.units import PromptBook
     from engine.generate.plan import drawing_model
     from engine.generate.sampler import UnitModels, make_scheduler, sample_images
+    from engine.generation_methods import get_method
     from engine.models.encoders import load_encoder
     from engine.models.loading import load_base_pipeline
     from engine.raylib import init_ray
@@ -120,7 +121,7 @@ def main() -> None:
         artifact_bytes[method] = {f: sum(p.stat().st_size for p in (run.root / f).rglob("*")
                                          if p.is_file() and p.name != "unit.json") for f in sorted(folders)}
         cluster_of = None
-        if method == "clustered_dreambooth":
+        if get_method(method).per_cluster:
             from engine.cluster import load_assignments
 
             a = load_assignments(run)

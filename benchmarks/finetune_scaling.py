@@ -29,9 +29,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def main() -> None:
+    from engine.generation_methods import GENERATION_METHODS
+
+    trained = [name for name, cls in GENERATION_METHODS.items() if cls.trains]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=2, help="units trained, and trial slots in the parallel run")
-    parser.add_argument("--method", default="lora", choices=["lora", "dreambooth", "clustered_dreambooth"])
+    parser.add_argument("--method", default="lora", choices=trained)
     parser.add_argument("--steps", type=int, default=None, help="training steps per unit (default: finetune.steps)")
     parser.add_argument("--gpu", type=float, default=0.0, help="GPU share per trial (0: CPU trials)")
     parser.add_argument("--base", default="tiny", help="model.base")
@@ -43,10 +46,10 @@ def main() -> None:
     from engine.config import load_config
     from engine.data.stage import run_data_stage
     from engine.finetune.stage import ensure_class_images
-    from engine.finetune.strategies import get_strategy
     from engine.finetune.trainer import UnitJob, unit_seed
     from engine.finetune.tune import run_unit_trials
-    from engine.finetune.units import plan_units
+    from engine.finetune.units import plan_trained_units
+    from engine.generation_methods import get_method
     from engine.raylib import start_local_ray
     from engine.runs import RunDir
 
@@ -58,13 +61,13 @@ def main() -> None:
         "finetune.checkpoint_every=1000000", "model.device=" + ("cuda" if args.gpu > 0 else "cpu"),
         *args.overrides,
     ])
-    strategy = get_strategy(args.method)
+    strategy = get_method(args.method)
     workdir = Path(tempfile.mkdtemp(prefix="fairsynth-ftscale-"))
     run = RunDir(workdir / "run")
     run.prepare(cfg)
     dataset = run_data_stage(cfg, run)
     # Trained units of the real stage; with more trials than units, units repeat under new ids.
-    units = [u for u in plan_units(cfg, dataset, True, strategy.uses_identifier, False) if u.trains]
+    units = [u for u in plan_trained_units(cfg, dataset, strategy.uses_identifier) if u.trains]
     start_local_ray(num_cpus=args.trials, num_gpus=1 if args.gpu > 0 else 0, include_dashboard=False)
     class_images = ensure_class_images(cfg, run, sorted({u.class_prompt for u in units})) if strategy.uses_prior(cfg.finetune) else {}
     jobs = []

@@ -51,9 +51,10 @@ def main(argv=None) -> None:
 
 
 def report(path: Path) -> None:
-    from engine.config import GENERATIVE_METHODS, load_config
+    from engine.config import load_config
     from engine.data.stage import load_run_dataset
     from engine.errors import FairsynthError
+    from engine.generation_methods import is_generation_method
     from engine.runs import RunDir
 
     if not (path / "config.yaml").exists():
@@ -68,7 +69,7 @@ def report(path: Path) -> None:
     encoder = load_encoder(cfg.model.encoder, device="cpu")
     judges = {n: fidelity.make_judge(n, encoder, prompts) for n in JUDGES}
     results = {}
-    for method in [m for m in cfg.methods if m in GENERATIVE_METHODS]:
+    for method in [m for m in cfg.methods if is_generation_method(m)]:
         results[method] = method_fidelity(run, method, judges, dataset.n_attributes)
         cells = "  ".join(f"{n} {v['before']:.3f} -> {v['after']:.3f}" for n, v in results[method].items())
         print(f"{method:22s} {cells}")

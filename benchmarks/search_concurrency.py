@@ -69,7 +69,7 @@ def main() -> None:
     from engine.data.stage import run_data_stage
     from engine.finetune.trainer import UnitJob, unit_seed
     from engine.finetune.tune import run_unit_trials
-    from engine.finetune.units import plan_units
+    from engine.generation_methods import get_method
     from engine.raylib import start_local_ray
     from engine.runs import RunDir
 
@@ -84,7 +84,7 @@ def main() -> None:
     run = RunDir(workdir / "run")
     run.prepare(cfg)
     # Trained LoRA units of the real stage; with more units asked for, units repeat under new ids.
-    units = [u for u in plan_units(cfg, run_data_stage(cfg, run), True, False, False) if u.trains]
+    units = [u for u in get_method("lora").plan_units(cfg, run_data_stage(cfg, run)) if u.trains]
     jobs = []
     for i in range(args.units):
         unit = units[i % len(units)]

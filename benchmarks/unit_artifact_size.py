@@ -36,7 +36,7 @@ def main() -> None:
     import torch
 
     from engine.config import load_config
-    from engine.finetune.strategies import get_strategy
+    from engine.generation_methods import get_method
     from engine.models.shapes import build_text_encoder, build_unet, sd15_configs
     from engine.planning import disk
     from engine.planning.flops import diffusion_shapes
@@ -48,7 +48,7 @@ def main() -> None:
     started = time.perf_counter()
     unet, text_encoder = build_unet(configs["unet"], "cpu"), build_text_encoder(configs["text_encoder"], "cpu")
     built = time.perf_counter() - started
-    strategy = get_strategy("dreambooth")
+    strategy = get_method("dreambooth")
     strategy.prepare(unet, text_encoder, ft)
     with torch.no_grad():
         for param in unet.parameters():

@@ -13,6 +13,7 @@ import logging
 from huggingface_hub import ModelCard, ModelCardData
 
 from engine import storage
+from engine.generation_methods import get_artifact, get_method
 
 CARD_FILE = "README.md"
 
@@ -33,34 +34,8 @@ def base_license(base: str) -> str:
 
 def unit_tags(method: str, artifact_kind: str) -> list[str]:
     tags = ["text-to-image", "diffusers", "diffusers-training", "stable-diffusion"]
-    if "dreambooth" in method:
-        tags.append("dreambooth")
-    if artifact_kind in ("lora", "lora_delta"):
-        tags.append("lora")
+    tags += [*get_method(method).card_tags, *get_artifact(artifact_kind).card_tags]
     return [*tags, "fairsynth"]
-
-
-def _how_to_load(base: str, kind: str, prompt: str, settings: dict) -> str:
-    if kind in ("lora", "lora_delta"):
-        return (
-            "```python\nfrom diffusers import StableDiffusionPipeline\n\n"
-            f'pipe = StableDiffusionPipeline.from_pretrained("{base}")\n'
-            'pipe.load_lora_weights("path/to/this/folder")\n'
-            f'image = pipe("{prompt}").images[0]\n```'
-        )
-    if kind == "unet":
-        return (
-            "The folder holds the fine-tuned UNet (and text encoder when trained) in fp16; the rest "
-            "is the base model's.\n\n```python\nfrom diffusers import StableDiffusionPipeline, "
-            "UNet2DConditionModel\n\n"
-            'unet = UNet2DConditionModel.from_pretrained("path/to/this/folder", subfolder="unet")\n'
-            f'pipe = StableDiffusionPipeline.from_pretrained("{base}", unet=unet)\n```'
-        )
-    return (
-        f"The folder holds each fine-tuned layer's change from the base model at rank "
-        f"{settings['delta_rank']} (`*_delta.safetensors`, fairsynth's `engine/finetune/delta.py`); "
-        "fairsynth's sampler adds them to the base model's weights."
-    )
 
 
 def unit_card(*, method: str, base_model: str, dataset: str, unit: dict, group_name: str,
@@ -106,7 +81,7 @@ the method's grid in the run directory, [`grids/{method}.png`](../../../../grids
 
 ## Use
 
-{_how_to_load(base_model, kind, unit['prompt'], settings)}
+{get_artifact(kind).how_to_load(base_model, unit['prompt'], settings)}
 """
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 

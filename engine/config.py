@@ -26,19 +26,27 @@ from pydantic import (
 )
 
 from engine.errors import FairsynthError
+from engine.generation_methods import is_generation_method, trains_models
+from engine.generation_methods import method_names as generation_method_names
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRESET_DIR = REPO_ROOT / "configs"
 DATASETS = ("builtin", "waterbirds", "celeba", "utkface", "manifest")
-METHODS = ("erm", "group_dro", "dfr", "vanilla", "lora", "dreambooth", "clustered_dreambooth", "oracle")
 # Methods that read the real data alone; the oracle draws extra real images (built-in only).
+# The generation methods are engine/generation_methods.py's registry.
 REAL_DATA_METHODS = ("erm", "group_dro", "dfr")
 BUILTIN_ONLY_METHODS = ("oracle",)
+
+
+def known_methods() -> tuple[str, ...]:
+    """Every method a config may name, in the results table's order."""
+    return (*REAL_DATA_METHODS, *generation_method_names(), *BUILTIN_ONLY_METHODS)
+
+
+METHODS = known_methods()  # the built-in ones: the default ``methods``
 # The training keys a method may set for itself (train.method_overrides), as DomainBed scopes
 # each hyperparameter to the algorithm it tunes.
 METHOD_HPARAMS = ("learning_rate", "finetune_learning_rate", "weight_decay", "group_dro_eta", "group_dro_adjustment")
-GENERATIVE_METHODS = ("vanilla", "lora", "dreambooth", "clustered_dreambooth")
-TRAINED_METHODS = ("lora", "dreambooth", "clustered_dreambooth")  # vanilla fine-tunes nothing
 # The sections whose randomness the run's ``seed`` sets (SeededSection.seed).
 SEEDED_SECTIONS = ("data", "cluster", "finetune", "generate", "train")
 
@@ -412,8 +420,8 @@ class TrainConfig(SeededSection):
     @classmethod
     def _known_overrides(cls, v: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
         for method, values in v.items():
-            if method not in METHODS:
-                raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+            if method not in known_methods():
+                raise ValueError(f"unknown method {method!r}; valid: {', '.join(known_methods())}")
             for key, value in values.items():
                 if key not in METHOD_HPARAMS:
                     raise ValueError(f"{method}.{key} cannot be set per method; valid: {', '.join(METHOD_HPARAMS)}")
@@ -532,9 +540,9 @@ class Config(Section):
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, v: list[str]) -> list[str]:
-        unknown = [m for m in v if m not in METHODS]
+        unknown = [m for m in v if m not in known_methods()]
         if unknown:
-            raise ValueError(f"unknown method {unknown[0]!r}; valid: {', '.join(METHODS)}")
+            raise ValueError(f"unknown method {unknown[0]!r}; valid: {', '.join(known_methods())}")
         return v
 
     @model_validator(mode="before")
@@ -596,9 +604,9 @@ class Config(Section):
         """The GPU share each stage this config runs asks Ray for (train: 1 per worker), before
         ``model.device=cpu`` turns them off (engine/resources.py)."""
         shares: dict[str, float] = {}
-        if any(m in GENERATIVE_METHODS for m in self.methods):
+        if any(is_generation_method(m) for m in self.methods):
             shares["cluster.actor_num_gpus"] = self.cluster.actor_num_gpus
-            if any(m in TRAINED_METHODS for m in self.methods):
+            if trains_models(self.methods):
                 gpu = {k.upper(): v for k, v in self.finetune.trial_resources.items()}.get("GPU", 0.0)
                 shares["finetune.trial_resources.GPU"] = float(gpu)
             shares["generate.actor_num_gpus"] = self.generate.actor_num_gpus

@@ -23,11 +23,11 @@ from pathlib import Path
 from engine import storage
 from engine.errors import FairsynthError
 from engine.report import (
-    METHOD_TITLES,
     _fidelity_cell,
     _pct,
     _synthetic_only_cell,
     in_run_order,
+    method_title,
     metric_cell,
     severity_title,
 )
@@ -78,7 +78,7 @@ def results_section(rows: list[dict]) -> str:
         metrics = "".join(_metric_td(r, m) for m in ("val_worst_group", "val_average_group",
                                                       "test_worst_group", "test_average_group"))
         body.append(
-            f"<tr><td>{_escape(METHOD_TITLES.get(r['method'], r['method']))}</td>"
+            f"<tr><td>{_escape(method_title(r['method']))}</td>"
             f"<td>{_escape(severity_title(r['severity']))}</td>{metrics}"
             f"<td>{_escape(per_group)}</td><td>{_escape(_synthetic_only_cell(r))}</td>"
             f"<td>{_escape(_fidelity_cell(r.get('synthetic_fidelity')))}</td>"

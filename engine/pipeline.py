@@ -20,7 +20,8 @@ import time
 from collections.abc import Callable
 
 from engine import storage
-from engine.config import GENERATIVE_METHODS, Config
+from engine.config import Config
+from engine.generation_methods import is_generation_method
 from engine.html_report import write_html_report
 from engine.report import aggregate_seeds, collect_rows, seed_tag, severity_tag, write_results
 from engine.runs import RunDir, atomic_write_json
@@ -65,7 +66,7 @@ def run_severity(cfg: Config, force: bool, on_stage: Callable[[str], None]) -> d
         return time.perf_counter() - start
 
     shared["data"] = timed("data", run_data_stage, cfg, run)
-    generative = [m for m in cfg.methods if m in GENERATIVE_METHODS]
+    generative = [m for m in cfg.methods if is_generation_method(m)]
     if generative:
         shared["cluster"] = timed("cluster", run_cluster_stage, cfg, run)
     seconds: dict[str, dict[str, float]] = {method: dict(shared) for method in cfg.methods}

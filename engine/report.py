@@ -11,22 +11,26 @@ import math
 from pathlib import Path
 
 from engine import storage
-from engine.config import GENERATIVE_METHODS, METHODS
+from engine.config import known_methods
+from engine.generation_methods import get_method, is_generation_method
 from engine.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
+# Titles of the methods that generate nothing; a generation method carries its own.
 METHOD_TITLES = {
     "chance": "Chance (a coin flip)",
     "erm": "ERM",
     "group_dro": "Group-DRO",
     "dfr": "DFR",
-    "vanilla": "Vanilla SD",
-    "lora": "LoRA",
-    "dreambooth": "DreamBooth",
-    "clustered_dreambooth": "Clustered DreamBooth",
     "oracle": "Oracle (real renders)",
 }
 # The row that shows what guessing scores; results list it first.
 CHANCE = "chance"
+
+
+def method_title(method: str) -> str:
+    if is_generation_method(method):
+        return get_method(method).title
+    return METHOD_TITLES.get(method, method)
 
 
 def severity_tag(severity: float | str) -> str:
@@ -193,7 +197,7 @@ def read_fidelity(run_root, method: str) -> dict | None:
     """A generative method's synthetic group fidelity, as its filter stage measured it
     (engine.generate.fidelity); None for other methods and for runs filtered before it existed."""
     path = storage.as_path(run_root) / "filter" / method / "summary.json"
-    if method not in GENERATIVE_METHODS or not storage.exists(path):
+    if not is_generation_method(method) or not storage.exists(path):
         return None
     return read_json(path).get("fidelity")
 
@@ -229,7 +233,7 @@ def fidelity_markdown(rows: list[dict]) -> str:
         seed = f" {r['seed']} |" if seeded else ""
         for unit, u in r["synthetic_fidelity"]["per_unit"].items():
             lines.append(
-                f"| {METHOD_TITLES[r['method']]} | {severity_title(r['severity'])} |{seed} {unit} | {u['name']} | "
+                f"| {method_title(r['method'])} | {severity_title(r['severity'])} |{seed} {unit} | {u['name']} | "
                 f"{_pct(u['after'])} ({_pct(u['before'])}) | {_pct(u['class_after'])} | "
                 f"{_pct(u['attribute_after'])} | {u['kept']} / {u['images']} |"
             )
@@ -267,7 +271,7 @@ def per_seed_markdown(rows: list[dict]) -> str:
             for s in seeds
         ]
         mean = f"{metric_cell(r, 'test_worst_group')} / {metric_cell(r, 'test_average_group')}"
-        lines.append(f"| {METHOD_TITLES[r['method']]} | {severity_title(r['severity'])} | " + " | ".join(cells) + f" | {mean} |")
+        lines.append(f"| {method_title(r['method'])} | {severity_title(r['severity'])} | " + " | ".join(cells) + f" | {mean} |")
     return "\n".join(lines) + "\n"
 
 
@@ -288,7 +292,7 @@ def _synthetic_only_cell(row: dict) -> str:
 
 
 def _row_order(rows: list[dict]) -> list[str]:
-    return [m for m in (CHANCE, *METHODS) if any(r["method"] == m for r in rows)]
+    return [m for m in (CHANCE, *known_methods()) if any(r["method"] == m for r in rows)]
 
 
 def results_markdown(rows: list[dict], title: str) -> str:
@@ -314,7 +318,7 @@ def results_markdown(rows: list[dict], title: str) -> str:
         for method in _row_order(list(chosen.values())):
             r = chosen[method]
             per_group = " / ".join(_pct(a) for a in r["test_per_group"])
-            lines.append(f"| {METHOD_TITLES[method]} | {accuracy_cell(r, 'val')} | {accuracy_cell(r, 'test')} | "
+            lines.append(f"| {method_title(method)} | {accuracy_cell(r, 'val')} | {accuracy_cell(r, 'test')} | "
                          f"{per_group} | {_synthetic_only_cell(r)} | {_fidelity_cell(r.get('synthetic_fidelity'))} | "
                          f"{r['synthetic_images'] or '-'} |")
         tables.append("\n".join(lines) + "\n")
@@ -359,7 +363,7 @@ def plot_per_group(rows: list[dict], path: Path, severity) -> None:
     x = np.arange(n_groups)
     for i, r in enumerate(chosen):
         values = [0 if (v is None or math.isnan(v)) else 100 * v for v in r["test_per_group"]]
-        ax.bar(x + (i - (len(chosen) - 1) / 2) * width, values, width, label=METHOD_TITLES[r["method"]])
+        ax.bar(x + (i - (len(chosen) - 1) / 2) * width, values, width, label=method_title(r["method"]))
     if guess is not None:
         ax.axhline(100 * guess["test_average_group"], color="black", linestyle="--", linewidth=1, label="chance")
     ax.set_xticks(x, names, fontsize=8)
@@ -390,7 +394,7 @@ def plot_worst_group(rows: list[dict], path: Path, severity) -> None:
     if guess is not None:
         mean, spread = 100 * guess["test_worst_group"], 100 * guess["test_worst_group_spread"]
         ax.axvspan(mean - 2 * spread, mean + 2 * spread, color="grey", alpha=0.2, label="chance (± 2 spread)")
-    ax.set_yticks(y, [METHOD_TITLES[r["method"]] for r in chosen], fontsize=9)
+    ax.set_yticks(y, [method_title(r["method"]) for r in chosen], fontsize=9)
     ax.set_xlim(0, 100)
     ax.set_xlabel("worst-group accuracy (%)")
     ax.set_title(f"Worst-group accuracy, severity {severity_title(severity)}")

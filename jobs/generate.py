@@ -9,12 +9,12 @@ Re-running the same command resumes: shards already written are kept, only missi
 import _path  # noqa: F401
 
 from engine.cli import config_from_args, job_parser, run_job
-from engine.config import GENERATIVE_METHODS
+from engine.generation_methods import method_names
 
 
 def main() -> None:
     parser = job_parser(__doc__)
-    parser.add_argument("--method", choices=GENERATIVE_METHODS, required=True)
+    parser.add_argument("--method", choices=method_names(), required=True)
     parser.add_argument("--skip-filter", action="store_true", help="generate only; scores stay NaN")
     args = parser.parse_args()
 

@@ -24,7 +24,8 @@ from engine.data.datasets import GroupedDataset
 from engine.data.stage import run_data_stage
 from engine.errors import FairsynthError
 from engine.finetune import run_finetune_stage
-from engine.finetune.units import plan_units
+from engine.finetune.units import plan_trained_units
+from engine.generation_methods import get_method
 from engine.models.tiny import tiny_model_path
 from engine.raylib import local_ray as shared_local_ray
 from engine.runs import RunDir, atomic_write_bytes
@@ -95,7 +96,7 @@ def _dataset(counts: dict[int, int]) -> GroupedDataset:
 
 def test_minority_group_borrows_the_aligned_model_with_swapped_prompt():
     cfg = load_config(None, ["finetune.min_real_images=4"])
-    units = {u.unit: u for u in plan_units(cfg, _dataset({0: 50, 1: 2, 2: 0, 3: 40}), True, True, False)}
+    units = {u.unit: u for u in get_method("dreambooth").plan_units(cfg, _dataset({0: 50, 1: 2, 2: 0, 3: 40}))}
     assert [u for u in units if units[u].trains] == ["g0", "g3"]
     g1, g2 = units["g1"], units["g2"]
     assert (g1.borrowed_from, g2.borrowed_from) == ("g0", "g3")
@@ -111,10 +112,10 @@ def test_own_negative_prompt_names_every_other_class_and_attribute_or_nothing_in
     rows = [{"image_id": f"{g}-{i}", "source": "", "label": g // 3, "attribute": g % 3, "split": "train",
              "group": g, "subtype": ""} for g in range(6) for i in range(5)]
     dataset = GroupedDataset("three", pd.DataFrame(rows), ["cat", "dog"], ["grass", "sand", "snow"], {})
-    own = {u.unit: u.negative_prompt for u in plan_units(load_config(None, []), dataset, True, True, False)}
+    own = {u.unit: u.negative_prompt for u in get_method("dreambooth").plan_units(load_config(None, []), dataset)}
     assert own["g1"] == "dog grass, snow" and own["g5"] == "cat grass, sand"
     paper = load_config(None, ['generate.own_negative_prompt_template=""'])
-    assert {u.negative_prompt for u in plan_units(paper, dataset, True, True, False)} == {""}
+    assert {u.negative_prompt for u in get_method("dreambooth").plan_units(paper, dataset)} == {""}
     assert load_config("waterbirds_0999", []).generate.own_negative_prompt_template == ""
     with pytest.raises(FairsynthError, match=r"generate.own_negative_prompt_template = '\{other_group\}': has the "
                        r"unknown placeholder \{other_group\}; valid placeholders: \{other_class_names\}, "
@@ -125,7 +126,7 @@ def test_own_negative_prompt_names_every_other_class_and_attribute_or_nothing_in
 def test_unit_with_no_images_and_nothing_to_borrow_is_a_clear_error():
     cfg = load_config(None, [])
     with pytest.raises(FairsynthError, match=r"group 3 \(waterbird / water\) has 0 real training images and nothing to borrow"):
-        plan_units(cfg, _dataset({0: 50, 1: 2, 2: 5, 3: 0}), True, True, False)
+        get_method("dreambooth").plan_units(cfg, _dataset({0: 50, 1: 2, 2: 5, 3: 0}))
 
 
 def test_vanilla_units_draw_with_the_base_model(tmp_path):
@@ -161,7 +162,6 @@ def test_lora_loads_with_plain_diffusers_and_changes_images(lora_run, tmp_path):
 
     from diffusers import StableDiffusionPipeline
 
-    from engine.finetune.strategies import get_strategy
 
     cfg, run, manifest = lora_run
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_path()), safety_checker=None)
@@ -181,7 +181,7 @@ def test_lora_loads_with_plain_diffusers_and_changes_images(lora_run, tmp_path):
     # The folder diffusers loads from holds the unit's model card too (test_lora_units_have_a_model_card).
     assert (run.root / manifest["units"][0]["artifact"] / "README.md").is_file()
     # The baseline: the adapter as training starts it (Gaussian A, zero B), saved by the strategy.
-    strategy = get_strategy("lora")
+    strategy = get_method("lora")
     unet, text_encoder = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)
     strategy.prepare(unet, text_encoder, cfg.finetune)
     strategy.save_artifact(unet, text_encoder, tmp_path, cfg.finetune)
@@ -241,7 +241,7 @@ def test_crashed_trial_resumes_from_its_checkpoint_and_matches_an_uninterrupted_
     from engine.finetune.trainer import ARTIFACT_DIR, UnitJob, UnitTrainer, unit_seed
 
     cfg, run, manifest = lora_run
-    unit = next(u for u in plan_units(cfg, run_data_stage(cfg, run), True, False, False) if u.unit == "g0")
+    unit = next(u for u in get_method("lora").plan_units(cfg, run_data_stage(cfg, run)) if u.unit == "g0")
     assert unit_record(run, "lora", "g0")["resumed_at"] == 2  # the checkpoint before the crash
     # The same unit trained in one go, in this process, ends with the very same weights.
     job = UnitJob(method="lora", unit="g0", sources=unit.sources, train_prompt=unit.train_prompt,
@@ -393,11 +393,10 @@ def train_in_process(cfg, run, method: str, unit_name: str, folder: Path):
     """The unit trained in one go in this process, each checkpoint written to
     ``folder/step<N>``; returns its trainer, which holds the fine-tuned models."""
     from engine.finetune.stage import ensure_class_images
-    from engine.finetune.strategies import get_strategy
     from engine.finetune.trainer import UnitJob, UnitTrainer, unit_seed
 
-    strategy = get_strategy(method)
-    unit = next(u for u in plan_units(cfg, run_data_stage(cfg, run), True, strategy.uses_identifier, False)
+    strategy = get_method(method)
+    unit = next(u for u in plan_trained_units(cfg, run_data_stage(cfg, run), strategy.uses_identifier)
                 if u.unit == unit_name)
     class_images = None
     if strategy.uses_prior(cfg.finetune):
@@ -609,7 +608,7 @@ def test_each_unit_is_searched_by_its_own_asha():
 def lora_jobs(cfg, run):
     from engine.finetune.trainer import UnitJob, unit_seed
 
-    units = [u for u in plan_units(cfg, run_data_stage(cfg, run), True, False, False) if u.trains]
+    units = [u for u in get_method("lora").plan_units(cfg, run_data_stage(cfg, run)) if u.trains]
     return [UnitJob(method="lora", unit=u.unit, sources=u.sources, train_prompt=u.train_prompt,
                     class_prompt=u.class_prompt, class_images=None, model=cfg.model, finetune=cfg.finetune,
                     seed=unit_seed(cfg.finetune.seed, u.unit)) for u in units]

@@ -237,10 +237,10 @@ def _write_unit_as_the_finetune_stage_does(pipe, folder: Path, method: str, sett
     manifest's artifact_kind and the "trained" (UNet, text encoder) in memory."""
     import copy
 
-    from engine.finetune.strategies import get_strategy
+    from engine.generation_methods import get_method
 
     ft = load_config(None, settings).finetune
-    strategy = get_strategy(method)
+    strategy = get_method(method)
     unet, text_encoder = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)
     torch.manual_seed(0)  # LoRA's Gaussian A
     params = strategy.prepare(unet, text_encoder, ft)
@@ -323,7 +323,7 @@ def test_units_load_through_the_generate_loader_as_they_were_trained(pipe, tmp_p
 
 
 def test_a_blend_lies_between_base_and_fine_tuned_weights_in_the_base_dtype():
-    from engine.generate.sampler import _blend_with_base
+    from engine.generation_methods import _blend_with_base
 
     torch.manual_seed(0)
     base, tuned = torch.nn.Linear(4, 3).half(), torch.nn.Linear(4, 3)
@@ -343,11 +343,11 @@ def _manifest_with_artifacts(cfg, run, pipe, method: str) -> dict:
     from engine.cluster import load_assignments
     from engine.data.stage import load_run_dataset
     from engine.finetune.stage import artifact_fingerprint
-    from engine.finetune.units import plan_units
+    from engine.generation_methods import get_method
 
     dataset = load_run_dataset(run)
-    per_cluster = method == "clustered_dreambooth"
-    units = plan_units(cfg, dataset, True, method != "lora", per_cluster, load_assignments(run) if per_cluster else None)
+    generation = get_method(method)
+    units = generation.plan_units(cfg, dataset, load_assignments(run) if generation.per_cluster else None)
     trained = {u.unit: i for i, u in enumerate(units) if u.trains}
     entries = []
     for unit in units:

@@ -21,8 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from engine.config import GENERATIVE_METHODS, METHODS, load_config
+from engine.config import METHODS, load_config
 from engine.generate.shards import decode_png
+from engine.generation_methods import method_names
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDE = 64  # the scaled-down model's native side (512 px at full size)
@@ -68,7 +69,7 @@ def test_gpu_smoke_preset_runs_on_cpu(tmp_path, methods):
 
     gen = cfg.generate
     per_method = 4 * gen.images_per_group  # four groups, the two empty ones drawn from prompts
-    for method in (m for m in GENERATIVE_METHODS if m in methods):
+    for method in (m for m in method_names() if m in methods):
         shards = sorted((severity / "synthetic" / method).glob("part-*.parquet"))
         table = pq.read_table(shards).to_pandas() if shards else None
         assert len(shards) == per_method // gen.rows_per_shard, method

@@ -313,3 +313,28 @@ def test_plan_reports_disk_per_stage_and_the_dreambooth_units_of_waterbirds_0999
     whole = plan_job(load_config("waterbirds_0999", ["finetune.dreambooth_store=unet"]), "h100", 8)
     assert sum(r.disk_bytes for r in whole.rows if r.stage == "finetune" and "dreambooth" in r.method
                and not r.part) > 30e9
+
+
+def test_measure_steps_each_method_family_as_the_methods_train(monkeypatch):
+    """measure.py trains what each method's own make_trainable sets up, once per family, with
+    the prior-preservation term where the method uses it."""
+    from engine import generation_methods as gm
+    from engine.planning.measure import Bench, measure_finetune
+
+    cfg = load_config(None, ["methods=[lora,dreambooth,clustered_dreambooth]", "finetune.prior_preservation=true",
+                             "finetune.batch_size=2", "finetune.lora_alpha=8"])
+    prepared = []
+    for cls in (gm.Lora, gm.DreamBooth):
+        def spy(self, unet, text_encoder, ft, make=cls.make_trainable):
+            params = make(self, unet, text_encoder, ft)
+            prepared.append((self.name, unet.peft_config["default"].lora_alpha if self.trains_lora(ft) else None))
+            return params
+        monkeypatch.setattr(cls, "make_trainable", spy)
+    shapes = F.diffusion_shapes(cfg.model)
+    seconds, flops, details = measure_finetune(cfg, shapes, Bench("cpu", torch.float32, 0.0, True))
+    assert prepared == [("lora", 8.0), ("dreambooth", None)]
+    latent = shapes.native_size // shapes.vae_scale
+    ft = cfg.finetune
+    assert details["lora"]["flops_per_step"] == ft.batch_size * F.unet_train_step(shapes, latent, ft.lora_rank, False)
+    assert details["dreambooth"]["flops_per_step"] == 2 * ft.batch_size * F.unet_train_step(shapes, latent, None, False)
+    assert flops == details["lora"]["flops_per_step"] + details["dreambooth"]["flops_per_step"] and seconds > 0

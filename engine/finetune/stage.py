@@ -5,7 +5,7 @@ Owns ``RUN/finetune/``:
 
 - ``<method>/manifest.json``: the method, the base model and one entry per unit (unit id,
   group, cluster, label, attribute, n_real, artifact (relative to RUN; null = the base
-  model), artifact_kind (base | lora | svd_delta | unet | lora_delta), prompt, negative_prompt,
+  model), artifact_kind (an artifact kind of engine/generation_methods.py), prompt, negative_prompt,
   borrowed_from, steps, final_loss). A borrowing unit carries its lender's artifact, steps
   and loss.
 - ``<method>/units/<unit>/``: a trained unit's artifact (a diffusers LoRA folder; for full
@@ -43,10 +43,10 @@ from engine.cards import CARD_FILE, unit_card
 from engine.config import Config
 from engine.data.stage import run_data_stage
 from engine.errors import FairsynthError
-from engine.finetune.strategies import FinetuneStrategy, get_strategy
 from engine.finetune.trainer import UnitJob, unit_seed
 from engine.finetune.tune import UnitResult, run_unit_trials
-from engine.finetune.units import Unit, plan_units
+from engine.finetune.units import Unit
+from engine.generation_methods import BASE, GenerationMethod, get_method
 from engine.resources import trial_bundle
 from engine.runs import RunDir, atomic_directory, atomic_write_json, read_json
 
@@ -109,7 +109,7 @@ def model_fingerprint(cfg: Config) -> str:
     return f"{base}:{_digest(files)}"
 
 
-def training_hash(cfg: Config, strategy: FinetuneStrategy) -> str:
+def training_hash(cfg: Config, strategy: GenerationMethod) -> str:
     """What a trained unit of ``strategy`` depends on, besides its own images and prompts."""
     ft = cfg.finetune
     payload = {
@@ -122,7 +122,7 @@ def training_hash(cfg: Config, strategy: FinetuneStrategy) -> str:
     return _digest(payload)
 
 
-def stage_hash(cfg: Config, strategy: FinetuneStrategy) -> str:
+def stage_hash(cfg: Config, strategy: GenerationMethod) -> str:
     parts = [training_hash(cfg, strategy), cfg.slice_hash("data", "finetune.min_real_images", *PROMPT_TEMPLATES)]
     if strategy.per_cluster:
         from engine.cluster import cluster_hash
@@ -317,7 +317,7 @@ def _keep_tensorboard(run: RunDir, method: str, unit: str, result: UnitResult) -
         log.warning("unit %s: TensorBoard events not kept (%s)", unit, exc)
 
 
-def card_writer(cfg: Config, run: RunDir, strategy: FinetuneStrategy) -> Callable[[Unit, dict], str]:
+def card_writer(cfg: Config, run: RunDir, strategy: GenerationMethod) -> Callable[[Unit, dict], str]:
     """The model card of a unit trained under ``cfg``, given the unit and its record."""
     groups = read_json(run / "data/groups.json")
     settings = {k: getattr(cfg.finetune, k) for k in strategy.training_fields()}
@@ -349,7 +349,7 @@ def tune_storage(cfg: Config, run: RunDir, method: str) -> str:
     return (cfg.ray.storage_path or storage.uri(run / f"finetune/{method}/tune")).rstrip("/")
 
 
-def train_units(cfg: Config, run: RunDir, strategy: FinetuneStrategy, units: list[Unit]) -> dict[str, dict]:
+def train_units(cfg: Config, run: RunDir, strategy: GenerationMethod, units: list[Unit]) -> dict[str, dict]:
     """Train every unit that has no matching record yet; returns each unit's record."""
     from engine.raylib import init_ray
 
@@ -383,7 +383,7 @@ def train_units(cfg: Config, run: RunDir, strategy: FinetuneStrategy, units: lis
 # --- the stage --------------------------------------------------------------------------------
 
 
-def build_manifest(cfg: Config, run: RunDir, strategy: FinetuneStrategy, units: list[Unit], records: dict) -> dict:
+def build_manifest(cfg: Config, run: RunDir, strategy: GenerationMethod, units: list[Unit], records: dict) -> dict:
     entries = []
     by_id = {u.unit: u for u in units}
     for unit in units:
@@ -391,7 +391,7 @@ def build_manifest(cfg: Config, run: RunDir, strategy: FinetuneStrategy, units: 
             "unit": unit.unit, "group": unit.group, "cluster": unit.cluster, "label": unit.label,
             "attribute": unit.attribute, "n_real": unit.n_real, "prompt": unit.prompt,
             "negative_prompt": unit.negative_prompt, "borrowed_from": unit.borrowed_from,
-            "artifact": None, "artifact_kind": "base", "steps": 0, "final_loss": None,
+            "artifact": None, "artifact_kind": BASE, "steps": 0, "final_loss": None,
         }
         lender = by_id[unit.borrowed_from] if unit.borrowed_from else unit
         record = records.get(lender.unit)
@@ -414,7 +414,7 @@ def run_finetune_stage(cfg: Config, run: RunDir, method: str) -> dict:
     trained record are trained. Runs the data (and, for clustered DreamBooth, cluster) stage
     first when it is missing.
     """
-    strategy = get_strategy(method)
+    strategy = get_method(method)
     stage, expected = stage_name(method), stage_hash(cfg, strategy)
     if run.is_complete(stage, expected) and manifest_path(run, method).exists():
         manifest = load_manifest(run, method)
@@ -427,7 +427,7 @@ def run_finetune_stage(cfg: Config, run: RunDir, method: str) -> dict:
         from engine.cluster import run_cluster_stage
 
         assignments = run_cluster_stage(cfg, run)
-    units = plan_units(cfg, dataset, strategy.trains, strategy.uses_identifier, strategy.per_cluster, assignments)
+    units = strategy.plan_units(cfg, dataset, assignments)
     records = {}
     if strategy.trains:
         records = train_units(cfg, run, strategy, [u for u in units if u.trains])

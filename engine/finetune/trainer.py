@@ -4,8 +4,8 @@ prior-preservation class images the base model draws.
 One :class:`UnitTrainer` trains one unit: it encodes the unit's real images to latent
 distributions once (the VAE is frozen), then runs the denoising objective of Stable Diffusion
 (noise a latent at a random timestep, predict the noise, mean squared error), plus the
-prior-preservation term on class images when the method asks for it. Only the strategy knows
-what is trainable and what it saves (``strategies.py``); the loop knows neither.
+prior-preservation term on class images when the method asks for it. Only the method knows
+what is trainable and what it saves (``engine/generation_methods.py``); the loop knows neither.
 
 Real GPUs: trainable weights stay fp32 under fp16/bf16 autocast, frozen models are cast to
 the autocast dtype, gradient checkpointing and 8-bit Adam (bitsandbytes) are used when
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from engine.config import FinetuneConfig, GenerateConfig, ModelConfig
 from engine.data.datasets import load_image
 from engine.errors import FairsynthError
-from engine.finetune.strategies import get_strategy
+from engine.generation_methods import get_method
 from engine.models.loading import native_size
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class UnitTrainer:
     ):
         self.job = job
         self.ft = job.finetune
-        self.strategy = get_strategy(job.method)
+        self.strategy = get_method(job.method)
         self.device = device
         self.learning_rate = float(learning_rate or self.strategy.learning_rate(self.ft))
         self.steps = int(steps or self.ft.steps)

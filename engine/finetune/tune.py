@@ -38,8 +38,8 @@ from pathlib import Path
 from engine.config import FinetuneConfig
 from engine.console import ray_prints
 from engine.errors import FairsynthError
-from engine.finetune.strategies import get_strategy
 from engine.finetune.trainer import FAILURE_MARKER, UnitJob, UnitTrainer
+from engine.generation_methods import get_method
 from engine.raylib import device_for
 from engine.resources import max_concurrent_trials, trial_bundle
 
@@ -325,7 +325,7 @@ def run_unit_trials(jobs: list[UnitJob], ft: FinetuneConfig, storage_path: str, 
     if not jobs:
         return {}
     by_unit = {job.unit: job for job in jobs}
-    strategy = get_strategy(jobs[0].method)
+    strategy = get_method(jobs[0].method)
     lr_field = f"finetune.{strategy.learning_rate_field(ft)}"
     trainable = tune.with_resources(
         tune.with_parameters(unit_trial, jobs=by_unit), tune.PlacementGroupFactory([trial_bundle(ft, model_device)])

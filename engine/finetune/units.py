@@ -151,45 +151,51 @@ def borrowing_source(cfg: Config, dataset: GroupedDataset, group: int, counts: l
     return source
 
 
-def plan_units(
-    cfg: Config,
-    dataset: GroupedDataset,
-    trains: bool,
-    uses_identifier: bool,
-    per_cluster: bool,
-    assignments: pd.DataFrame | None = None,
-) -> list[Unit]:
-    """Every unit of a method, trained ones first in group order, borrowing ones after them.
+def plan_base_units(cfg: Config, dataset: GroupedDataset) -> list[Unit]:
+    """One unit per group, drawn by the base model with the plain prompt (nothing trains)."""
+    prompts = PromptBook(cfg, dataset)
+    by_group = train_sources_by_group(dataset)
+    return [
+        Unit(
+            unit=unit_id(g), group=g, cluster=NO_CLUSTER, label=g // dataset.n_attributes,
+            attribute=g % dataset.n_attributes, n_real=len(by_group[g]),
+            class_prompt=prompts.plain(*divmod(g, dataset.n_attributes)),
+            prompt=prompts.plain(*divmod(g, dataset.n_attributes)),
+        )
+        for g in range(dataset.n_groups)
+    ]
 
-    ``trains`` False (vanilla): one unit per group on the base model with the plain prompt.
-    ``per_cluster`` needs the cluster stage's ``assignments`` (image_id, group, cluster).
+
+def cluster_map(dataset: GroupedDataset, assignments: pd.DataFrame | None) -> dict[str, int]:
+    """Each training image's cluster, from the cluster stage's ``assignments`` (image_id,
+    group, cluster)."""
+    if assignments is None:
+        raise FairsynthError("clustered units need RUN/cluster/assignments.parquet; run the cluster stage first")
+    cluster_of = dict(zip(assignments["image_id"], assignments["cluster"].astype(int), strict=True))
+    missing = [i for i in dataset.split("train")["image_id"] if i not in cluster_of]
+    if missing:
+        raise FairsynthError(
+            f"training image {missing[0]!r} has no cluster in RUN/cluster/assignments.parquet "
+            "(written for other data); re-run the cluster stage"
+        )
+    return cluster_of
+
+
+def plan_trained_units(
+    cfg: Config, dataset: GroupedDataset, with_identifier: bool, cluster_of: dict[str, int] | None = None
+) -> list[Unit]:
+    """Every unit of a trained method, trained ones first in group order, borrowing ones after.
+
+    Captions carry the identifier when ``with_identifier``; with ``cluster_of`` (image id ->
+    cluster, :func:`cluster_map`) a group trains one unit per cluster of its images.
     """
     prompts = PromptBook(cfg, dataset)
     by_group = train_sources_by_group(dataset)
     counts = [len(by_group[g]) for g in range(dataset.n_groups)]
-    if not trains:
-        return [
-            Unit(
-                unit=unit_id(g), group=g, cluster=NO_CLUSTER, label=g // dataset.n_attributes,
-                attribute=g % dataset.n_attributes, n_real=counts[g],
-                class_prompt=prompts.plain(*divmod(g, dataset.n_attributes)),
-                prompt=prompts.plain(*divmod(g, dataset.n_attributes)),
-            )
-            for g in range(dataset.n_groups)
-        ]
-    if per_cluster:
-        if assignments is None:
-            raise FairsynthError("clustered units need RUN/cluster/assignments.parquet; run the cluster stage first")
-        cluster_of = dict(zip(assignments["image_id"], assignments["cluster"].astype(int), strict=True))
-        missing = [i for g in by_group.values() for i in g["image_id"] if i not in cluster_of]
-        if missing:
-            raise FairsynthError(
-                f"training image {missing[0]!r} has no cluster in RUN/cluster/assignments.parquet "
-                "(written for other data); re-run the cluster stage"
-            )
+    per_cluster = cluster_of is not None
 
     def caption(label: int, attribute: int) -> str:
-        return prompts.with_identifier(label, attribute) if uses_identifier else prompts.plain(label, attribute)
+        return prompts.with_identifier(label, attribute) if with_identifier else prompts.plain(label, attribute)
 
     def own_units(group: int) -> list[Unit]:
         label, attribute = divmod(group, dataset.n_attributes)

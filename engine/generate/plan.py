@@ -23,6 +23,7 @@ import pandas as pd
 
 from engine.config import GenerateConfig
 from engine.errors import FairsynthError
+from engine.generation_methods import BASE
 
 # Columns of a plan row; the sampler adds image, method and base_model, filtering adds the rest.
 PLAN_COLUMNS = (
@@ -62,7 +63,7 @@ def drawing_model(unit: dict, by_id: dict[str, dict], borrowed_strength: float) 
     if not unit.get("borrowed_from"):
         return unit, 1.0
     if float(borrowed_strength) == 0.0:  # none of the lender's fine-tuning: the base model, as trained
-        return {"artifact": "", "artifact_kind": "base"}, 1.0
+        return {"artifact": "", "artifact_kind": BASE}, 1.0
     model = unit if unit["artifact"] else by_id.get(unit["borrowed_from"], unit)
     return model, (float(borrowed_strength) if model["artifact"] else 1.0)
 
@@ -152,7 +153,7 @@ class GroupBalancedPlan:
                         "prompt": str(unit["prompt"]),
                         "negative_prompt": str(unit.get("negative_prompt") or ""),
                         "artifact": model["artifact"] or "",
-                        "artifact_kind": str(model["artifact_kind"]) if model["artifact"] else "base",
+                        "artifact_kind": str(model["artifact_kind"]) if model["artifact"] else BASE,
                         "model_strength": strength,
                         # What makes a re-trained artifact at the same path a different model.
                         # (trained_under only where the manifest has it, so older plans keep their hash.)

@@ -16,9 +16,7 @@ a small LRU cache), and returns PNG bytes, never float arrays, so the object sto
 from __future__ import annotations
 
 import logging
-import re
 import time
-import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -28,6 +26,7 @@ import pandas as pd
 from engine import storage
 from engine.errors import FairsynthError
 from engine.generate.shards import encode_png
+from engine.generation_methods import ARTIFACTS, BASE, get_artifact
 from engine.models.loading import load_base_pipeline
 
 log = logging.getLogger(__name__)
@@ -42,8 +41,6 @@ SCHEDULERS = {
 }
 # VAE decodes in chunks: at 512 px the decoder's activations dominate memory, not the UNet's.
 DECODE_CHUNK = 16
-# What a finetune manifest's artifact_kind may name (the finetune methods' artifact classes).
-ARTIFACT_KINDS = ("base", "lora", "lora_delta", "svd_delta", "unet")
 
 
 def make_scheduler(name: str, base_scheduler_config):
@@ -169,14 +166,11 @@ def sample_images(
 class UnitModels:
     """The UNet and prompt encoder of each unit, switched cheaply on one loaded base pipeline.
 
-    - ``base``: the base UNet with every LoRA adapter disabled.
-    - ``lora`` / ``lora_delta``: a diffusers LoRA file loaded once as a named adapter on the
-      base UNet (and text encoder when the file has weights for it), then swapped by name;
-      the least recently used adapters are deleted past ``max_adapters``.
-    - ``svd_delta``: a DreamBooth unit's weight changes (engine/finetune/delta.py) added to a
-      copy of the base UNet (and text encoder, when it was trained); ``unet``: a DreamBooth
-      UNet folder (plus its text encoder). Either is kept in an LRU cache of ``max_unets`` so
-      units sharing a model at one strength are not rebuilt.
+    Each artifact kind loads itself (``engine/generation_methods.py``, beside the code that
+    saves it) on the shared state kept here: LoRA adapters loaded once on the base UNet and
+    swapped by name (the least recently used deleted past ``max_adapters``), and UNets of
+    their own in an LRU cache of ``max_unets``, so units sharing a model at one strength are
+    not rebuilt.
 
     ``strength`` scales a unit's change from the base: the base weights plus ``strength`` times
     the fine-tuned ones' difference (a LoRA adapter's weight, the stored changes scaled, or the
@@ -194,11 +188,12 @@ class UnitModels:
         self.base_unet = pipe.unet
         self.base_prompts = PromptEncoder(pipe.tokenizer, pipe.text_encoder, pipe.device)
         self._unets: OrderedDict[str, tuple] = OrderedDict()
-        self._adapters: OrderedDict[str, dict[float, PromptEncoder]] = OrderedDict()
+        # LoRA adapters loaded on the base pipeline, by name: their prompt caches per strength.
+        self.adapters: OrderedDict[str, dict[float, PromptEncoder]] = OrderedDict()
         self.switches = 0
         self._active: str | None = None
 
-    def _path(self, artifact: str) -> Path:
+    def local_path(self, artifact: str) -> Path:
         path = self.run_root / artifact
         if not path.exists():
             raise FairsynthError(
@@ -216,156 +211,40 @@ class UnitModels:
                 f"model strength {strength} for {artifact or 'the base model'} is outside [0, 1]; "
                 "set generate.borrowed_strength between 0 (the base model) and 1 (the lender as trained)"
             )
-        if kind not in ARTIFACT_KINDS:
+        if kind not in ARTIFACTS:
             raise FairsynthError(
                 f"finetune manifest artifact_kind {kind!r} for {artifact} is unknown; "
-                f"valid: {', '.join(ARTIFACT_KINDS)}"
+                f"valid: {', '.join(ARTIFACTS)}"
             )
-        if strength == 0.0 or kind == "base" or not artifact:
-            kind, artifact, strength = "base", "", 1.0  # none of the fine-tuning: the base model itself
+        if strength == 0.0 or kind == BASE or not artifact:
+            kind, artifact, strength = BASE, "", 1.0  # none of the fine-tuning: the base model itself
         key = f"{kind}:{artifact}:{strength}"
         if key != self._active:
             self.switches += 1
             self._active = key
-        if kind == "base":
-            self._disable_adapters()
-            return self.base_unet, self.base_prompts
-        if kind in ("lora", "lora_delta"):
-            return self.base_unet, self._activate_adapter(artifact, strength)
-        if kind == "svd_delta":
-            self._disable_adapters()
-            return self._load_unet(artifact, strength, self._unet_from_delta)
-        self._disable_adapters()  # a whole UNet of its own
-        return self._load_unet(artifact, strength, self._unet_from_folder)
+        return get_artifact(kind).activate(self, artifact, strength)
 
-    def _text_adapters(self) -> set[str]:
+    def text_adapters(self) -> set[str]:
         return set(getattr(self.pipe.text_encoder, "peft_config", None) or {})
 
-    def _disable_adapters(self) -> None:
+    def disable_adapters(self) -> None:
         from diffusers.loaders.lora_base import disable_lora_for_text_encoder
 
-        if self._adapters:
+        if self.adapters:
             self.base_unet.disable_lora()
-            if self._text_adapters():
+            if self.text_adapters():
                 disable_lora_for_text_encoder(self.pipe.text_encoder)
 
-    def _activate_adapter(self, artifact: str, strength: float) -> PromptEncoder:
-        from diffusers.loaders.lora_base import (
-            disable_lora_for_text_encoder,
-            enable_lora_for_text_encoder,
-            set_adapters_for_text_encoder,
-        )
-        from diffusers.utils import logging as diffusers_logging
-
-        name = re.sub(r"[^0-9A-Za-z_]", "_", artifact)
-        if name not in self._adapters:
-            path = self._path(artifact)
-            folder, weight_name = (path.parent, path.name) if path.is_file() else (path, None)
-            # Quiet about what is expected here: a UNet-only file has no text-encoder keys, and
-            # a second adapter on the same UNet is the point of keeping several.
-            verbosity = diffusers_logging.get_verbosity()
-            diffusers_logging.set_verbosity_error()
-            try:
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-                    self.pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
-            finally:
-                diffusers_logging.set_verbosity(verbosity)
-            self._adapters[name] = {}
-            while len(self._adapters) > self.max_adapters:
-                old, _ = self._adapters.popitem(last=False)
-                self.pipe.delete_adapters(old)
-        self._adapters.move_to_end(name)
-        # UNet and text encoder are switched separately: a UNet-only LoRA must leave the text
-        # encoder as the base model has it, whatever adapter it held before.
-        self.base_unet.enable_lora()
-        self.base_unet.set_adapters([name], weights=[strength])
-        if name not in self._text_adapters():
-            if self._text_adapters():
-                disable_lora_for_text_encoder(self.pipe.text_encoder)
-            return self.base_prompts
-        enable_lora_for_text_encoder(self.pipe.text_encoder)
-        set_adapters_for_text_encoder([name], self.pipe.text_encoder, text_encoder_weights=[strength])
-        # A LoRA that also changed the text encoder gets its own prompt cache per strength.
-        caches = self._adapters[name]
-        if strength not in caches:
-            caches[strength] = PromptEncoder(self.pipe.tokenizer, self.pipe.text_encoder, self.pipe.device)
-        return caches[strength]
-
-    def _unet_from_delta(self, path: Path, strength: float) -> tuple[object, PromptEncoder]:
-        """The base UNet (and text encoder) with a unit's stored weight changes added, scaled by
-        ``strength``."""
-        import copy
-
-        from engine.finetune import delta
-
-        where = f"fine-tuned model {path}"
-        unet = delta.apply(copy.deepcopy(self.base_unet), delta.load(path, "unet"), where, strength).eval()
-        prompts = self.base_prompts
-        if delta.has_part(path, "text_encoder"):
-            text_encoder = delta.apply(
-                copy.deepcopy(self.pipe.text_encoder), delta.load(path, "text_encoder"), where, strength
-            )
-            prompts = PromptEncoder(self.pipe.tokenizer, text_encoder.eval(), self.pipe.device)
-        return unet, prompts
-
-    def _unet_from_folder(self, path, strength: float) -> tuple[object, PromptEncoder]:
-        """A whole fine-tuned UNet (and text encoder, when it was trained) in diffusers format,
-        blended with the base at ``strength``."""
-        import torch
-        from diffusers import UNet2DConditionModel
-
-        folder = path / "unet" if (path / "unet").is_dir() else path
-        dtype, device = self.base_unet.dtype, self.base_unet.device
-        # A blend is taken in fp32 and cast once (fp16 weights would round the difference
-        # twice), on the CPU, so the device never holds an fp32 copy the planner did not count.
-        load_dtype, load_device = (dtype, device) if strength == 1.0 else (torch.float32, "cpu")
-        safetensors = True if not self.allow_pickle else None
-        unet = UNet2DConditionModel.from_pretrained(folder, dtype=load_dtype, use_safetensors=safetensors)
-        unet = _blend_with_base(unet.to(load_device), self.base_unet, strength, path).to(device).eval()
-        if self.attention == "xformers":
-            unet.enable_xformers_memory_efficient_attention()
-        prompts = self.base_prompts
-        if (path / "text_encoder").is_dir():
-            from transformers import CLIPTextModel
-
-            text_encoder = CLIPTextModel.from_pretrained(
-                path / "text_encoder", dtype=load_dtype, use_safetensors=safetensors
-            ).to(load_device)
-            text_encoder = _blend_with_base(text_encoder, self.pipe.text_encoder, strength, path).to(device).eval()
-            prompts = PromptEncoder(self.pipe.tokenizer, text_encoder, device)
-        return unet, prompts
-
-    def _load_unet(self, artifact: str, strength: float, build) -> tuple[object, PromptEncoder]:
-        """``build(local path, strength)`` once per artifact and strength; the last ``max_unets``
-        stay loaded."""
+    def cached_unet(self, artifact: str, strength: float, build) -> tuple[object, PromptEncoder]:
+        """``build(self, local path, strength)`` once per artifact and strength; the last
+        ``max_unets`` stay loaded."""
         key = f"{artifact}:{strength}"
         if key not in self._unets:
-            self._unets[key] = build(self._path(artifact), strength)
+            self._unets[key] = build(self, self.local_path(artifact), strength)
             while len(self._unets) > self.max_unets:
                 self._unets.popitem(last=False)
         self._unets.move_to_end(key)
         return self._unets[key]
-
-
-def _blend_with_base(model, base, strength: float, where: Path):
-    """``model`` with its weights at base + strength * (model - base), in the base's dtype."""
-    if strength == 1.0:
-        return model
-    import torch
-
-    base_params = dict(base.named_parameters())
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            start = base_params.get(name)
-            if start is None or start.shape != param.shape:
-                raise FairsynthError(
-                    f"fine-tuned model {where}: {name!r} does not match the base model's weights "
-                    "(trained on another base?); re-run the finetune stage"
-                )
-            start = start.data.to(param.device, torch.float32)
-            param.data = start + strength * (param.data.float() - start)
-    return model.to(next(base.parameters()).dtype)
 
 
 class SyntheticImageSampler:

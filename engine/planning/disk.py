@@ -4,7 +4,7 @@ hold besides while they run (fine-tuning checkpoints in flight).
 Counted from the configured models' shapes (built on the meta device, as for FLOPs) and the
 formats the stages write:
 
-- a LoRA unit: its adapter matrices in fp32 (``engine/finetune/strategies.py``);
+- a LoRA unit: its adapter matrices in fp32 (``engine/generation_methods.py``);
 - a DreamBooth unit: with ``dreambooth_store: svd_delta`` each layer's change at rank
   ``delta_rank`` (``engine/finetune/delta.py``), with ``unet`` the whole UNet in fp16; the
   text encoder the same way when it is trained;
@@ -23,8 +23,7 @@ from __future__ import annotations
 from functools import cache
 
 from engine.config import FinetuneConfig
-from engine.finetune import delta
-from engine.finetune.strategies import TEXT_ENCODER_LORA_TARGETS, UNET_LORA_TARGETS, get_strategy
+from engine.generation_methods import TEXT_ENCODER_LORA_TARGETS, UNET_LORA_TARGETS, get_method
 from engine.planning.flops import DiffusionShapes, build_text_encoder, build_unet
 
 PNG_BYTES_PER_PIXEL = 1.5
@@ -58,11 +57,11 @@ def _lora_params(module, targets: list[str], rank: int) -> int:
 
 
 def trains_lora(method: str, ft: FinetuneConfig) -> bool:
-    return get_strategy(method).trains_lora(ft)
+    return get_method(method).trains_lora(ft)
 
 
 def trains_text_encoder(method: str, ft: FinetuneConfig) -> bool:
-    return get_strategy(method).trains_text_encoder(ft)
+    return get_method(method).trains_text_encoder(ft)
 
 
 def trainable_params(shapes: DiffusionShapes, ft: FinetuneConfig, method: str) -> int:
@@ -76,12 +75,8 @@ def trainable_params(shapes: DiffusionShapes, ft: FinetuneConfig, method: str) -
 
 def unit_artifact_bytes(shapes: DiffusionShapes, ft: FinetuneConfig, method: str) -> int:
     """Bytes one trained unit of ``method`` keeps in ``RUN/finetune/<method>/units/``."""
-    if trains_lora(method, ft):
-        return trainable_params(shapes, ft, method) * FP32
     modules = [_unet(shapes.unet)] + ([_text_encoder(shapes.text_encoder)] if trains_text_encoder(method, ft) else [])
-    if ft.dreambooth_store == "svd_delta":
-        return sum(delta.artifact_bytes(m, ft.delta_rank) for m in modules)
-    return sum(_params(m) for m in modules) * FP16
+    return get_method(method).artifact(ft).unit_bytes(modules, trainable_params(shapes, ft, method), ft)
 
 
 def checkpoint_bytes(shapes: DiffusionShapes, ft: FinetuneConfig, method: str, on_gpu: bool) -> int:

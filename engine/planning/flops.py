@@ -194,7 +194,7 @@ def unet_train_step(shapes: DiffusionShapes, latent: int, lora_rank: int | None,
     """Forward + backward of one image through the UNet as fine-tuning runs it: every weight
     trainable, or (``lora_rank``) only LoRA adapters on the attention projections, in which
     case the backward pass computes activation gradients but no frozen-weight gradients."""
-    from engine.finetune.strategies import UNET_LORA_TARGETS
+    from engine.generation_methods import UNET_LORA_TARGETS
 
     unet = build_unet(shapes.unet)
     unet.train()

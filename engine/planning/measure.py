@@ -21,13 +21,16 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import GENERATIVE_METHODS, Config
+from engine.config import Config
+from engine.generation_methods import GenerationMethod, get_method, method_names
 from engine.planning import flops as F
 from engine.planning.hardware import CPU, GPU_PEAK_TFLOPS, cpu_matmul_peak, device_kind
 
 log = logging.getLogger(__name__)
 
 RESULT_NAME = "plan_mfu"
+# What the finetune stage is measured with when the config trains no method.
+UNCONFIGURED_MEASURE = "lora"
 
 
 @dataclass
@@ -95,31 +98,23 @@ def measure_generate(cfg: Config, shapes: F.DiffusionShapes, bench: Bench) -> tu
     return seconds, gen.batch_size * per_image, {"batch": gen.batch_size, "steps": steps}
 
 
-def _finetune_step(cfg: Config, shapes: F.DiffusionShapes, bench: Bench, lora_rank: int | None,
-                   unet_calls: int, checkpointing: bool, context: torch.Tensor) -> float:
+def _finetune_step(cfg: Config, shapes: F.DiffusionShapes, bench: Bench, method: GenerationMethod,
+                   checkpointing: bool, context: torch.Tensor) -> float:
     ft = cfg.finetune
     latent = shapes.native_size // shapes.vae_scale  # fine-tuning runs at the native resolution
     unet = F.build_unet(shapes.unet, bench.device)
     unet.train()
-    if lora_rank:
-        from peft import LoraConfig
-
-        from engine.finetune.strategies import UNET_LORA_TARGETS
-
-        unet.to(bench.dtype)
-        unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
-                                    target_modules=UNET_LORA_TARGETS))
-        for param in unet.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()  # trainable weights stay fp32 under autocast
+    if method.trains_lora(ft):
+        unet.to(bench.dtype)  # the frozen base in half; the method keeps its adapters in fp32
+    text_encoder = F.build_text_encoder(shapes.text_encoder, bench.device)
+    params = method.make_trainable(unet, text_encoder, ft)  # what the unit trainer trains
     if checkpointing:
         unet.enable_gradient_checkpointing()
-    params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6)
     scaler = torch.amp.GradScaler("cuda") if bench.cuda else None
     cond = context.expand(ft.batch_size, -1, -1)
     shape = (ft.batch_size, unet.config.in_channels, latent, latent)
+    unet_calls = method.unet_calls_per_step(ft)
 
     def step():
         loss = torch.zeros((), device=bench.device)
@@ -147,19 +142,17 @@ def measure_finetune(cfg: Config, shapes: F.DiffusionShapes, bench: Bench) -> tu
     ft = cfg.finetune
     latent = shapes.native_size // shapes.vae_scale  # fine-tuning runs at the native resolution
     checkpointing = ft.gradient_checkpointing and bench.cuda
-    methods = {m for m in cfg.methods if m in GENERATIVE_METHODS and m != "vanilla"} or {"lora"}
-    recipes = {}
-    if "lora" in methods:
-        recipes["lora"] = (ft.lora_rank, 1)
-    if methods & {"dreambooth", "clustered_dreambooth"}:
-        calls = 2 if ft.prior_preservation and ft.prior_loss_weight > 0 else 1
-        recipes["dreambooth"] = (ft.lora_rank if ft.dreambooth_store == "lora_delta" else None, calls)
+    trained = [get_method(m) for m in method_names() if m in cfg.methods and get_method(m).trains]
+    families: dict[str, GenerationMethod] = {}
+    for method in trained or [get_method(UNCONFIGURED_MEASURE)]:
+        families.setdefault(method.cost_family, method)
     context = _prompt_context(shapes, bench)
     seconds, flop, details = 0.0, 0.0, {}
-    for name, (lora_rank, calls) in recipes.items():
-        step_seconds = _finetune_step(cfg, shapes, bench, lora_rank, calls, checkpointing, context)
-        step_flops = calls * ft.batch_size * F.unet_train_step(shapes, latent, lora_rank, checkpointing)
-        details[name] = {"seconds_per_step": step_seconds, "flops_per_step": step_flops}
+    for family, method in families.items():
+        lora_rank = ft.lora_rank if method.trains_lora(ft) else None
+        step_seconds = _finetune_step(cfg, shapes, bench, method, checkpointing, context)
+        step_flops = method.unet_calls_per_step(ft) * ft.batch_size * F.unet_train_step(shapes, latent, lora_rank, checkpointing)
+        details[family] = {"seconds_per_step": step_seconds, "flops_per_step": step_flops}
         seconds += step_seconds
         flop += step_flops
         if bench.cuda:

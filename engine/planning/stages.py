@@ -19,7 +19,8 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from engine.config import GENERATIVE_METHODS, Config
+from engine.config import Config
+from engine.generation_methods import get_method, is_generation_method
 from engine.planning import disk
 from engine.planning import flops as F
 from engine.planning.counts import GroupCounts, trained_groups
@@ -144,7 +145,7 @@ class PlanContext:
         return actor_resources(self.run_cfg, stage, tasks, reachable=self.reachable(), check_gpu=False).max_actors
 
     def generative_methods(self) -> list[str]:
-        return [m for m in self.cfg.methods if m in GENERATIVE_METHODS]
+        return [m for m in self.cfg.methods if is_generation_method(m)]
 
     def sample_flops(self, latent: int) -> float:
         """One image drawn with the configured sampler at ``latent`` x ``latent`` cells:
@@ -206,21 +207,19 @@ class FinetuneCost(StageCostModel):
         # The trainer checkpoints gradients on GPUs only (engine/finetune/trainer.py).
         checkpointing = ft.gradient_checkpointing and ctx.device.is_gpu
         for method in ctx.generative_methods():
-            if method == "vanilla":
+            generation = get_method(method)
+            if not generation.trains:
                 rows.append(StageCost(ctx.severity, "finetune", method, 0.0, 0, 1, share,
-                                      notes=["finetune vanilla: trains nothing"]))
+                                      notes=[f"finetune {method}: trains nothing"]))
                 continue
-            dreambooth = method in ("dreambooth", "clustered_dreambooth")
-            lora_rank = ft.lora_rank if (not dreambooth or ft.dreambooth_store == "lora_delta") else None
-            prior = dreambooth and ft.prior_preservation and ft.prior_loss_weight > 0
+            lora_rank = ft.lora_rank if generation.trains_lora(ft) else None
+            prior = generation.uses_prior(ft)
+            calls = generation.unet_calls_per_step(ft)
             groups = trained_groups(cfg, ctx.counts)
-            if method == "clustered_dreambooth":
-                units = [ctx.counts.train[g] / ctx.clusters[g] for g in groups for _ in range(ctx.clusters[g])]
-            else:
-                units = [ctx.counts.train[g] for g in groups]
-            step = ft.batch_size * F.unet_train_step(ctx.shapes, latent, lora_rank, checkpointing) * (2 if prior else 1)
-            if dreambooth and ft.train_text_encoder:
-                step += (2 if prior else 1) * F.text_encoder_forward(ctx.shapes, train=True)
+            units = generation.planned_unit_images(ctx.counts.train, ctx.clusters, groups)
+            step = ft.batch_size * F.unet_train_step(ctx.shapes, latent, lora_rank, checkpointing) * calls
+            if generation.trains_text_encoder(ft):
+                step += calls * F.text_encoder_forward(ctx.shapes, train=True)
             encode = F.vae_encode(ctx.shapes, ctx.shapes.native_size)
             total = sum(
                 ft.steps * step + (n_real + (ft.num_class_images if prior else 0)) * encode
@@ -260,8 +259,7 @@ def _finetune_disk(ctx: PlanContext, method: str, row: StageCost, units: int) ->
     resumable = ft.steps > ft.checkpoint_every
     per_checkpoint = disk.checkpoint_bytes(ctx.shapes, ft, method, ctx.device.is_gpu) if resumable else per_unit
     row.task_scratch_bytes = disk.CHECKPOINT_COPIES * per_checkpoint
-    store = "LoRA" if disk.trains_lora(method, ft) else (
-        f"svd_delta rank {ft.delta_rank}" if ft.dreambooth_store == "svd_delta" else "whole UNet, fp16")
+    store = get_method(method).artifact(ft).describe(ft)
     row.notes.append(f"finetune {method}: {units} unit(s) x {per_unit / 1e6:,.1f} MB ({store}); a resumable "
                      f"checkpoint is {per_checkpoint / 1e9:.3g} GB")
 

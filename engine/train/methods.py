@@ -45,8 +45,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from engine.config import GENERATIVE_METHODS, TrainConfig
+from engine.config import TrainConfig, known_methods
 from engine.errors import FairsynthError
+from engine.generation_methods import is_generation_method
 from engine.train.losses import CrossEntropy, CrossEntropySupCon, GroupDROLoss, MeanLoss
 
 REAL, SYNTHETIC = "train", "synthetic"
@@ -179,13 +180,15 @@ METHODS: dict[str, Method] = {
     "erm": ERM(),
     "group_dro": GroupDRO(),
     "dfr": DFR(),
-    **{name: SyntheticPretraining(name) for name in GENERATIVE_METHODS},
     # The oracle's "synthetic" set is real renders (engine.generate.oracle).
     "oracle": SyntheticPretraining("oracle", synthetic_stage="oracle"),
 }
 
 
 def get_method(name: str) -> Method:
+    """The training method of ``name``; every generation method pretrains on its synthetic set."""
+    if is_generation_method(name):
+        return SyntheticPretraining(name)
     if name not in METHODS:
-        raise FairsynthError(f"unknown train method {name!r}; valid: {', '.join(METHODS)}")
+        raise FairsynthError(f"unknown train method {name!r}; valid: {', '.join(known_methods())}")
     return METHODS[name]
