@@ -225,3 +225,22 @@ def test_a_stage_failure_on_dead_storage_names_run_dir(through_proxy, monkeypatc
     assert str(failure).startswith(f"run_dir = {run_dir!r}: the storage failed during stage filter lora (")
     through_proxy.set(0.0)
     assert space.stage_failure(RuntimeError("a bug"), run_dir, 0.95, "filter", "lora") is None
+
+
+def test_a_lock_whose_answer_was_lost_is_still_ours(tmp_path):
+    """A conditional create that reached the storage but whose answer was lost (a reset after
+    the write): the retry fails its condition, and the lock read back is this job's own."""
+    from engine import runlock
+
+    class AnswerLost:
+        data = None
+
+        def create(self, data: bytes) -> bool:
+            self.data = data
+            return False
+
+        def read(self):
+            return self.data, "etag"
+
+    lock, me = runlock._take(AnswerLost(), runlock.Holder.this_process(), str(tmp_path), force=False)
+    assert runlock.Holder.decode(lock.data).token == me.token
