@@ -11,6 +11,8 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -244,3 +246,213 @@ def test_a_lock_whose_answer_was_lost_is_still_ours(tmp_path):
 
     lock, me = runlock._take(AnswerLost(), runlock.Holder.this_process(), str(tmp_path), force=False)
     assert runlock.Holder.decode(lock.data).token == me.token
+
+
+# --- the whole job (slow) ----------------------------------------------------------------------
+
+
+def _job_command(run_dir: str) -> list[str]:
+    from test_storage import E2E_JOB
+
+    cmd = [sys.executable, str(ROOT / "jobs" / "full.py"), "--run-dir", run_dir]
+    for override in [*E2E_JOB, "ray.num_cpus=2"]:
+        cmd += ["--set", override]
+    return cmd
+
+
+def _job_env(endpoint: str | None, tmp_path: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({"TQDM_DISABLE": "1", storage.CACHE_ENV: str(tmp_path / "artifact-cache")})
+    if endpoint:
+        env.update(_aws_env(endpoint))
+    return env
+
+
+def _run(run_dir: str, env: dict, log: Path, timeout: int = 1800) -> tuple[int, str, float]:
+    """jobs/full.py on the small config: (exit code, its output, seconds)."""
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        code = subprocess.call(_job_command(run_dir), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                               timeout=timeout)
+    return code, log.read_text(), time.perf_counter() - start
+
+
+def _same_results(run_dir: str, reference: str) -> None:
+    """The same shards (names, rows, image bytes, filter choices) and metrics as ``reference``."""
+    import pandas.testing as pdt
+    from test_storage import _comparable, _metrics, _shards
+
+    names, rows = _shards(run_dir)
+    ref_names, ref_rows = _shards(reference)
+    assert names == ref_names
+    pdt.assert_frame_equal(rows.drop(columns=["score"]), ref_rows.drop(columns=["score"]))
+    assert (rows["score"] - ref_rows["score"]).abs().max() < 1e-5
+    for method in ("erm", "lora"):
+        assert _comparable(_metrics(run_dir, method)) == _comparable(_metrics(reference, method)), method
+
+
+def _retry_lines(run_dir: str, out: str) -> int:
+    """Retries logged by the driver (``out``) and by Ray's workers (the run's log of Ray's output)."""
+    logs = [p.read_text() for p in (storage.as_path(run_dir) / "logs").glob("*.log")]
+    return sum(text.count("storage: ") for text in [out, *logs])
+
+
+@pytest.fixture(scope="module")
+def clean_s3_run(s3_server, tmp_path_factory):
+    """The small job with run_dir on the S3 server, no faults: the reference."""
+    tmp = tmp_path_factory.mktemp("clean")
+    run_dir = f"s3://{BUCKET}/clean"
+    code, out, seconds = _run(run_dir, _job_env(s3_server, tmp), tmp / "clean.log")
+    assert code == 0, out[-5000:]
+    print(f"clean run: {seconds:.0f} s")
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_the_job_at_10_percent_storage_errors_matches_a_clean_run(s3_server, clean_s3_run, tmp_path, monkeypatch):
+    """Every request to the run directory's storage has a 10% chance to fail (a 500, a 503, a
+    reset before or after the server saw it); the job finishes with the clean run's results."""
+    for key, value in _aws_env(s3_server).items():  # this process reads both runs directly
+        monkeypatch.setenv(key, value)
+    run_dir = f"s3://{BUCKET}/faulty"
+    with FaultProxy(s3_server, error_rate=0.1, seed=0) as proxy:
+        code, out, seconds = _run(run_dir, _job_env(proxy.url, tmp_path), tmp_path / "faulty.log")
+        stats = proxy.stats()
+    assert code == 0, out[-5000:]
+    print(f"10% injected: {stats}, {_retry_lines(run_dir, out)} retries logged, {seconds:.0f} s")
+    assert stats["injected"] > 50, stats
+    _same_results(run_dir, clean_s3_run)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_storage_that_stays_down_stops_the_job_in_one_line_and_it_resumes(s3_server, clean_s3_run, tmp_path,
+                                                                          monkeypatch):
+    """The storage goes down once generation starts: the job stops with exit code 2 and one
+    line naming run_dir, no traceback; the same command, once the storage is back, finishes
+    with the clean run's results."""
+    for key, value in _aws_env(s3_server).items():
+        monkeypatch.setenv(key, value)
+    run_dir = f"s3://{BUCKET}/outage"
+    with FaultProxy(s3_server, error_rate=0.0) as proxy:
+        env = _job_env(proxy.url, tmp_path)
+        with open(tmp_path / "down.err", "w") as err:
+            proc = subprocess.Popen(_job_command(run_dir), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                    stderr=err, text=True)
+            seen = []
+            for line in proc.stdout:
+                seen.append(line)
+                if "generate lora" in line:
+                    proxy.set(1.0)  # down from here on
+                    down_at = time.perf_counter()
+                    break
+            seen += proc.stdout.readlines()
+            code = proc.wait(timeout=1200)
+        stopped_after = time.perf_counter() - down_at
+        stderr = (tmp_path / "down.err").read_text()
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert code == 2, stderr[-5000:]
+        assert len(errors) == 1 and f"run_dir = {run_dir!r}" in errors[0], errors
+        assert "Traceback" not in stderr, stderr[-5000:]
+        print(f"storage down: the job stopped {stopped_after:.0f} s later with: {errors[0]}")
+        proxy.set(0.0)
+        code, out, seconds = _run(run_dir, env, tmp_path / "resume.log")
+    assert code == 0, out[-5000:]
+    print(f"resumed in {seconds:.0f} s")
+    _same_results(run_dir, clean_s3_run)
+
+
+def _in_own_mount_namespace() -> list[str] | None:
+    """The command prefix that runs a shell where this test may mount a tmpfs of its own (a
+    user and mount namespace: nothing it mounts is seen outside); None where not allowed."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return None
+    prefix = [unshare, "--user", "--map-root-user", "--mount"]
+    probe = subprocess.run([*prefix, "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True)
+    return prefix if probe.returncode == 0 else None
+
+
+# The small job's run directory on a 64 MB tmpfs, with all but this much of it filled first:
+# enough for the data, cluster and fine-tuning stages (about 0.5 MB), not for what follows.
+TMPFS_SIZE = "64m"
+ROOM_LEFT = 700_000
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_a_full_disk_stops_the_job_in_one_line_and_the_same_command_finishes(tmp_path):
+    """The run directory on a small real filesystem (a tmpfs), filled but for a few MB: the
+    job stops with exit code 2 in one line naming the path and the space the stage needs;
+    every shard, unit and checkpoint on it is whole or absent; once the filler is deleted,
+    the same command finishes with a clean run's results."""
+    prefix = _in_own_mount_namespace()
+    if prefix is None:
+        pytest.skip("this machine allows no tmpfs mount in a user namespace (unshare)")
+    mount, out = tmp_path / "disk", tmp_path / "out"
+    mount.mkdir()
+    out.mkdir()
+    run_dir = mount / "run"
+    job = " ".join(f"'{part}'" for part in _job_command(str(run_dir)))
+    script = f"""
+        mount -t tmpfs -o size={TMPFS_SIZE} tmpfs '{mount}' || exit 90
+        fallocate -l $(( $(df -B1 --output=avail '{mount}' | tail -1) - {ROOM_LEFT} )) '{mount}/filler'
+        {job} > '{out}/full.out' 2> '{out}/full.err'; echo $? > '{out}/full.rc'
+        cp -r '{run_dir}' '{out}/stopped'
+        rm '{mount}/filler'
+        {job} > '{out}/freed.out' 2> '{out}/freed.err'; echo $? > '{out}/freed.rc'
+        cp -r '{run_dir}' '{out}/run'
+    """
+    env = _job_env(None, tmp_path)
+    start = time.perf_counter()
+    subprocess.run([*prefix, "sh", "-c", script], env=env, cwd=ROOT, timeout=3000, check=True)
+    seconds = time.perf_counter() - start
+    stderr = (out / "full.err").read_text()
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert (out / "full.rc").read_text().strip() == "2", stderr[-5000:]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-5000:]
+    assert errors[0].startswith("error: no space left on device writing ") and str(run_dir) in errors[0]
+    assert " needs about " in errors[0] and " free now" in errors[0]
+    stopped = out / "stopped"
+    markers = sorted(str(p.parent.relative_to(stopped)) for p in stopped.rglob("_COMPLETE.json"))
+    assert not check_whole(stopped), check_whole(stopped)
+    freed = (out / "freed.out").read_text()
+    assert (out / "freed.rc").read_text().strip() == "0", (out / "freed.err").read_text()[-5000:]
+    print(f"full disk: {errors[0]}\nstages complete then: {', '.join(markers)}; "
+          f"{len(list(stopped.rglob('*.parquet')))} Parquet files, all whole; after freeing space: finished; "
+          f"{seconds:.0f} s in all")
+
+    reference = tmp_path / "reference"
+    code, text, _ = _run(str(reference), env, tmp_path / "reference.log")
+    assert code == 0, text[-5000:]
+    assert "| LoRA |" in freed
+    _same_results(str(out / "run"), str(reference))
+
+
+def check_whole(run_dir: Path) -> list[str]:
+    """What a stopped run left that is half-written: a shard whose footer does not read, a unit
+    folder marked done (unit.json) whose artifact does not load, a Tune checkpoint without its
+    files. Empty when everything there is whole."""
+    import pyarrow.parquet as pq
+
+    problems = []
+    for shard in run_dir.rglob("*.parquet"):
+        try:
+            pq.read_metadata(shard)
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"{shard}: {exc}")
+    for record in run_dir.rglob("unit.json"):
+        from safetensors import safe_open
+
+        for weights in record.parent.rglob("*.safetensors"):
+            try:
+                with safe_open(str(weights), "pt") as handle:
+                    list(handle.keys())
+            except Exception as exc:  # noqa: BLE001
+                problems.append(f"{weights}: {exc}")
+    for checkpoint in run_dir.rglob("checkpoint_*"):
+        if checkpoint.is_dir() and not any(checkpoint.iterdir()):
+            problems.append(f"{checkpoint}: an empty checkpoint")
+    return problems
+
