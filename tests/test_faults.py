@@ -456,3 +456,24 @@ def check_whole(run_dir: Path) -> list[str]:
             problems.append(f"{checkpoint}: an empty checkpoint")
     return problems
 
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
+def test_the_jobs_log_on_a_full_disk_fails_no_one(capsys):
+    """/dev/full answers every write with ENOSPC, as the run's log does on a full disk: what is
+    logged or printed there is lost, with no traceback and no "--- Logging error ---"."""
+    from engine import console
+
+    raw = open("/dev/full", "w", buffering=1)  # noqa: SIM115 (closed by the wrapper, quietly)
+    with pytest.raises(OSError, match="No space left"):
+        raw.write("a line\n")
+    log = console._LogFile(raw)
+    assert log.write("a line\n") == len("a line\n")
+    log.flush()
+    logger = logging.getLogger("fairsynth-test-full-log")
+    logger.addHandler(console._log_handler(log))
+    logger.propagate = False
+    logger.warning("lost")
+    print("lost too", file=log)
+    log.close()
+    assert "Logging error" not in capsys.readouterr().err
