@@ -431,31 +431,37 @@ def test_a_full_disk_stops_the_job_in_one_line_and_the_same_command_finishes(tmp
 
 
 def check_whole(run_dir: Path) -> list[str]:
-    """What a stopped run left that is half-written: a shard whose footer does not read, a unit
-    folder marked done (unit.json) whose artifact does not load, a Tune checkpoint without its
-    files. Empty when everything there is whole."""
+    """What a stopped run vouches for that is half-written: a Parquet file whose footer does
+    not read, a unit folder marked done (its unit.json) whose weights do not load, or a Tune
+    checkpoint that the experiment's saved state names (the one a trial resumes from) that
+    does not load. Empty when all of that is whole. A checkpoint folder whose copy the full
+    disk cut short is not named there: Tune registers a checkpoint once it is persisted."""
+    import re
+
     import pyarrow.parquet as pq
+    import torch
+    from safetensors import safe_open
 
-    problems = []
-    for shard in run_dir.rglob("*.parquet"):
+    def unreadable(path: Path) -> str | None:
         try:
-            pq.read_metadata(shard)
-        except Exception as exc:  # noqa: BLE001
-            problems.append(f"{shard}: {exc}")
-    for record in run_dir.rglob("unit.json"):
-        from safetensors import safe_open
-
-        for weights in record.parent.rglob("*.safetensors"):
-            try:
-                with safe_open(str(weights), "pt") as handle:
+            if path.suffix == ".parquet":
+                pq.read_metadata(path)
+            elif path.suffix == ".safetensors":
+                with safe_open(str(path), "pt") as handle:
                     list(handle.keys())
-            except Exception as exc:  # noqa: BLE001
-                problems.append(f"{weights}: {exc}")
-    for checkpoint in run_dir.rglob("checkpoint_*"):
-        if checkpoint.is_dir() and not any(checkpoint.iterdir()):
-            problems.append(f"{checkpoint}: an empty checkpoint")
-    return problems
+            elif path.suffix == ".pt":
+                torch.load(path, weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            return f"{path}: {type(exc).__name__}: {str(exc)[:100]}"
+        return None
 
+    vouched = list(run_dir.rglob("*.parquet"))
+    vouched += [w for record in run_dir.rglob("unit.json") for w in record.parent.rglob("*.safetensors")]
+    for state in run_dir.rglob("experiment_state-*.json"):
+        named = re.findall(r'unit\\": \\"([^\\]+)\\",.*?checkpoint_dir_name\\": \\"(checkpoint_\d+)', state.read_text())
+        for unit, checkpoint in named:
+            vouched += [f for folder in state.parent.glob(f"{unit}-*/{checkpoint}") for f in folder.rglob("*") if f.is_file()]
+    return [problem for path in vouched if (problem := unreadable(path))]
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
