@@ -235,32 +235,32 @@ class RemotePath:
         return sorted(self / rel for rel, _ in self._children(True)
                       if fnmatch.fnmatchcase(rel.rsplit("/", 1)[-1], pattern))
 
-    def read_bytes(self) -> bytes:
+    def read_bytes(self, *, attempts: int | None = None) -> bytes:
         def read() -> bytes:
             with self.fs.open_input_stream(self.fs_path) as stream:
                 return stream.read()
 
-        return retrying("read", self, read)
+        return retrying("read", self, read, attempts=attempts)
 
     def read_text(self) -> str:
         return self.read_bytes().decode()
 
-    def write_bytes(self, data: bytes) -> int:
+    def write_bytes(self, data: bytes, *, attempts: int | None = None) -> int:
         # One upload: the object appears whole when it completes, or not at all; a retry
         # uploads it again whole.
         def write() -> None:
             with self.fs.open_output_stream(self.fs_path) as stream:
                 stream.write(data)
 
-        retrying("write", self, write)
+        retrying("write", self, write, attempts=attempts)
         return len(data)
 
     def write_text(self, text: str) -> int:
         return self.write_bytes(text.encode())
 
-    def unlink(self, missing_ok: bool = False) -> None:
+    def unlink(self, missing_ok: bool = False, *, attempts: int | None = None) -> None:
         try:
-            retrying("delete", self, self.fs.delete_file, self.fs_path)
+            retrying("delete", self, self.fs.delete_file, self.fs_path, attempts=attempts)
         except FileNotFoundError:
             if not missing_ok:
                 raise
@@ -526,10 +526,21 @@ def atomic_directory(path: RunPath | str, last: str | None = None):
 # --- checking a run directory at start ---------------------------------------------------------
 
 
+# Attempts of the probe: it asks whether the storage answers now (a job about to start, or a
+# stage that failed after its own retries), which waiting longer would not change.
+PROBE_ATTEMPTS = 2
+
+
 def check_writable(root: RunPath | str) -> str | None:
     """Write and delete a probe object under ``root``; None when that worked, else why not."""
     probe = as_path(root) / f"_probe-{uuid.uuid4().hex}"
     try:
+        if isinstance(probe, RemotePath):
+            probe.write_bytes(b"fairsynth probe\n", attempts=PROBE_ATTEMPTS)
+            if probe.read_bytes(attempts=PROBE_ATTEMPTS) != b"fairsynth probe\n":
+                return "a probe file read back different bytes"
+            probe.unlink(attempts=PROBE_ATTEMPTS)
+            return None
         write_bytes(probe, b"fairsynth probe\n")
         if read_bytes(probe) != b"fairsynth probe\n":
             return "a probe file read back different bytes"
