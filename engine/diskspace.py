@@ -22,6 +22,10 @@ from engine.errors import FairsynthError, disk_full, find_cause
 log = logging.getLogger(__name__)
 
 
+# Free bytes under which a local run directory whose stage failed counts as full.
+NEARLY_FULL = 1 << 20
+
+
 def format_bytes(n: float) -> str:
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
@@ -83,6 +87,10 @@ class StageSpace:
         down; None for any other error."""
         name = _stage_name(stage, method)
         full = disk_full(exc)
+        if full is None and not storage.is_remote(run_dir) and free_bytes(Path(str(run_dir))) < NEARLY_FULL:
+            # A library can lose the ENOSPC on its way out: Tune, reading back a trial's
+            # error file that the full disk left empty, raises EOFError.
+            full = exc
         if full is not None:
             where = getattr(full, "filename", None) or str(run_dir)
             need = self.need(severity, stage, method) if not storage.is_remote(run_dir) else 0.0

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import pytest
 from faultproxy import FAULTS, FaultProxy
 
-from engine import storage
+from engine import diskspace, storage
 from engine.cli import run_job
 from engine.diskspace import StageSpace, format_bytes
 from engine.errors import FairsynthError, disk_full
@@ -184,7 +184,7 @@ def test_a_full_disk_or_dead_storage_is_one_line_at_the_top(capsys):
         "run the same command again once the storage answers"]
 
 
-def test_a_stage_on_a_full_disk_names_the_path_and_the_space_it_needs(tmp_path, caplog):
+def test_a_stage_on_a_full_disk_names_the_path_and_the_space_it_needs(tmp_path, caplog, monkeypatch):
     from engine.config import load_config
 
     cfg = load_config(None, ["methods=[erm,lora]", "severities=[0.95]"])
@@ -212,6 +212,11 @@ def test_a_stage_on_a_full_disk_names_the_path_and_the_space_it_needs(tmp_path, 
         assert f"run_dir = {str(tmp_path)!r}" in line and "stage generate lora needs about " in line
     assert disk_full(ValueError("a bug")) is None
     assert space.stage_failure(ValueError("a bug"), tmp_path, 0.95, "generate", "lora") is None
+    # Any error of a stage on a disk that is full now is the full disk's (Tune, reading back
+    # the error file a full disk left empty, raises EOFError).
+    monkeypatch.setattr(diskspace, "free_bytes", lambda path: 4096)
+    line = str(space.stage_failure(EOFError("Ran out of input"), tmp_path, 0.95, "finetune", "lora"))
+    assert line.startswith(f"no space left on device writing {tmp_path} ") and "4.1 kB free now" in line
 
 
 def test_a_stage_failure_on_dead_storage_names_run_dir(through_proxy, monkeypatch):
