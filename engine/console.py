@@ -273,4 +273,5 @@ def finish() -> None:
     _routing.log.flush()
     if not isinstance(_routing.target, Path):
         with contextlib.suppress(Exception):  # a log that cannot be uploaded must not fail the job
-            storage.write_bytes(_routing.target, _routing.local_path.read_bytes())
+            # Two tries: storage that stays down has already stopped the job in its own line.
+            _routing.target.write_bytes(_routing.local_path.read_bytes(), attempts=storage.PROBE_ATTEMPTS)

@@ -84,7 +84,8 @@ class StageSpace:
 
     def stage_failure(self, exc: BaseException, run_dir, severity, stage: str, method: str = "") -> FairsynthError | None:
         """The one line for a stage that stopped on a full disk or on storage that stayed
-        down; None for any other error."""
+        down; None for any other error. ``run_dir`` is the stage's folder (a severity's or a
+        seed's); the line names it and the job's run_dir."""
         name = _stage_name(stage, method)
         full = disk_full(exc)
         if full is None and not storage.is_remote(run_dir) and free_bytes(Path(str(run_dir))) < NEARLY_FULL:
@@ -99,7 +100,7 @@ class StageSpace:
                 planned = f"needs about {format_bytes(need)}" if need else "needs more than the disk has"
                 room = f"; {name} {planned}, {format_bytes(free_bytes(Path(str(run_dir))))} free now"
             return FairsynthError(
-                f"no space left on device writing {where} (run_dir = {str(run_dir)!r}){room}; "
+                f"no space left on device writing {where} (run_dir = {self.cfg.run_dir!r}){room}; "
                 "free some space and run the same command again to resume")
         if not storage.is_remote(run_dir):
             return None
@@ -113,7 +114,7 @@ class StageSpace:
             failed = problem
         text = " ".join(str(failed).split())[:400]
         return FairsynthError(
-            f"run_dir = {str(run_dir)!r}: the storage failed during {name} ({text}); finished work "
+            f"run_dir = {self.cfg.run_dir!r}: the storage failed during {name} ({text}); finished work "
             "is kept: run the same command again once the storage answers")
 
 

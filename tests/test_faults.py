@@ -187,7 +187,7 @@ def test_a_full_disk_or_dead_storage_is_one_line_at_the_top(capsys):
 def test_a_stage_on_a_full_disk_names_the_path_and_the_space_it_needs(tmp_path, caplog, monkeypatch):
     from engine.config import load_config
 
-    cfg = load_config(None, ["methods=[erm,lora]", "severities=[0.95]"])
+    cfg = load_config(None, ["methods=[erm,lora]", "severities=[0.95]", f"run_dir={tmp_path}"])
     space = StageSpace(cfg)
     need = 10 * shutil.disk_usage(tmp_path).free
     space._needs = {("0.95", "generate", "lora"): need}  # as the plan counts them
@@ -223,15 +223,15 @@ def test_a_stage_failure_on_dead_storage_names_run_dir(through_proxy, monkeypatc
     monkeypatch.setattr(storage, "RETRY_FIRST_PAUSE_S", 0.05)
     from engine.config import load_config
 
-    space = StageSpace(load_config(None, ["methods=[erm]"]))
     run_dir = f"s3://{BUCKET}/stage-down"
+    space = StageSpace(load_config(None, ["methods=[erm]", f"run_dir={run_dir}"]))
     through_proxy.set(1.0)
     # An error that came through Ray Data or Tune, not the storage layer: the probe decides.
-    failure = space.stage_failure(RuntimeError("a read task failed"), run_dir, 0.95, "filter", "lora")
+    failure = space.stage_failure(RuntimeError("a read task failed"), f"{run_dir}/severity-0.95", 0.95, "filter", "lora")
     assert isinstance(failure, FairsynthError)
     assert str(failure).startswith(f"run_dir = {run_dir!r}: the storage failed during stage filter lora (")
     through_proxy.set(0.0)
-    assert space.stage_failure(RuntimeError("a bug"), run_dir, 0.95, "filter", "lora") is None
+    assert space.stage_failure(RuntimeError("a bug"), f"{run_dir}/severity-0.95", 0.95, "filter", "lora") is None
 
 
 def test_a_lock_whose_answer_was_lost_is_still_ours(tmp_path):
