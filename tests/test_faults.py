@@ -488,3 +488,20 @@ def test_the_jobs_log_on_a_full_disk_fails_no_one(capsys):
     print("lost too", file=log)
     log.close()
     assert "Logging error" not in capsys.readouterr().err
+
+
+def test_a_tune_state_cut_by_a_full_disk_is_not_resumed(tmp_path):
+    """Tune writes its experiment state in place: a full disk cuts it short, and the re-run
+    starts the experiment's unfinished trials again instead of failing to restore it."""
+    from engine.finetune.tune import saved_state_is_whole
+
+    experiment = tmp_path / "lora-abc"
+    (experiment / "g0-1_00000").mkdir(parents=True)
+    state = experiment / "experiment_state-2026-12-07_15-21-52.json"
+    state.write_text('{"trial_data": [["{}", "{}"]], "runner_data": {}}')
+    assert saved_state_is_whole(str(experiment))
+    state.write_text('{"trial_data": [["{}", "{')  # cut where the disk filled
+    assert not saved_state_is_whole(str(experiment))
+    state.write_text("{}")
+    (experiment / "g0-1_00000" / "error.pkl").write_bytes(b"")
+    assert not saved_state_is_whole(str(experiment))
