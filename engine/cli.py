@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from engine import console
 from engine.config import PRESET_DIR, Config, load_config
-from engine.errors import FairsynthError
+from engine.errors import FairsynthError, disk_full, find_cause
 from engine.redact import redact, redact_log_handlers
 
 HELP_WIDTH = 120  # a config key's help line is cut here; engine/config.py has the whole text
@@ -120,6 +120,21 @@ def _terminate(signum, frame):  # noqa: ARG001
     raise KeyboardInterrupt
 
 
+def _storage_line(err: BaseException) -> str | None:
+    """One line for a full disk or storage that kept failing; None for any other error."""
+    from engine.storage import StorageError
+
+    full = disk_full(err)
+    if full is not None:
+        where = getattr(full, "filename", None)
+        return (f"no space left on device{f' writing {where}' if where else ''} ({full}); "
+                "free some space and run the same command again to resume")
+    failed = find_cause(err, lambda e: isinstance(e, StorageError))
+    if failed is not None:
+        return f"{failed}; run the same command again once the storage answers"
+    return None
+
+
 def run_job(main: Callable[[], object]) -> None:
     """Run a job's main(); FairsynthError becomes one stderr line and exit code 2."""
     logging.basicConfig(
@@ -141,7 +156,11 @@ def run_job(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         sys.exit(130)
-    except Exception:
+    except Exception as err:
+        line = _storage_line(err)
+        if line is not None:  # outside a stage (engine.pipeline names the stage inside one)
+            print(f"error: {redact(line)}", file=sys.stderr)
+            sys.exit(FairsynthError.exit_code)
         if console.log_path() is not None:
             print(f"Ray's output of this job: {console.log_path()}", file=sys.stderr)
         raise

@@ -40,6 +40,39 @@ class _Routing:
 _routing: _Routing | None = None
 
 
+class _LogFile(io.TextIOBase):
+    """The job's log file, whose writes never fail the job: on a full disk the text is lost
+    (the job's own error says the disk is full), not turned into a traceback in whatever
+    library was printing, or into logging's "--- Logging error ---" reports."""
+
+    def __init__(self, file: io.TextIOBase):
+        self._file = file
+
+    def write(self, text: str) -> int:
+        try:
+            return self._file.write(text)
+        except OSError:
+            return len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError):
+            self._file.flush()
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return self._file.encoding
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._file.close()
+
+
 def verbose_requested(flag: bool) -> bool:
     return flag or os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
@@ -59,7 +92,7 @@ def route_to_run_log(run_dir: str, job: str) -> storage.RunPath:
     local = target if isinstance(target, Path) else storage.cache_dir() / LOG_DIR / target.name
     try:
         local.parent.mkdir(parents=True, exist_ok=True)
-        log = open(local, "a", buffering=1, encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+        log = _LogFile(open(local, "a", buffering=1, encoding="utf-8", errors="backslashreplace"))  # noqa: SIM115
     except OSError as exc:
         raise FairsynthError(
             f"cannot write the job's log {local} ({exc.strerror}): give a --run-dir this user may write, "
@@ -240,4 +273,5 @@ def finish() -> None:
     _routing.log.flush()
     if not isinstance(_routing.target, Path):
         with contextlib.suppress(Exception):  # a log that cannot be uploaded must not fail the job
-            storage.write_bytes(_routing.target, _routing.local_path.read_bytes())
+            # Two tries: storage that stays down has already stopped the job in its own line.
+            _routing.target.write_bytes(_routing.local_path.read_bytes(), attempts=storage.PROBE_ATTEMPTS)

@@ -21,6 +21,8 @@ from collections.abc import Callable
 
 from engine import storage
 from engine.config import Config
+from engine.diskspace import StageSpace
+from engine.errors import FairsynthError
 from engine.generation_methods import is_generation_method
 from engine.html_report import write_html_report
 from engine.report import aggregate_seeds, collect_rows, seed_tag, severity_tag, write_results
@@ -46,8 +48,10 @@ def seed_config(cfg: Config, seed: int) -> Config:
     return sub
 
 
-def run_severity(cfg: Config, force: bool, on_stage: Callable[[str], None]) -> dict:
-    """Every stage for one severity; returns seconds spent per method and stage."""
+def run_severity(cfg: Config, force: bool, on_stage: Callable[[str], None], space: StageSpace | None = None) -> dict:
+    """Every stage for one severity; returns seconds spent per method and stage. Before each
+    stage the free space is checked against the plan's (``space``); a full disk or storage
+    that stays down during a stage stops the job in one line (engine/diskspace.py)."""
     from engine.cluster import run_cluster_stage
     from engine.data.stage import run_data_stage
     from engine.finetune import run_finetune_stage
@@ -55,14 +59,27 @@ def run_severity(cfg: Config, force: bool, on_stage: Callable[[str], None]) -> d
     from engine.generate.oracle import ORACLE, run_oracle_stage
     from engine.train import run_train_stages, train_complete
 
+    space = space or StageSpace(cfg)
     run = RunDir(cfg.run_dir)
     run.prepare(cfg, force=force)
     shared: dict[str, float] = {}
 
-    def timed(name: str, fn, *args) -> float:
+    def guarded(stage: str, method: str, fn, *args):
+        space.check(run.root, cfg.data.severity, stage, method)
+        try:
+            return fn(*args)
+        except (FairsynthError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            failure = space.stage_failure(exc, run.root, cfg.data.severity, stage, method)
+            if failure is None:
+                raise
+            raise failure from exc
+
+    def timed(name: str, fn, *args, stage: str = "", method: str = "") -> float:
         on_stage(f"{severity_tag(cfg.data.severity)}: {name}")
         start = time.perf_counter()
-        fn(*args)
+        guarded(stage or name, method, fn, *args)
         return time.perf_counter() - start
 
     shared["data"] = timed("data", run_data_stage, cfg, run)
@@ -71,21 +88,22 @@ def run_severity(cfg: Config, force: bool, on_stage: Callable[[str], None]) -> d
         shared["cluster"] = timed("cluster", run_cluster_stage, cfg, run)
     seconds: dict[str, dict[str, float]] = {method: dict(shared) for method in cfg.methods}
     for method in generative:
-        seconds[method]["finetune"] = timed(f"finetune {method}", run_finetune_stage, cfg, run, method)
-        seconds[method]["generate"] = timed(f"generate {method}", run_generate_stage, cfg, run, method)
-        seconds[method]["filter"] = timed(f"filter {method}", run_filter_stage, cfg, run, method)
+        for stage, fn in (("finetune", run_finetune_stage), ("generate", run_generate_stage), ("filter", run_filter_stage)):
+            seconds[method][stage] = timed(f"{stage} {method}", fn, cfg, run, method, stage=stage, method=method)
     if ORACLE in cfg.methods:
-        seconds[ORACLE]["generate"] = timed("oracle", run_oracle_stage, cfg, run)
+        seconds[ORACLE]["generate"] = timed("oracle", run_oracle_stage, cfg, run, stage="generate", method=ORACLE)
     # Every method trains in one fit, which starts its workers once (engine.train.stage).
     pending = [m for m in cfg.methods if not train_complete(cfg, run, m)]
     on_stage(f"{severity_tag(cfg.data.severity)}: train {', '.join(pending) or 'complete'}")
-    metrics = run_train_stages(cfg, run, cfg.methods)
+    for method in pending:
+        space.check(run.root, cfg.data.severity, "train", method)
+    metrics = guarded("train", ", ".join(pending), run_train_stages, cfg, run, cfg.methods)
     for method in cfg.methods:
         seconds[method]["train"] = metrics[method]["stage_seconds"] if method in pending else 0.0
     return seconds
 
 
-def run_seed(cfg: Config, force: bool, on_stage: Callable[[str], None]) -> list[dict]:
+def run_seed(cfg: Config, force: bool, on_stage: Callable[[str], None], space: StageSpace | None = None) -> list[dict]:
     """Every severity and method of one run directory: writes its stage_seconds.json and
     grids, and returns its result rows."""
     root = storage.as_path(cfg.run_dir)
@@ -93,7 +111,7 @@ def run_seed(cfg: Config, force: bool, on_stage: Callable[[str], None]) -> list[
     timings: dict[str, dict] = {}
     for severity in cfg.severities:
         sub = severity_config(cfg, severity)
-        timings[str(severity)] = run_severity(sub, force, on_stage)
+        timings[str(severity)] = run_severity(sub, force, on_stage, space)
         grids = storage.as_path(sub.run_dir) / "grids"
         for png in sorted(grids.glob("*.png")) if grids.exists() else []:
             storage.copy_file(png, root / "grids" / f"{severity_tag(severity)}_{png.name}")
@@ -108,14 +126,15 @@ def run_full(cfg: Config, force: bool = False, on_stage: Callable[[str], None] =
     tracker = get_tracker(cfg)
     tracker.check()  # a tracker that cannot log fails now, not after hours of compute
     RunDir(root).prepare(cfg, force=force)
+    space = StageSpace(cfg)  # one plan for the job: every seed needs what the first does
     if cfg.seeds is None:
-        rows = run_seed(cfg, force, on_stage)
+        rows = run_seed(cfg, force, on_stage, space)
         on_stage("report")
         return finish_report(cfg, root, rows, tracker)
     per_seed: dict[int, list[dict]] = {}
     for seed in cfg.seeds:
         sub = seed_config(cfg, seed)
-        rows = run_seed(sub, force, lambda stage, seed=seed: on_stage(f"{seed_tag(seed)}: {stage}"))
+        rows = run_seed(sub, force, lambda stage, seed=seed: on_stage(f"{seed_tag(seed)}: {stage}"), space)
         write_results(storage.as_path(sub.run_dir), rows, cfg.data.name)
         per_seed[seed] = rows
     on_stage("report")

@@ -190,6 +190,9 @@ def _take(lock, me: Holder, run_dir: str, force: bool) -> tuple[LocalLockFile | 
             continue
         data, version = current
         holder = Holder.decode(data)
+        if holder is not None and holder.token == me.token:
+            # Our own write: it landed, but the answer was lost and the retry found it there.
+            return lock, me
         if holder is None and not force:
             raise FairsynthError(
                 f"run directory {run_dir} has a lock file ({LOCK_NAME}) that is not a fairsynth lock; "
@@ -207,7 +210,11 @@ def _take(lock, me: Holder, run_dir: str, force: bool) -> tuple[LocalLockFile | 
 
 def _renew(lock, me: Holder, stop: threading.Event) -> None:
     while not stop.wait(RENEW_S):
-        current = lock.read()
+        try:
+            current = lock.read()
+        except Exception as exc:  # noqa: BLE001 (a storage hiccup: the next renewal tries again)
+            log.warning("could not renew the lock of this run directory (%s: %s)", type(exc).__name__, exc)
+            continue
         holder = Holder.decode(current[0]) if current is not None else None
         if holder is None or holder.token != me.token:
             log.error("the lock of this run directory was taken over by another job; this job's "
@@ -229,9 +236,14 @@ def hold_run_dir(run_dir: str, force: bool = False) -> Iterator[None]:
     finally:
         stop.set()
         renewer.join(timeout=5)
-        current = lock.read()
-        if current is not None and (holder := Holder.decode(current[0])) is not None and holder.token == me.token:
-            lock.delete()
+        try:
+            current = lock.read()
+            if current is not None and (holder := Holder.decode(current[0])) is not None and holder.token == me.token:
+                lock.delete()
+        except Exception as exc:  # noqa: BLE001 (storage that is down: the job's own error says so)
+            # Left behind, the lock names a process that is gone: the next job on this host
+            # takes it over, another host's once it expires (or with --force).
+            log.warning("could not release the lock of %s (%s: %s)", run_dir, type(exc).__name__, exc)
 
 
 def hold_until_exit(run_dir: str, force: bool = False) -> None:

@@ -88,6 +88,8 @@ class RunDir:
             return False
         try:
             return json.loads(path.read_text()).get("hash") == slice_hash
+        except storage.StorageError:
+            raise  # storage that is down says nothing about the stage: never redo it for that
         except (json.JSONDecodeError, OSError):
             return False
 

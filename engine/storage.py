@@ -15,6 +15,11 @@ pyarrow filesystem. The functions here take either, so stage code is the same fo
   a driver's local path.
 - Writes are atomic: locally a temporary name in the same folder, then a rename; on S3 one
   upload, whose object readers see whole (once the upload completes) or not at all.
+- Object storage fails now and then (a 500, a 503, a dropped connection). Each request is
+  retried by the AWS SDK inside pyarrow; an operation that still fails with such an error is
+  tried again here, :data:`RETRY_ATTEMPTS` times in all with a doubling pause, each retry
+  logged as a warning. Then it raises :class:`StorageError`, which names the path and the
+  last error. Not-found, access and other permanent errors are never retried.
 - Diffusers and TensorBoard need local files: :func:`local_copy` downloads a remote file or
   folder into a per-node cache, :func:`upload_folder` puts a local folder under a URI.
 """
@@ -26,9 +31,11 @@ import contextlib
 import fnmatch
 import functools
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path, PurePosixPath
 
@@ -36,6 +43,58 @@ import pyarrow.fs as pafs
 
 # Where remote artifacts are downloaded on each node (one folder per artifact URI).
 CACHE_ENV = "FAIRSYNTH_CACHE"
+
+log = logging.getLogger(__name__)
+
+# Attempts per storage operation, and the first pause (doubling each time, at most
+# RETRY_MAX_PAUSE_S): 0.5 + 1 + 2 + 4 + 8 s, so storage down for about 15 s is ridden out
+# and storage that stays down stops the job within half a minute of the first error.
+RETRY_ATTEMPTS = 6
+RETRY_FIRST_PAUSE_S = 0.5
+RETRY_MAX_PAUSE_S = 8.0
+# pyarrow's messages for errors worth another try (AWS SDK error kinds, curl and socket errors).
+TRANSIENT_MARKERS = (
+    "NETWORK_CONNECTION", "INTERNAL_FAILURE", "SERVICE_UNAVAILABLE", "SLOW_DOWN", "THROTTLING",
+    "REQUEST_TIMEOUT", "HTTP status 5", "curlCode", "Connection reset", "timed out", "Timeout",
+)
+
+
+class StorageError(OSError):
+    """A storage operation that kept failing after every retry."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for an error a later attempt may not see: a 5xx answer, a dropped or timed-out
+    connection. Missing files, denied access and bad requests are not."""
+    if isinstance(exc, StorageError) or not isinstance(exc, OSError):
+        return False
+    if isinstance(exc, (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    text = str(exc)
+    return any(marker in text for marker in TRANSIENT_MARKERS)
+
+
+def retrying(what: str, where: object, fn, *args, attempts: int | None = None, **kwargs):
+    """``fn(*args, **kwargs)``, tried again on a transient error (:func:`is_transient`) up to
+    ``attempts`` times in all, each retry logged; then :class:`StorageError`."""
+    attempts = attempts or RETRY_ATTEMPTS
+    pause = RETRY_FIRST_PAUSE_S
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn(*args, **kwargs)
+        except OSError as exc:
+            if not is_transient(exc):
+                raise
+            text = " ".join(str(exc).split())[:300]
+            if attempt == attempts:
+                raise StorageError(f"{where}: {what} failed {attempts} times; last error: {text}") from exc
+            log.warning("storage: %s %s failed (%s); retry %d of %d in %.1f s",
+                        what, where, text, attempt, attempts - 1, pause)
+            time.sleep(pause)
+            pause = min(2 * pause, RETRY_MAX_PAUSE_S)
+    raise AssertionError("unreachable")
 
 
 def is_remote(location: str | os.PathLike) -> bool:
@@ -140,7 +199,7 @@ class RemotePath:
         return filesystem_for(str(self))[1]
 
     def _info(self) -> pafs.FileInfo:
-        return self.fs.get_file_info(self.fs_path)
+        return retrying("stat", self, self.fs.get_file_info, self.fs_path)
 
     def exists(self) -> bool:
         return self._info().type != pafs.FileType.NotFound
@@ -154,7 +213,8 @@ class RemotePath:
     def _children(self, recursive: bool) -> list[tuple[str, pafs.FileInfo]]:
         selector = pafs.FileSelector(self.fs_path, allow_not_found=True, recursive=recursive)
         base = self.fs_path.rstrip("/") + "/"
-        return [(info.path[len(base):], info) for info in self.fs.get_file_info(selector)]
+        listing = retrying("list", self, self.fs.get_file_info, selector)
+        return [(info.path[len(base):], info) for info in listing]
 
     def iterdir(self) -> list[RemotePath]:
         return sorted(self / rel for rel, _ in self._children(recursive=False))
@@ -175,25 +235,32 @@ class RemotePath:
         return sorted(self / rel for rel, _ in self._children(True)
                       if fnmatch.fnmatchcase(rel.rsplit("/", 1)[-1], pattern))
 
-    def read_bytes(self) -> bytes:
-        with self.fs.open_input_stream(self.fs_path) as stream:
-            return stream.read()
+    def read_bytes(self, *, attempts: int | None = None) -> bytes:
+        def read() -> bytes:
+            with self.fs.open_input_stream(self.fs_path) as stream:
+                return stream.read()
+
+        return retrying("read", self, read, attempts=attempts)
 
     def read_text(self) -> str:
         return self.read_bytes().decode()
 
-    def write_bytes(self, data: bytes) -> int:
-        # One upload: the object appears whole when it completes, or not at all.
-        with self.fs.open_output_stream(self.fs_path) as stream:
-            stream.write(data)
+    def write_bytes(self, data: bytes, *, attempts: int | None = None) -> int:
+        # One upload: the object appears whole when it completes, or not at all; a retry
+        # uploads it again whole.
+        def write() -> None:
+            with self.fs.open_output_stream(self.fs_path) as stream:
+                stream.write(data)
+
+        retrying("write", self, write, attempts=attempts)
         return len(data)
 
     def write_text(self, text: str) -> int:
         return self.write_bytes(text.encode())
 
-    def unlink(self, missing_ok: bool = False) -> None:
+    def unlink(self, missing_ok: bool = False, *, attempts: int | None = None) -> None:
         try:
-            self.fs.delete_file(self.fs_path)
+            retrying("delete", self, self.fs.delete_file, self.fs_path, attempts=attempts)
         except FileNotFoundError:
             if not missing_ok:
                 raise
@@ -203,7 +270,7 @@ class RemotePath:
 
     def rmtree(self) -> None:
         with contextlib.suppress(FileNotFoundError):
-            self.fs.delete_dir(self.fs_path)
+            retrying("delete", self, self.fs.delete_dir, self.fs_path)
 
 
 RunPath = Path | RemotePath
@@ -307,7 +374,9 @@ def read_parquet(path: RunPath | str, columns: list[str] | None = None):
     import pyarrow.parquet as pq
 
     fs, where = fs_path(path)
-    return pq.read_table(where, columns=columns, filesystem=fs)
+    if fs is None:
+        return pq.read_table(where, columns=columns)
+    return retrying("read", path, pq.read_table, where, columns=columns, filesystem=fs)
 
 
 def parquet_file(path: RunPath | str):
@@ -315,7 +384,9 @@ def parquet_file(path: RunPath | str):
     import pyarrow.parquet as pq
 
     fs, where = fs_path(path)
-    return pq.ParquetFile(where, filesystem=fs)
+    if fs is None:
+        return pq.ParquetFile(where)
+    return retrying("read", path, pq.ParquetFile, where, filesystem=fs)
 
 
 def load_numpy(path: RunPath | str):
@@ -455,10 +526,21 @@ def atomic_directory(path: RunPath | str, last: str | None = None):
 # --- checking a run directory at start ---------------------------------------------------------
 
 
+# Attempts of the probe: it asks whether the storage answers now (a job about to start, or a
+# stage that failed after its own retries), which waiting longer would not change.
+PROBE_ATTEMPTS = 2
+
+
 def check_writable(root: RunPath | str) -> str | None:
     """Write and delete a probe object under ``root``; None when that worked, else why not."""
     probe = as_path(root) / f"_probe-{uuid.uuid4().hex}"
     try:
+        if isinstance(probe, RemotePath):
+            probe.write_bytes(b"fairsynth probe\n", attempts=PROBE_ATTEMPTS)
+            if probe.read_bytes(attempts=PROBE_ATTEMPTS) != b"fairsynth probe\n":
+                return "a probe file read back different bytes"
+            probe.unlink(attempts=PROBE_ATTEMPTS)
+            return None
         write_bytes(probe, b"fairsynth probe\n")
         if read_bytes(probe) != b"fairsynth probe\n":
             return "a probe file read back different bytes"

@@ -185,6 +185,12 @@ def _fit(trainable, name: str, storage_path: str, ft: FinetuneConfig, param_spac
     experiment = f"{storage_path.rstrip('/')}/{name}"
     # Pickled with the Tuner and restored with it (engine.finetune.progress).
     callbacks = [step_progress(trials, ft.steps, f"finetune {name.split('-')[0]}")]
+    if tune.Tuner.can_restore(experiment) and not saved_state_is_whole(experiment):
+        log.warning("the fine-tuning experiment in %s was cut short (a full disk leaves Tune's saved state "
+                    "half-written): its unfinished trials start again", experiment)
+        from engine import storage
+
+        storage.delete(experiment)
     if tune.Tuner.can_restore(experiment):
         log.info("resuming the fine-tuning experiment in %s", experiment)
         _make_tuner_state_loadable(experiment, callbacks)
@@ -218,6 +224,23 @@ def _fit(trainable, name: str, storage_path: str, ft: FinetuneConfig, param_spac
     if stopped:
         raise KeyboardInterrupt  # the job's own SIGTERM handling goes on from here (engine.cli)
     return grid, experiment
+
+
+def saved_state_is_whole(experiment: str) -> bool:
+    """Whether a Tune experiment's saved state reads back: Tune writes its experiment state and
+    each trial's error file in place, so a full disk can leave the newest state cut short
+    (Tune.restore then yields trials without their config) or an error file empty (reading it
+    back raises EOFError). Objects on S3 are written whole."""
+    from engine import storage
+
+    folder = storage.as_path(experiment)
+    states = sorted(folder.glob("experiment_state-*.json"))
+    try:
+        if states:
+            json.loads(storage.read_bytes(states[-1]))
+        return not any(storage.read_bytes(p) == b"" for p in folder.glob("*/error.pkl"))
+    except (ValueError, OSError):
+        return False
 
 
 @contextlib.contextmanager
