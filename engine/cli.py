@@ -61,18 +61,18 @@ def config_keys() -> list[tuple[str, str, str]]:
 
 def config_help() -> str:
     """The presets and the config keys, for the end of a --help text."""
-    lines = ["presets (--config NAME, files in configs/; or a YAML path):"]
+    lines = ["presets (--config NAME, files in engine/configs/; or a YAML path):"]
     lines += [f"  {name:<18} {text}" for name, text in preset_summaries().items()]
     lines += ["", "config keys (--set KEY=VALUE; defaults are the tiny run's, engine/config.py explains each):"]
     lines += [f"  {key:<38} {default:<12} {text}".rstrip() for key, default, text in config_keys()]
     return "\n".join(line if len(line) <= HELP_WIDTH else line[: HELP_WIDTH - 3] + "..." for line in lines)
 
 
-def job_parser(description: str, run_dir: bool = True) -> argparse.ArgumentParser:
+def job_parser(description: str, run_dir: bool = True, prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=description, epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=description, epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", default=None, help="preset name in configs/ or a YAML path")
+    parser.add_argument("--config", default=None, help="preset name in engine/configs/ or a YAML path")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key, e.g. --set generate.images_per_group=64 (repeatable)",
@@ -103,14 +103,15 @@ def dotted_overrides(tokens: list[str], parser: argparse.ArgumentParser) -> list
     return overrides
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def config_from_args(args: argparse.Namespace, job: str | None = None) -> Config:
     """The job's config; a job with a run directory also sends Ray's own output to the run's
-    log from here on (engine/console.py), unless --verbose."""
+    log, RUN/logs/<job>-*.log (default: the script's name), from here on (engine/console.py),
+    unless --verbose."""
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "run_dir", None):
         cfg.run_dir = args.run_dir
     if hasattr(args, "verbose") and not console.verbose_requested(args.verbose):
-        console.route_to_run_log(cfg.run_dir, Path(sys.argv[0]).stem.replace("fairsynth ", ""))
+        console.route_to_run_log(cfg.run_dir, job or Path(sys.argv[0]).stem)
     return cfg
 
 

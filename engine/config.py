@@ -1,7 +1,7 @@
 """The one typed config: every stage reads its section, every default lives here.
 
 The defaults are the embedded tiny run (tiny model, built-in benchmark, local Ray, CPU).
-Presets in ``configs/`` override them (a preset may ``extends:`` another and state only what
+Presets in ``engine/configs/`` override them (a preset may ``extends:`` another and state only what
 differs); ``--set key.path=value`` overrides a preset. A bad key
 or value fails at load time with one line naming the key, the value and what is valid.
 """
@@ -28,7 +28,7 @@ from pydantic import (
 from engine.errors import FairsynthError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PRESET_DIR = REPO_ROOT / "configs"
+PRESET_DIR = Path(__file__).resolve().parent / "configs"  # package data: a wheel ships them
 DATASETS = ("builtin", "waterbirds", "celeba", "utkface", "manifest")
 METHODS = ("erm", "group_dro", "dfr", "vanilla", "lora", "dreambooth", "clustered_dreambooth", "oracle")
 # Methods that read the real data alone; the oracle draws extra real images (built-in only).
@@ -179,7 +179,7 @@ class ModelConfig(Section):
     base: str = Field(
         "tiny",
         description="'tiny' (shipped), a local diffusers folder, a hub id, or "
-        "'random:sd15[:width=<w>][:size=<px>][:seed=<n>]': Stable Diffusion 1.5's shapes (configs/sd15) with "
+        "'random:sd15[:width=<w>][:size=<px>][:seed=<n>]': Stable Diffusion 1.5's shapes (engine/models/sd15) with "
         "seeded random weights, no download; width (default 1) scales every channel width and hidden size, "
         "keeping depths and heads; size (default 512) is the side it draws and fine-tunes at (engine/models/shapes.py)",
     )
@@ -651,7 +651,7 @@ def _format_error(err: ValidationError, raw: dict) -> str:
 
 
 def resolve_preset(preset: str | Path | None) -> Path | None:
-    """A preset is a YAML path, or a name in configs/ (with or without .yaml)."""
+    """A preset is a YAML path, or a name in engine/configs/ (with or without .yaml)."""
     if preset is None:
         return None
     path = Path(preset)
@@ -723,7 +723,7 @@ def merge_trees(base: dict, overlay: dict) -> dict:
 
 def preset_tree(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
     """A preset's keys over those of the preset its ``extends`` key names (a name in
-    configs/), recursively, so a variant states only what it changes."""
+    engine/configs/), recursively, so a variant states only what it changes."""
     chain = (*_chain, path.resolve())
     if path.resolve() in _chain:
         names = " -> ".join(p.stem for p in chain)
@@ -736,7 +736,7 @@ def preset_tree(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
     if not isinstance(parent, str) or not base.exists():
         known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
         raise FairsynthError(
-            f"config error: {path} extends {parent!r}, which is not a preset in configs/ (known: {', '.join(known)})"
+            f"config error: {path} extends {parent!r}, which is not a preset in engine/configs/ (known: {', '.join(known)})"
         )
     return merge_trees(preset_tree(base, chain), raw)
 

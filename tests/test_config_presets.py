@@ -12,7 +12,7 @@ from engine.errors import FairsynthError
 
 @pytest.fixture
 def preset_dir(tmp_path, monkeypatch):
-    """A configs/ folder of the test's own, so presets can extend each other there."""
+    """A presets folder of the test's own, so presets can extend each other there."""
     monkeypatch.setattr(config, "PRESET_DIR", tmp_path)
 
     def write(name: str, text: str) -> None:
@@ -37,7 +37,7 @@ def test_a_preset_changes_only_what_it_states_over_the_presets_it_extends(preset
 @pytest.mark.parametrize(
     ("presets", "message"),
     [
-        ({"a": "extends: nope\n"}, r"a\.yaml extends 'nope', which is not a preset in configs/ \(known: a\)"),
+        ({"a": "extends: nope\n"}, r"a\.yaml extends 'nope', which is not a preset in engine/configs/ \(known: a\)"),
         ({"a": "extends: b\n", "b": "extends: a\n"}, r"presets extend each other in a cycle \(a -> b -> a\)"),
         ({"a": "extends: a\n"}, r"cycle \(a -> a\)"),
     ],
