@@ -19,7 +19,7 @@ Two engines, the same data, methods and settings (the preset's ``train`` section
 - ``stage``: ``jobs/full.py``'s own path (``engine.pipeline.run_full`` with ``seeds``),
   methods erm and group_dro: Ray Data, Ray Train, checkpoints. Several times slower.
 
-Measured on a shared 2-core machine, configs/tiny.yaml, seeds 0, 1, 2 (test WGA %, mean and
+Measured on a shared 2-core machine, engine/configs/tiny.yaml, seeds 0, 1, 2 (test WGA %, mean and
 per seed; ERM orig | Group-DRO orig | ERM 0.999 | Group-DRO 0.999):
 - ``calibrated``, ``--engine stage``: 63.7 (83.5, 15.0, 92.5) | 99.5 (99.0, 100.0, 99.5) |
   0.0 (0, 0, 0) | 6.8 (18.0, 0.0, 2.5); all four targets met (1351 s).
@@ -210,7 +210,7 @@ def main() -> None:
     parser.add_argument("--custom", default=None, metavar="JSON", help="Rendering fields to try, e.g. '{\"palette_swap\": 1.0}'")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--engine", choices=("loop", "stage"), default="loop")
-    parser.add_argument("--config", default="tiny", help="preset (default: the embedded default, configs/tiny.yaml)")
+    parser.add_argument("--config", default="tiny", help="preset (default: the embedded default, engine/configs/tiny.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (loop engine)")
     args = parser.parse_args()

@@ -1,4 +1,4 @@
-"""Run a preset end to end (by default configs/gpu_smoke.yaml) and measure, per stage, the wall
+"""Run a preset end to end (by default engine/configs/gpu_smoke.yaml) and measure, per stage, the wall
 time, the share of 2-second `nvidia-smi` samples with a GPU busy, peak GPU memory, and the disk
 the run directory takes: the figures a new GPU cluster is judged by.
 

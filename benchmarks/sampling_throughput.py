@@ -19,7 +19,7 @@ Each path is timed in interleaved rounds (``--rounds``) and keeps its best, so a
 machine's drifting load favours neither side; the baseline is timed once more after the stage.
 
 ``--model sd15-random`` builds Stable Diffusion 1.5's UNet, VAE and text encoder from
-``configs/sd15/`` with random weights (speed does not depend on weights): fp16, SDPA attention
+``engine/models/sd15/`` with random weights (speed does not depend on weights): fp16, SDPA attention
 and TF32 on CUDA. Where Ray is not installed, the headline compares the sampler instead of the
 stage. Prints a markdown row, then, as the last line, one JSON object.
 """
@@ -56,7 +56,7 @@ PROMPTS = [
 
 
 def build_sd15_random(device: str, dtype: torch.dtype, scheduler: str):
-    """Stable Diffusion 1.5's exact shapes from configs/sd15/, random weights, built on ``device``."""
+    """Stable Diffusion 1.5's exact shapes from engine/models/sd15/, random weights, built on ``device``."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -64,7 +64,7 @@ def build_sd15_random(device: str, dtype: torch.dtype, scheduler: str):
     from engine.models.tiny import assemble_pipeline
     from engine.models.tokenizer import build_clip_tokenizer
 
-    folder = ROOT / "configs" / "sd15"
+    folder = ROOT / "engine" / "models" / "sd15"
     configs = {name: json.loads((folder / f"{name}.json").read_text()) for name in ("unet", "vae", "text_encoder", "scheduler")}
     text_config = {k: v for k, v in configs["text_encoder"].items() if k not in ("architectures", "model_type")}
     torch.manual_seed(0)

@@ -1,7 +1,7 @@
 """Bytes on disk of one fine-tuned DreamBooth unit at Stable Diffusion 1.5 shapes, saved by the
 real code path, against the planner's count.
 
-Builds the SD 1.5 UNet and text encoder from ``configs/sd15`` with random weights on the CPU,
+Builds the SD 1.5 UNet and text encoder from ``engine/models/sd15`` with random weights on the CPU,
 lets the DreamBooth strategy make them trainable (which keeps the fp32 base it takes the
 change from), moves every trainable weight a little as training would, and saves the unit's
 artifact with ``strategy.save_artifact`` into a temporary folder. Prints the files' bytes,

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel
 
 from engine import console
-from engine.config import PRESET_DIR, Config, load_config
+from engine.config import DEFAULT_PRESET, PRESET_DIR, Config, load_config
 from engine.errors import FairsynthError, disk_full, find_cause
 from engine.redact import redact, redact_log_handlers
 
@@ -46,33 +46,39 @@ def _config_fields(model: type[BaseModel], prefix: str = ""):
             yield f"{prefix}{name}", field
 
 
+def _shown(tree: dict, key: str) -> str:
+    """The value at a dotted key, as YAML would write it on one line."""
+    for part in key.split("."):
+        tree = tree[part]
+    return yaml.safe_dump(tree, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
 def config_keys() -> list[tuple[str, str, str]]:
     """(dotted key, default as YAML would write it, description) for every config key."""
     defaults = Config().model_dump(mode="json")
-    rows = []
-    for key, field in _config_fields(Config):
-        value = defaults
-        for part in key.split("."):
-            value = value[part]
-        shown = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
-        rows.append((key, shown, field.description or ""))
-    return rows
+    return [(key, _shown(defaults, key), field.description or "") for key, field in _config_fields(Config)]
 
 
 def config_help() -> str:
     """The presets and the config keys, for the end of a --help text."""
-    lines = ["presets (--config NAME, files in configs/; or a YAML path):"]
+    tiny = load_config(DEFAULT_PRESET).model_dump(mode="json")
+    lines = ["presets (--config NAME, files in engine/configs/; or a YAML path):"]
     lines += [f"  {name:<18} {text}" for name, text in preset_summaries().items()]
-    lines += ["", "config keys (--set KEY=VALUE; defaults are the tiny run's, engine/config.py explains each):"]
-    lines += [f"  {key:<38} {default:<12} {text}".rstrip() for key, default, text in config_keys()]
+    lines += ["", "config keys (--set KEY=VALUE; defaults are the paper's where it states them, engine/config.py",
+              f"explains each; [{DEFAULT_PRESET}: VALUE] where the {DEFAULT_PRESET} preset, run with no --config, "
+              "sets another):"]
+    for key, default, text in config_keys():
+        own = _shown(tiny, key)
+        note = f"[{DEFAULT_PRESET}: {own}] " if own != default else ""
+        lines.append(f"  {key:<38} {default:<12} {note}{text}".rstrip())
     return "\n".join(line if len(line) <= HELP_WIDTH else line[: HELP_WIDTH - 3] + "..." for line in lines)
 
 
-def job_parser(description: str, run_dir: bool = True) -> argparse.ArgumentParser:
+def job_parser(description: str, run_dir: bool = True, prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=description, epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=description, epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", default=None, help="preset name in configs/ or a YAML path")
+    parser.add_argument("--config", default=None, help="preset name in engine/configs/ or a YAML path")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key, e.g. --set generate.images_per_group=64 (repeatable)",
@@ -103,14 +109,15 @@ def dotted_overrides(tokens: list[str], parser: argparse.ArgumentParser) -> list
     return overrides
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def config_from_args(args: argparse.Namespace, job: str | None = None) -> Config:
     """The job's config; a job with a run directory also sends Ray's own output to the run's
-    log from here on (engine/console.py), unless --verbose."""
+    log, RUN/logs/<job>-*.log (default: the script's name), from here on (engine/console.py),
+    unless --verbose."""
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "run_dir", None):
         cfg.run_dir = args.run_dir
     if hasattr(args, "verbose") and not console.verbose_requested(args.verbose):
-        console.route_to_run_log(cfg.run_dir, Path(sys.argv[0]).stem.replace("fairsynth ", ""))
+        console.route_to_run_log(cfg.run_dir, job or Path(sys.argv[0]).stem)
     return cfg
 
 

@@ -1,8 +1,10 @@
 """The one typed config: every stage reads its section, every default lives here.
 
-The defaults are the embedded tiny run (tiny model, built-in benchmark, local Ray, CPU).
-Presets in ``configs/`` override them (a preset may ``extends:`` another and state only what
-differs); ``--set key.path=value`` overrides a preset. A bad key
+The defaults are the paper's where it states them (and Stable Diffusion's and DreamBooth's
+where it follows them); sizes it does not publish are small enough to run anywhere. Presets in
+``engine/configs/`` override them (a preset may ``extends:`` another and state only what
+differs), and ``--set key.path=value`` overrides a preset. With no preset a job loads
+``tiny``, the embedded default, which holds every choice made for the tiny model. A bad key
 or value fails at load time with one line naming the key, the value and what is valid.
 """
 
@@ -30,7 +32,8 @@ from engine.generation_methods import is_generation_method, trains_models
 from engine.generation_methods import method_names as generation_method_names
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PRESET_DIR = REPO_ROOT / "configs"
+PRESET_DIR = Path(__file__).resolve().parent / "configs"  # package data: a wheel ships them
+DEFAULT_PRESET = "tiny"  # what a job runs with no --config
 DATASETS = ("builtin", "waterbirds", "celeba", "utkface", "manifest")
 # Methods that read the real data alone; the oracle draws extra real images (built-in only).
 # The generation methods are engine/generation_methods.py's registry.
@@ -187,7 +190,7 @@ class ModelConfig(Section):
     base: str = Field(
         "tiny",
         description="'tiny' (shipped), a local diffusers folder, a hub id, or "
-        "'random:sd15[:width=<w>][:size=<px>][:seed=<n>]': Stable Diffusion 1.5's shapes (configs/sd15) with "
+        "'random:sd15[:width=<w>][:size=<px>][:seed=<n>]': Stable Diffusion 1.5's shapes (engine/models/sd15) with "
         "seeded random weights, no download; width (default 1) scales every channel width and hidden size, "
         "keeping depths and heads; size (default 512) is the side it draws and fine-tunes at (engine/models/shapes.py)",
     )
@@ -247,9 +250,7 @@ class FinetuneConfig(SeededSection):
     lora_rank: int = Field(4, ge=1)
     lora_alpha: float = Field(4.0, gt=0)
     identifier: str = Field("sks", description="rare token that stands for the paper's [V]")
-    prior_preservation: bool = Field(
-        False, description="off for the tiny model, whose base draws of the class words are off-domain"
-    )
+    prior_preservation: bool = Field(True, description="DreamBooth's prior-preservation loss on class images")
     prior_loss_weight: float = Field(1.0, ge=0)
     num_class_images: int = Field(32, ge=1, description="prior-preservation images per class prompt")
     train_text_encoder: bool = False
@@ -271,49 +272,40 @@ class FinetuneConfig(SeededSection):
     num_samples: int = Field(1, ge=1, description=">1 searches learning rate and steps with ASHA")
     search_lr_factor: float = Field(3.0, gt=1, description="the search draws learning rates in [lr / f, lr * f]")
     heldout_fraction: float = Field(0.2, gt=0, lt=1, description="share of a unit's images the search scores on")
-    caption_dropout: float = Field(0.1, ge=0, lt=1, description="share of captions trained as the empty prompt")
+    caption_dropout: float = Field(0.0, ge=0, lt=1, description="share of captions trained as the empty prompt")
     _max_concurrent = field_validator("max_concurrent_trials", mode="before")(
         classmethod(lambda cls, v: _check_concurrency(v))
     )
-    inject_failure_at_step: int | None = Field(None, ge=1, description="test hook: every trial raises once here")
+    # Test hook, kept out of the schema: every trial raises once at this step (tests/test_finetune.py).
+    _inject_failure_at_step: int | None = PrivateAttr(None)
 
 
 class GenerateConfig(ActorStageConfig):
     images_per_group: int | Literal["fill"] = Field(96, description="or 'fill' up to the largest real group")
     steps: int = Field(20, ge=1)
-    # 12, not Stable Diffusion's usual 7.5 (which the paper presets set): a fine-tuned tiny
-    # unit follows its prompt's words weakly, and a borrowed minority unit most of all, so the
-    # prompt's direction needs more weight (README, "Synthetic group fidelity": both measured).
-    guidance_scale: float = Field(12.0, ge=0)
+    # Stable Diffusion's usual 7.5 (FFR's; the paper publishes none); the tiny preset sets 12.
+    guidance_scale: float = Field(7.5, ge=0)
     scheduler: Literal["dpm_solver_multistep", "ddim", "euler", "pndm"] = "dpm_solver_multistep"
     batch_size: int = Field(16, ge=1, description="images per UNet batch")
     actor_num_cpus: float = Field(1.0, gt=0)
     prompt_template: str = "a photo of a {class_name} on {attribute_name}"
-    # The identifier after the caption, not before the class word: the tiny base model reads
-    # its words by position (its corpus has one caption form), and "a photo of a sks waterbird
-    # on water" drew landbirds there; the paper presets put it where Stable Diffusion expects.
-    identifier_template: str = "a photo of a {class_name} on {attribute_name} {identifier}"
+    # DreamBooth's order, the identifier before the class word; the tiny preset puts it last.
+    identifier_template: str = "a photo of a {identifier} {class_name} on {attribute_name}"
     negative_prompt_template: str = Field(
         "{source_attribute_name}", description="a borrowed minority unit's negative prompt (the paper's)"
     )
-    # A unit drawing with its own fine-tuned model has seen its own group under the empty prompt
-    # too (finetune.caption_dropout), so classifier-free guidance amplifies only the small gap
-    # between its prompt and that, and can land on the other group's background or shape (a
-    # LoRA waterbird/water unit drew desert in 54% of images at guidance 12). Contrasting with the
-    # groups it must not show restores the direction (README, "Synthetic group fidelity":
-    # measured). The paper presets set '' (no negative prompt, the paper's way). Each list is
-    # comma-separated where there are several names; names that contain each other's words
-    # (CelebA's "non-blond" and "blond") make a poor negative, so write one by hand there.
+    # None, as in the paper; the tiny preset names the groups a unit must not show
+    # (docs/decisions.md, "Generation settings"). Names that contain each other's words
+    # (CelebA's "non-blond" and "blond") make a poor negative: write one by hand there.
     own_negative_prompt_template: str = Field(
-        "{other_class_names} {other_attribute_names}",
-        description="negative prompt of a unit drawing with its own fine-tuned model; '' for none",
+        "",
+        description="negative prompt of a unit drawing with its own fine-tuned model, e.g. "
+        "'{other_class_names} {other_attribute_names}' (comma-separated lists); '' for none",
     )
-    # 0.5, not the paper's 1.0 (which the paper presets set): a tiny lender, fine-tuned on its
-    # own background only, draws that background whatever the prompt's swapped word says, so a
-    # borrowed unit takes half the lender's change from the base (README, "Synthetic group
-    # fidelity": measured). Units drawing with their own model always take all of it.
+    # The paper's 1 (the lender as trained); the tiny preset sets 0.5 (docs/decisions.md).
+    # Units drawing with their own model always take all of their fine-tuning.
     borrowed_strength: float = Field(
-        0.5, ge=0, le=1,
+        1.0, ge=0, le=1,
         description="share of its lender's fine-tuning a borrowed minority unit draws with: 1 the lender, 0 the base",
     )
     rows_per_shard: int = Field(64, ge=1)
@@ -397,21 +389,17 @@ class TrainConfig(SeededSection):
     _num_workers = field_validator("num_workers", mode="before")(
         classmethod(lambda cls, v: _check_concurrency(v))
     )
-    # The baselines at their best: benchmarks/baseline_search.py's choice on the tuning seeds'
-    # validation split (docs/decisions.md); the paper presets set {} (their own search).
+    # None by default; the tiny preset holds the baselines' values that
+    # benchmarks/baseline_search.py chose on the tuning seeds' validation split (docs/decisions.md).
     method_overrides: dict[str, dict[str, float]] = Field(
-        default_factory=lambda: {
-            "group_dro": {"learning_rate": 0.00185, "weight_decay": 0.00313, "group_dro_eta": 0.0476,
-                          "group_dro_adjustment": 1.0},
-            "dfr": {"learning_rate": 0.0066, "weight_decay": 7.37e-05, "finetune_learning_rate": 0.0193},
-        },
+        default_factory=dict,
         description="per-method values of " + ", ".join(METHOD_HPARAMS) + " over the keys above (each "
         "method's chosen on validation by benchmarks/baseline_search.py), e.g. {erm: {learning_rate: 0.004}}; "
-        "setting it replaces the whole default block",
+        "--set replaces the whole block",
     )
-    inject_failure_at_epoch: int | None = Field(
-        None, ge=1, description="test hook: one worker process dies once after this epoch"
-    )
+    # Test hook, kept out of the schema: one worker process dies once after this epoch
+    # (tests/test_train.py).
+    _inject_failure_at_epoch: int | None = PrivateAttr(None)
     deterministic: bool = Field(
         True, description="deterministic torch kernels (cuDNN included), so a seed repeats its metrics"
     )
@@ -661,7 +649,7 @@ def _format_error(err: ValidationError, raw: dict) -> str:
 
 
 def resolve_preset(preset: str | Path | None) -> Path | None:
-    """A preset is a YAML path, or a name in configs/ (with or without .yaml)."""
+    """A preset is a YAML path, or a name in engine/configs/ (with or without .yaml)."""
     if preset is None:
         return None
     path = Path(preset)
@@ -733,7 +721,7 @@ def merge_trees(base: dict, overlay: dict) -> dict:
 
 def preset_tree(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
     """A preset's keys over those of the preset its ``extends`` key names (a name in
-    configs/), recursively, so a variant states only what it changes."""
+    engine/configs/), recursively, so a variant states only what it changes."""
     chain = (*_chain, path.resolve())
     if path.resolve() in _chain:
         names = " -> ".join(p.stem for p in chain)
@@ -746,16 +734,15 @@ def preset_tree(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
     if not isinstance(parent, str) or not base.exists():
         known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
         raise FairsynthError(
-            f"config error: {path} extends {parent!r}, which is not a preset in configs/ (known: {', '.join(known)})"
+            f"config error: {path} extends {parent!r}, which is not a preset in engine/configs/ (known: {', '.join(known)})"
         )
     return merge_trees(preset_tree(base, chain), raw)
 
 
 def load_config(preset: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build the config from defaults, a preset (and the presets it extends) and
-    ``key.path=value`` overrides."""
-    path = resolve_preset(preset)
-    raw = preset_tree(path) if path is not None else {}
+    """Build the config from defaults, a preset (and the presets it extends; none given: the
+    embedded default, ``tiny``) and ``key.path=value`` overrides."""
+    raw = preset_tree(resolve_preset(DEFAULT_PRESET if preset is None else preset))
     for text in overrides:
         key, value = parse_override(text)
         _set_path(raw, key, value)

@@ -12,7 +12,7 @@ from engine.errors import FairsynthError
 
 @pytest.fixture
 def preset_dir(tmp_path, monkeypatch):
-    """A configs/ folder of the test's own, so presets can extend each other there."""
+    """A presets folder of the test's own, so presets can extend each other there."""
     monkeypatch.setattr(config, "PRESET_DIR", tmp_path)
 
     def write(name: str, text: str) -> None:
@@ -37,7 +37,7 @@ def test_a_preset_changes_only_what_it_states_over_the_presets_it_extends(preset
 @pytest.mark.parametrize(
     ("presets", "message"),
     [
-        ({"a": "extends: nope\n"}, r"a\.yaml extends 'nope', which is not a preset in configs/ \(known: a\)"),
+        ({"a": "extends: nope\n"}, r"a\.yaml extends 'nope', which is not a preset in engine/configs/ \(known: a\)"),
         ({"a": "extends: b\n", "b": "extends: a\n"}, r"presets extend each other in a cycle \(a -> b -> a\)"),
         ({"a": "extends: a\n"}, r"cycle \(a -> a\)"),
     ],
@@ -96,3 +96,51 @@ def test_templates_with_every_valid_placeholder_and_literal_braces_load():
     cfg = load_config("tiny", ["generate.identifier_template={identifier} {{x}} {class_name} {attribute_name}",
                                "filter.class_prompt_template=a photo of a {class_name} on {attribute_name}"])
     assert cfg.generate.identifier_template.format(identifier="sks", class_name="c", attribute_name="a") == "sks {x} c a"
+
+
+def test_a_job_with_no_preset_runs_the_tiny_preset():
+    assert load_config(None, ["seed=2"]).model_dump(mode="json") == load_config("tiny", ["seed=2"]).model_dump(mode="json")
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "method_overrides":
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _at(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+def _extends_paper(name: str) -> bool:
+    while name is not None:
+        if name == "paper":
+            return True
+        name = config._read_preset(config.PRESET_DIR / f"{name}.yaml").get("extends")
+    return False
+
+
+def test_no_tiny_model_choice_reaches_a_paper_preset():
+    """A value the tiny preset sets away from the defaults never shows in a preset built on
+    paper.yaml (caption dropout 0.1 once reached every paper run this way)."""
+    defaults = config.Config().model_dump(mode="json")
+    tiny = load_config("tiny").model_dump(mode="json")
+    choices = {key for key, _ in _leaves(config._read_preset(config.PRESET_DIR / "tiny.yaml"))
+               if _at(tiny, key) != _at(defaults, key)}
+    assert {"finetune.caption_dropout", "generate.guidance_scale", "train.method_overrides"} <= choices
+    papers = [p.stem for p in sorted(config.PRESET_DIR.glob("*.yaml")) if _extends_paper(p.stem)]
+    assert {"waterbirds_0999", "gpu_smoke"} <= set(papers)
+    for name in papers:
+        resolved = load_config(name).model_dump(mode="json")
+        leaked = [key for key in choices if _at(resolved, key) == _at(tiny, key)]
+        assert not leaked, (name, leaked)
+
+
+@pytest.mark.parametrize("key", ["finetune.inject_failure_at_step", "train.inject_failure_at_epoch"])
+def test_the_failure_hooks_of_the_tests_are_not_config_keys(key):
+    with pytest.raises(FairsynthError, match=f"unknown key '{key}'"):
+        load_config(None, [f"{key}=1"])

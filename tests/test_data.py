@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.config import load_config
+from engine.config import PRESET_DIR, load_config
 from engine.data import builtin
 from engine.data.datasets import find_bad_images, load_image
 from engine.data.prepare import load_dataset
@@ -347,8 +347,8 @@ def test_config_errors_name_key_and_value():
 
 
 def test_every_preset_loads():
-    presets = sorted((ROOT / "configs").glob("*.yaml"))
-    assert presets, "configs/ has no presets"
+    presets = sorted(PRESET_DIR.glob("*.yaml"))
+    assert presets, "engine/configs/ has no presets"
     for path in presets:
         load_config(path)
 

@@ -54,6 +54,12 @@ def make_cfg(run_dir: Path, *extra: str):
     return cfg
 
 
+def failing_at_step(cfg, step: int):
+    """``cfg`` with the fine-tuning test hook set: every trial raises once at ``step``."""
+    cfg.finetune._inject_failure_at_step = step
+    return cfg
+
+
 def prepared_run(cfg) -> RunDir:
     run = RunDir(cfg.run_dir)
     run.prepare(cfg)
@@ -75,8 +81,7 @@ def lora_run(local_ray, tmp_path_factory):
     """LoRA through the stage, every trial crashing once at step 3 (after its step-2 checkpoint).
     At 1e-2, not the default 3e-3: the test's 4 steps then make an adapter of full effect (see
     the plain-diffusers test); at 3e-3 they move the image's pixels by 0.006."""
-    cfg = make_cfg(tmp_path_factory.mktemp("lora"), "finetune.inject_failure_at_step=3",
-                   "finetune.lora_learning_rate=1e-2")
+    cfg = failing_at_step(make_cfg(tmp_path_factory.mktemp("lora"), "finetune.lora_learning_rate=1e-2"), 3)
     run = prepared_run(cfg)
     return cfg, run, run_finetune_stage(cfg, run, "lora")
 
@@ -246,7 +251,7 @@ def test_crashed_trial_resumes_from_its_checkpoint_and_matches_an_uninterrupted_
     # The same unit trained in one go, in this process, ends with the very same weights.
     job = UnitJob(method="lora", unit="g0", sources=unit.sources, train_prompt=unit.train_prompt,
                   class_prompt=unit.class_prompt, class_images=None, model=cfg.model,
-                  finetune=cfg.finetune.model_copy(update={"inject_failure_at_step": None}),
+                  finetune=failing_at_step(cfg.model_copy(deep=True), None).finetune,
                   seed=unit_seed(cfg.finetune.seed, "g0"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -319,7 +324,7 @@ def test_a_copied_run_deletes_its_own_tune_folders_never_the_originals(lora_run,
         copy = tmp_path / "copy"
         shutil.copytree(run.root, copy, symlinks=True)
         RunDir(copy).clear_marker("finetune/lora")
-        run_finetune_stage(make_cfg(copy, "finetune.inject_failure_at_step=3", "finetune.lora_learning_rate=1e-2"),
+        run_finetune_stage(failing_at_step(make_cfg(copy, "finetune.lora_learning_rate=1e-2"), 3),
                            RunDir(copy), "lora")
         assert (leftover / "checkpoint_000000").is_dir(), "the copy deleted the original run's experiment"
         assert not (copy / f"finetune/lora/tune/{name}").exists()
@@ -383,8 +388,7 @@ def write_subtype_clusters(cfg, run: RunDir) -> None:
 def dreambooth_run(local_ray, tmp_path_factory):
     """DreamBooth (full weights, stored as rank-delta_rank weight changes) through the stage,
     every trial crashing once at step 3 (after its step-2 checkpoint)."""
-    cfg = make_cfg(tmp_path_factory.mktemp("dreambooth"), "finetune.prior_preservation=true",
-                   "finetune.inject_failure_at_step=3")
+    cfg = failing_at_step(make_cfg(tmp_path_factory.mktemp("dreambooth"), "finetune.prior_preservation=true"), 3)
     run = prepared_run(cfg)
     return cfg, run, run_finetune_stage(cfg, run, "dreambooth")
 
@@ -403,7 +407,7 @@ def train_in_process(cfg, run, method: str, unit_name: str, folder: Path):
         class_images = ensure_class_images(cfg, run, [unit.class_prompt])[unit.class_prompt]
     job = UnitJob(method=method, unit=unit_name, sources=unit.sources, train_prompt=unit.train_prompt,
                   class_prompt=unit.class_prompt, class_images=class_images, model=cfg.model,
-                  finetune=cfg.finetune.model_copy(update={"inject_failure_at_step": None}),
+                  finetune=failing_at_step(cfg.model_copy(deep=True), None).finetune,
                   seed=unit_seed(cfg.finetune.seed, unit_name))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -621,8 +625,8 @@ def test_search_runs_every_units_trials_side_by_side_and_keeps_each_units_best(l
 
     # 2 units x 2 samples, 2 trial slots, 1 to 4 steps a trial; a trial of 2 steps or more
     # crashes once at step 2, after its step-1 checkpoint.
-    cfg = make_cfg(tmp_path, "finetune.num_samples=2", "finetune.steps=2", "finetune.checkpoint_every=1",
-                   "finetune.inject_failure_at_step=2")
+    cfg = failing_at_step(make_cfg(tmp_path, "finetune.num_samples=2", "finetune.steps=2",
+                                   "finetune.checkpoint_every=1"), 2)
     jobs = lora_jobs(cfg, prepared_run(cfg))
     chosen = run_unit_trials(jobs, cfg.finetune, str(tmp_path / "tune"), prefix="search")
     assert sorted(chosen) == ["g0", "g3"]

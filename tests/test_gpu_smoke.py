@@ -1,4 +1,4 @@
-"""configs/gpu_smoke.yaml, the preset a user runs on a new GPU cluster, end to end through
+"""engine/configs/gpu_smoke.yaml, the preset a user runs on a new GPU cluster, end to end through
 jobs/full.py on CPU: the same stages, methods and model classes (Stable Diffusion 1.5 and CLIP
 ViT-L/14 built with seeded random weights), with the models scaled down by the random specs'
 width and size options so that it fits two cores.

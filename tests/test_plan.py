@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import load_config
+from engine.config import PRESET_DIR, load_config
 from engine.errors import FairsynthError
 from engine.planning import flops as F
 from engine.planning.counts import group_counts
@@ -275,7 +275,7 @@ def test_job_prints_json_and_rejects_unknown_gpu(tmp_path):
 
 @pytest.mark.slow
 def test_every_preset_plans_on_eight_gpus():
-    for path in sorted((ROOT / "configs").glob("*.yaml")):
+    for path in sorted(PRESET_DIR.glob("*.yaml")):
         cfg = load_config(path.stem)
         plan = plan_job(cfg, "h100", 8)
         totals = plan.stage_totals()

@@ -508,7 +508,7 @@ def test_group_dro_survives_a_lost_worker(shared_run):
 
     cfg, run = shared_run
     cfg = cfg.model_copy(deep=True)
-    cfg.train.epochs, cfg.train.inject_failure_at_epoch = 2, 1
+    cfg.train.epochs, cfg.train._inject_failure_at_epoch = 2, 1  # the test hook, outside the schema
     # ERM shares the fit: the restored workers go on to train it too.
     both = run_train_stages(cfg, run, ["group_dro", "erm"])
     metrics = both["group_dro"]

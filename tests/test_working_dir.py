@@ -77,8 +77,9 @@ def test_the_working_dir_leaves_history_environments_and_runs_behind(busy_checko
         monkeypatch.setenv("RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES", "")
     size, names = pack_working_dir(busy_checkout, include_gitignore)
     assert not _top_level(names) & set(LEFT_BEHIND), sorted(_top_level(names))
-    assert {"engine", "jobs", "configs", "pyproject.toml"} <= _top_level(names)
+    assert {"engine", "jobs", "pyproject.toml"} <= _top_level(names)
     assert "engine/models/tiny_sd/unet/diffusion_pytorch_model.safetensors" in names
+    assert "engine/configs/paper.yaml" in names
     assert size < 30 * MIB  # Ray refuses 100 MiB; the project's files are about 18 MiB
 
 

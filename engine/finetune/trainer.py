@@ -405,13 +405,13 @@ class UnitTrainer:
                             heldout_loss=outcome["heldout_loss"])
 
     def _maybe_inject_failure(self, step: int) -> None:
-        if self.ft.inject_failure_at_step != step or self.failure_marker is None:
+        if self.ft._inject_failure_at_step != step or self.failure_marker is None:
             return
         if self.failure_marker.exists():
             return
         self.failure_marker.parent.mkdir(parents=True, exist_ok=True)
         self.failure_marker.write_text(str(step))
-        raise RuntimeError(f"injected failure at step {step} (finetune.inject_failure_at_step)")
+        raise RuntimeError(f"injected failure at step {step} (the finetune test hook)")
 
 
 # --- prior-preservation class images ---------------------------------------------------------

@@ -193,7 +193,7 @@ def load_pipeline(base: str, device: str | None = None, dtype: torch.dtype | Non
     device = str(device or default_device())
     dtype = dtype or default_dtype(device)
     if is_random_spec(base):
-        source, pipe = "configs/sd15 (seeded random weights)", _cast(random_pipeline(base), dtype)
+        source, pipe = "engine/models/sd15 (seeded random weights)", _cast(random_pipeline(base), dtype)
     else:
         source, pipe = _from_pretrained(base, dtype, allow_pickle)
     try:

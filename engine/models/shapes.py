@@ -1,5 +1,5 @@
 """Paper-scale model shapes without weights: Stable Diffusion 1.5 and CLIP ViT-L/14 built from
-the configs kept in ``configs/sd15/``, on the meta device (to count FLOPs and parameters) or
+the configs kept in ``engine/models/sd15/``, on the meta device (to count FLOPs and parameters) or
 with seeded random weights (to run every stage at full cost where no weights can be fetched).
 
 A random model is named by a spec ``random:<name>[:width=<w>][:size=<px>][:seed=<n>]``:
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from engine.errors import FairsynthError
 
-SD15_DIR = Path(__file__).resolve().parents[2] / "configs" / "sd15"
+SD15_DIR = Path(__file__).resolve().parent / "sd15"
 SD15_FILES = {"unet": "unet.json", "vae": "vae.json", "text_encoder": "text_encoder.json"}
 SCHEDULER_FILE = "scheduler.json"
 CLIP_FILE = "clip_vit_l14.json"
@@ -260,7 +260,7 @@ def random_pipeline(spec: str):
     configs = random_base_configs(spec)
     tokenizer = build_clip_tokenizer()
     if configs["text_encoder"]["vocab_size"] != len(tokenizer):
-        raise FairsynthError(f"configs/sd15/text_encoder.json has vocab_size {configs['text_encoder']['vocab_size']} "
+        raise FairsynthError(f"engine/models/sd15/text_encoder.json has vocab_size {configs['text_encoder']['vocab_size']} "
                              f"but the CLIP tokenizer has {len(tokenizer)} tokens; make them equal")
     with _seeded(seed):
         unet = build_unet(configs["unet"], "cpu")

@@ -10,7 +10,7 @@ softmax are not counted: next to the matrix work of these models they are a few 
 
 Configs come from, in order: the shipped tiny model, a local diffusers / transformers folder,
 the local Hugging Face cache, and for a hub id that is not cached the Stable Diffusion 1.5
-and CLIP ViT-L/14 configs kept in ``configs/sd15/`` (the shapes real runs use).
+and CLIP ViT-L/14 configs kept in ``engine/models/sd15/`` (the shapes real runs use).
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.config import PRESET_DIR, ModelConfig
+from engine.config import ModelConfig
 from engine.models.shapes import (  # noqa: F401 - the builders are part of this module's API
+    SD15_DIR,
     build_text_encoder,
     build_unet,
     build_vae,
@@ -36,7 +37,6 @@ from engine.models.shapes import (  # noqa: F401 - the builders are part of this
 
 log = logging.getLogger(__name__)
 
-SD15_DIR = PRESET_DIR / "sd15"
 SD15_FILES = {"unet": "unet.json", "vae": "vae.json", "text_encoder": "text_encoder.json"}
 CLIP_FILE = "clip_vit_l14.json"
 
@@ -118,7 +118,7 @@ def diffusion_shapes(model: ModelConfig) -> DiffusionShapes:
         return DiffusionShapes(**{k: _dumps(v) for k, v in parts.items()}, source="tiny (shipped)")
     if is_random_spec(model.base):
         configs = random_base_configs(model.base)
-        return DiffusionShapes(**{p: _dumps(configs[p]) for p in SD15_FILES}, source=f"{model.base} (configs/sd15)")
+        return DiffusionShapes(**{p: _dumps(configs[p]) for p in SD15_FILES}, source=f"{model.base} (engine/models/sd15)")
     folder = Path(model.base).expanduser()
     if folder.is_dir() and all((folder / p / "config.json").is_file() for p in SD15_FILES):
         return DiffusionShapes(**{p: _dumps(_read(folder / p / "config.json")) for p in SD15_FILES}, source=str(folder))
@@ -127,7 +127,7 @@ def diffusion_shapes(model: ModelConfig) -> DiffusionShapes:
         return DiffusionShapes(**{p: _dumps(_read(c)) for p, c in cached.items()}, source=f"{model.base} (hub cache)")
     return DiffusionShapes(
         **{p: _dumps(_read(SD15_DIR / f)) for p, f in SD15_FILES.items()},
-        source=f"configs/sd15 (Stable Diffusion 1.5 shapes; {model.base} is not readable here)",
+        source=f"engine/models/sd15 (Stable Diffusion 1.5 shapes; {model.base} is not readable here)",
     )
 
 
@@ -138,7 +138,7 @@ def encoder_shapes(model: ModelConfig) -> EncoderShapes:
 
     spec = model.encoder
     if is_random_spec(spec):
-        return EncoderShapes("clip", _dumps(random_encoder_config(spec)), f"{spec} (configs/sd15/{CLIP_FILE})")
+        return EncoderShapes("clip", _dumps(random_encoder_config(spec)), f"{spec} (engine/models/sd15/{CLIP_FILE})")
     folder = tiny_clip_path() if spec == "tiny" else Path(spec).expanduser()
     config_file = folder / TINY_CLIP_CONFIG
     if config_file.is_file() and _read(config_file).get("architecture") == "tiny_clip":
@@ -153,7 +153,7 @@ def encoder_shapes(model: ModelConfig) -> EncoderShapes:
         return EncoderShapes("clip", _dumps(_read(cached)), f"{spec} (hub cache)")
     return EncoderShapes(
         "clip", _dumps(_read(SD15_DIR / CLIP_FILE)),
-        f"configs/sd15/{CLIP_FILE} (CLIP ViT-L/14 shapes; {spec} is not readable here)",
+        f"engine/models/sd15/{CLIP_FILE} (CLIP ViT-L/14 shapes; {spec} is not readable here)",
     )
 
 

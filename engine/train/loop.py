@@ -564,9 +564,9 @@ def train_loop(config: dict) -> dict:
 
 
 def _maybe_inject_failure(cfg, epoch: int, start_epoch: int, rank: int, world: int, marker: str | None) -> None:
-    """Test hook (``train.inject_failure_at_epoch``): the last worker's process dies once,
+    """Test hook (``TrainConfig._inject_failure_at_epoch``): the last worker's process dies once,
     right after the epoch's checkpoint is registered, as a lost node would take it."""
-    if cfg.inject_failure_at_epoch is None or epoch + 1 != cfg.inject_failure_at_epoch:
+    if cfg._inject_failure_at_epoch is None or epoch + 1 != cfg._inject_failure_at_epoch:
         return
     if start_epoch > epoch or rank != world - 1:
         return
