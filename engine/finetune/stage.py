@@ -28,7 +28,6 @@ Owns ``RUN/finetune/``:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -41,23 +40,20 @@ import numpy as np
 from engine import storage
 from engine.cards import CARD_FILE, unit_card
 from engine.config import Config
-from engine.data.stage import run_data_stage
+from engine.data.stage import data_hash, run_data_stage
 from engine.errors import FairsynthError
 from engine.finetune.strategies import FinetuneStrategy, get_strategy
 from engine.finetune.trainer import UnitJob, unit_seed
 from engine.finetune.tune import UnitResult, run_unit_trials
 from engine.finetune.units import Unit, plan_units
+from engine.hashing import digest
 from engine.resources import trial_bundle
 from engine.runs import RunDir, atomic_directory, atomic_write_json, read_json
+from engine.stages import stage_fields, stage_key
 
 log = logging.getLogger(__name__)
 
 UNIT_FILE = "unit.json"
-PROMPT_TEMPLATES = (
-    "generate.prompt_template", "generate.identifier_template", "generate.negative_prompt_template",
-    "generate.own_negative_prompt_template",
-)
-CLASS_IMAGE_SAMPLING = ("steps", "guidance_scale", "scheduler")
 
 
 def stage_name(method: str) -> str:
@@ -70,10 +66,6 @@ def manifest_path(run: RunDir, method: str) -> Path:
 
 def load_manifest(run: RunDir, method: str) -> dict:
     return read_json(manifest_path(run, method))
-
-
-def _digest(payload) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def model_fingerprint(cfg: Config) -> str:
@@ -93,43 +85,44 @@ def model_fingerprint(cfg: Config) -> str:
         for p in folder.rglob("*")
         if p.is_file() and p.suffix in (".safetensors", ".bin", ".json", ".txt")
     )
-    return f"{base}:{_digest(files)}"
+    return f"{base}:{digest(files)}"
 
 
 def training_hash(cfg: Config, strategy: FinetuneStrategy) -> str:
-    """What a trained unit of ``strategy`` depends on, besides its own images and prompts."""
-    ft = cfg.finetune
-    payload = {
-        "method": strategy.name,
-        "finetune": {k: getattr(ft, k) for k in strategy.training_fields()},
-        "model": model_fingerprint(cfg),
-    }
-    if strategy.uses_prior(ft):
-        payload["class_images"] = {k: getattr(cfg.generate, k) for k in CLASS_IMAGE_SAMPLING}
-    return _digest(payload)
+    """What a trained unit of ``strategy`` depends on, besides its own images and prompts
+    (``Unit.training_hash``)."""
+    prior = class_image_key(cfg) if strategy.uses_prior(cfg.finetune) else None
+    return stage_key(cfg, "unit_training", method=strategy.name, model=model_fingerprint(cfg), class_images=prior)
 
 
-def stage_hash(cfg: Config, strategy: FinetuneStrategy) -> str:
-    parts = [training_hash(cfg, strategy), cfg.slice_hash("data", "finetune.min_real_images", *PROMPT_TEMPLATES)]
+def unit_plan_hash(cfg: Config, strategy: FinetuneStrategy) -> str:
+    """What a method's units, their images and prompts depend on."""
+    cluster = None
     if strategy.per_cluster:
         from engine.cluster import cluster_hash
 
-        parts.append(cluster_hash(cfg))
-    return _digest(parts)
+        cluster = cluster_hash(cfg)
+    return stage_key(cfg, "unit_plan", method=strategy.name, data=data_hash(cfg), cluster=cluster)
+
+
+def stage_hash(cfg: Config, strategy: FinetuneStrategy) -> str:
+    return stage_key(cfg, "finetune", method=strategy.name, unit_plan=unit_plan_hash(cfg, strategy),
+                     unit_training=training_hash(cfg, strategy))
+
+
+def training_settings(cfg: Config) -> dict:
+    """The finetune keys a trained unit depends on, by name, as its model card lists them."""
+    fields, _ = stage_fields("unit_training", type(cfg))
+    return {f.split(".", 1)[1]: getattr(cfg.finetune, f.split(".", 1)[1]) for f in fields if f.startswith("finetune.")}
 
 
 # --- prior-preservation class images --------------------------------------------------------
 
 
-def class_image_key(cfg: Config, prompt: str) -> str:
-    payload = {
-        "prompt": prompt,
-        "model": model_fingerprint(cfg),
-        "count": cfg.finetune.num_class_images,
-        "seed": cfg.finetune.seed,
-        "sampling": {k: getattr(cfg.generate, k) for k in CLASS_IMAGE_SAMPLING},
-    }
-    return _digest(payload)
+def class_image_key(cfg: Config, prompt: str | None = None) -> str:
+    """The key of the base model's prior-preservation images for ``prompt`` (None: of every
+    prompt, as a trained unit depends on them; its own prompt is in its unit hash)."""
+    return stage_key(cfg, "class_images", model=model_fingerprint(cfg), prompt=prompt)
 
 
 def _draw_class_images_task(cfg: Config, prompt: str, seed: int, gpus: float, threads: int) -> np.ndarray:
@@ -194,7 +187,7 @@ def _file_fingerprint(path) -> dict:
             data = f.read(length) if 8 + length <= size else b""
         else:
             data = f.read()
-    return {"bytes": size, "sha256": hashlib.sha256(data).hexdigest()[:16]}
+    return {"bytes": size, "sha256": digest(data)}
 
 
 def artifact_fingerprint(folder) -> dict[str, dict]:
@@ -206,10 +199,10 @@ def artifact_fingerprint(folder) -> dict[str, dict]:
 
 def artifact_problem(folder, record: dict) -> str | None:
     """What differs between a unit's artifact and the one its record was written with; None
-    when it is whole, or when the record predates fingerprints."""
+    when it is whole."""
     written = record.get("artifact_files")
-    if written is None:
-        return None
+    if not isinstance(written, dict):
+        return f"{UNIT_FILE} lists no artifact files"
     found = artifact_fingerprint(folder)
     for name in sorted(set(written) | set(found)):
         if name not in found:
@@ -307,7 +300,7 @@ def _keep_tensorboard(run: RunDir, method: str, unit: str, result: UnitResult) -
 def card_writer(cfg: Config, run: RunDir, strategy: FinetuneStrategy) -> Callable[[Unit, dict], str]:
     """The model card of a unit trained under ``cfg``, given the unit and its record."""
     groups = read_json(run / "data/groups.json")
-    settings = {k: getattr(cfg.finetune, k) for k in strategy.training_fields()}
+    settings = training_settings(cfg)
 
     def card(unit: Unit, record: dict) -> str:
         names = f"{groups['class_names'][unit.label]} / {groups['attribute_names'][unit.attribute]}"
@@ -441,11 +434,9 @@ def _remove_experiments(records: dict, storage_root: str) -> None:
 
 def experiment_under(storage_root: str, recorded: str) -> str | None:
     """The experiment folder a unit record names, when it is one folder directly under
-    ``storage_root`` (its name, or a full path written by an earlier version); None for any
-    other path (a tampered record, or the run this one was copied from), which is never deleted."""
+    ``storage_root``; None for any other path (a tampered record, or the run this one was
+    copied from), which is never deleted."""
     name = str(recorded).rstrip("/")
-    if name.startswith(storage_root + "/"):
-        name = name[len(storage_root) + 1:]
     if name in ("", ".", "..") or "/" in name or "\\" in name:
         return None
     experiment = f"{storage_root}/{name}"
