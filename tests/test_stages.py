@@ -10,7 +10,15 @@ import pytest
 from pydantic import Field
 
 from engine.cluster import cluster_hash, embeddings_hash
-from engine.config import RESOURCES, ClusterConfig, Config, FinetuneConfig, GenerateConfig, load_config, output_of
+from engine.config import (
+    RESOURCES,
+    ClusterConfig,
+    Config,
+    FinetuneConfig,
+    GenerateConfig,
+    load_config,
+    output_of,
+)
 from engine.data.stage import data_hash
 from engine.finetune.stage import class_image_key, stage_hash, training_hash, unit_plan_hash
 from engine.finetune.strategies import get_strategy
