@@ -531,12 +531,3 @@ def load_assignments(run: RunDir) -> pd.DataFrame:
     if not path.exists():
         raise FairsynthError(f"missing {path}: run jobs/cluster.py --run-dir {run.root} first")
     return storage.read_parquet(path).to_pandas()
-
-
-def load_centroids(run: RunDir) -> dict[int, np.ndarray]:
-    """group -> float32 [k_g, d] centroids (k_g = 0 for an empty group)."""
-    path = run / "cluster/centroids.npz"
-    if not path.exists():
-        raise FairsynthError(f"missing {path}: run jobs/cluster.py --run-dir {run.root} first")
-    with storage.load_numpy(path) as arrays:
-        return {int(key.removeprefix("group_")): arrays[key] for key in arrays.files}
