@@ -41,9 +41,10 @@ from tqdm.auto import tqdm
 from engine import storage
 from engine.config import ClusterConfig, Config
 from engine.data.datasets import GroupedDataset, load_image
-from engine.data.stage import run_data_stage
+from engine.data.stage import data_hash, run_data_stage
 from engine.errors import FairsynthError
 from engine.runs import RunDir, atomic_write_bytes, atomic_write_json, read_json
+from engine.stages import stage_key
 
 log = logging.getLogger(__name__)
 
@@ -56,30 +57,15 @@ SILHOUETTE_SAMPLE = 4000
 # that per-block overhead stays negligible.
 BLOCK_BATCHES = 8
 
-# Config fields that change the clustering; actor counts and batch sizes do not.
-CLUSTERING_FIELDS = tuple(
-    f"cluster.{name}"
-    for name in (
-        "k",
-        "k_max",
-        "min_cluster_size",
-        "min_silhouette",
-        "spherical",
-        "niter",
-        "nredo",
-        "max_points_per_centroid",
-        "seed",
-    )
-)
 EncoderLoader = Callable[..., object]
 
 
-def cluster_hash(cfg: Config) -> str:
-    return cfg.slice_hash("data", "model.encoder", *CLUSTERING_FIELDS)
-
-
 def embeddings_hash(cfg: Config) -> str:
-    return cfg.slice_hash("data", "model.encoder")
+    return stage_key(cfg, "embeddings", data=data_hash(cfg))
+
+
+def cluster_hash(cfg: Config) -> str:
+    return stage_key(cfg, STAGE, embeddings=embeddings_hash(cfg))
 
 
 # --- embedding -----------------------------------------------------------------------------
@@ -545,12 +531,3 @@ def load_assignments(run: RunDir) -> pd.DataFrame:
     if not path.exists():
         raise FairsynthError(f"missing {path}: run jobs/cluster.py --run-dir {run.root} first")
     return storage.read_parquet(path).to_pandas()
-
-
-def load_centroids(run: RunDir) -> dict[int, np.ndarray]:
-    """group -> float32 [k_g, d] centroids (k_g = 0 for an empty group)."""
-    path = run / "cluster/centroids.npz"
-    if not path.exists():
-        raise FairsynthError(f"missing {path}: run jobs/cluster.py --run-dir {run.root} first")
-    with storage.load_numpy(path) as arrays:
-        return {int(key.removeprefix("group_")): arrays[key] for key in arrays.files}

@@ -10,11 +10,9 @@ or value fails at load time with one line naming the key, the value and what is 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -30,6 +28,7 @@ from pydantic import (
 from engine.errors import FairsynthError
 from engine.generation_methods import is_generation_method, trains_models
 from engine.generation_methods import method_names as generation_method_names
+from engine.hashing import digest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRESET_DIR = Path(__file__).resolve().parent / "configs"  # package data: a wheel ships them
@@ -50,12 +49,23 @@ METHODS = known_methods()  # the built-in ones: the default ``methods``
 # The training keys a method may set for itself (train.method_overrides), as DomainBed scopes
 # each hyperparameter to the algorithm it tunes.
 METHOD_HPARAMS = ("learning_rate", "finetune_learning_rate", "weight_decay", "group_dro_eta", "group_dro_adjustment")
-# The sections whose randomness the run's ``seed`` sets (SeededSection.seed).
-SEEDED_SECTIONS = ("data", "cluster", "finetune", "generate", "train")
+
+
+def output_of(*stages: str) -> dict:
+    """A field's mark (``Field(json_schema_extra=output_of(...))``): the stages whose output
+    it changes, which their cache keys then cover (engine/stages.py). ``RESOURCES``: none."""
+    return {"stages": list(stages)}
+
+
+RESOURCES = output_of()  # how a stage runs (actors, devices, retries), never what it writes
 
 
 class Section(BaseModel):
+    """A config section. ``stages`` names the stages its fields change the output of, unless a
+    field carries its own mark; None: as the enclosing section (the root's fields are each marked)."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    stages: ClassVar[tuple[str, ...] | None] = None
 
 
 class SeededSection(Section):
@@ -122,10 +132,12 @@ class ActorStageConfig(SeededSection):
     every GPU share off. engine/resources.py resolves these for the stage and the planner.
     """
 
-    batch_size: int = Field(128, ge=1, description="rows per actor call")
-    num_actors: Concurrency = Field(1, description="actor pool cap, or 'auto'")
-    actor_num_cpus: float = Field(0.5, gt=0)
-    actor_num_gpus: float = Field(0.0, ge=0, description="GPU share per actor (0.25: four actors per GPU)")
+    batch_size: int = Field(128, ge=1, description="rows per actor call", json_schema_extra=RESOURCES)
+    num_actors: Concurrency = Field(1, description="actor pool cap, or 'auto'", json_schema_extra=RESOURCES)
+    actor_num_cpus: float = Field(0.5, gt=0, json_schema_extra=RESOURCES)
+    actor_num_gpus: float = Field(
+        0.0, ge=0, description="GPU share per actor (0.25: four actors per GPU)", json_schema_extra=RESOURCES
+    )
 
     _num_actors = field_validator("num_actors", mode="before")(
         classmethod(lambda cls, v: _check_concurrency(v))
@@ -159,6 +171,8 @@ class BuiltinConfig(Section):
 
 
 class DataConfig(SeededSection):
+    stages = ("data",)
+
     name: Literal["builtin", "waterbirds", "celeba", "utkface", "manifest"] = "builtin"
     root: str | None = Field(None, description="dataset folder; unused for builtin")
     severity: Literal["original"] | float = "original"
@@ -187,8 +201,11 @@ class DataConfig(SeededSection):
 
 
 class ModelConfig(Section):
+    stages = ()
+
     base: str = Field(
         "tiny",
+        json_schema_extra=output_of("unit_training", "class_images", "generate"),
         description="'tiny' (shipped), a local diffusers folder, a hub id, or "
         "'random:sd15[:width=<w>][:size=<px>][:seed=<n>]': Stable Diffusion 1.5's shapes (engine/models/sd15) with "
         "seeded random weights, no download; width (default 1) scales every channel width and hidden size, "
@@ -196,6 +213,7 @@ class ModelConfig(Section):
     )
     encoder: str = Field(
         "tiny",
+        json_schema_extra=output_of("embeddings"),
         description="image/text encoder: 'tiny', a CLIP path / hub id, or 'random:clip-vit-l14[:width=<w>][:seed=<n>]' "
         "(CLIP ViT-L/14's shapes with seeded random weights, width as for base)",
     )
@@ -214,6 +232,8 @@ class ModelConfig(Section):
 
 
 class ClusterConfig(ActorStageConfig):
+    stages = ("cluster",)
+
     k: int | Literal["auto"] = Field("auto", description="clusters per group, or 'auto' (silhouette)")
     k_max: int = Field(6, ge=1, description="largest k tried when k is 'auto'")
     min_cluster_size: int = Field(8, ge=1, description="smaller clusters merge into their nearest")
@@ -227,7 +247,7 @@ class ClusterConfig(ActorStageConfig):
         1024, ge=8, description="k-means trains on a random sample of at most k x this many points, then "
         "assigns every point (a built-in group, under 1,000 points, is fitted whole)"
     )
-    batch_size: int = Field(128, ge=1, description="images per embedding batch")
+    batch_size: int = Field(128, ge=1, description="images per embedding batch", json_schema_extra=RESOURCES)
 
     @field_validator("k")
     @classmethod
@@ -238,6 +258,9 @@ class ClusterConfig(ActorStageConfig):
 
 
 class FinetuneConfig(SeededSection):
+    # How a unit trains; which units there are and their prompts are the unit plan's.
+    stages = ("unit_training",)
+
     # 600, not 200: on the tuning seeds' validation split it raised worst-group accuracy of
     # LoRA, DreamBooth and clustered DreamBooth by 8.5 to 12 points (docs/decisions.md).
     steps: int = Field(600, ge=1)
@@ -249,26 +272,37 @@ class FinetuneConfig(SeededSection):
     batch_size: int = Field(16, ge=1)
     lora_rank: int = Field(4, ge=1)
     lora_alpha: float = Field(4.0, gt=0)
-    identifier: str = Field("sks", description="rare token that stands for the paper's [V]")
+    identifier: str = Field(
+        "sks", description="rare token that stands for the paper's [V]", json_schema_extra=output_of("unit_plan")
+    )
     prior_preservation: bool = Field(True, description="DreamBooth's prior-preservation loss on class images")
     prior_loss_weight: float = Field(1.0, ge=0)
-    num_class_images: int = Field(32, ge=1, description="prior-preservation images per class prompt")
+    num_class_images: int = Field(
+        32, ge=1, description="prior-preservation images per class prompt", json_schema_extra=output_of("class_images")
+    )
     train_text_encoder: bool = False
     # svd_delta: full weights trained, stored as a rank-delta_rank SVD of each layer's change
     # (engine/finetune/delta.py; ~271 MB per SD 1.5 unit at rank 128); unet: the whole UNet in
     # fp16 (1.7 GB); lora_delta: LoRA adapters trained instead of the full weights.
     dreambooth_store: Literal["svd_delta", "unet", "lora_delta"] = "svd_delta"
     delta_rank: int = Field(128, ge=1, description="rank per layer of dreambooth_store=svd_delta")
-    min_real_images: int = Field(4, ge=1, description="below this a unit borrows its class's aligned model")
-    trial_resources: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
-    max_concurrent_trials: Concurrency = Field(
-        2, description="trials at once (a cap), or 'auto': Tune queues every trial and runs what the cluster can hold"
+    min_real_images: int = Field(
+        4, ge=1, description="below this a unit borrows its class's aligned model", json_schema_extra=output_of("unit_plan")
     )
-    checkpoint_every: int = Field(20, ge=1)
-    max_failures: int = Field(2, ge=0)
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field("fp16", description="used on CUDA only")
-    gradient_checkpointing: bool = False
-    use_8bit_adam: bool = Field(True, description="when bitsandbytes is installed and on CUDA")
+    trial_resources: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0}, json_schema_extra=RESOURCES)
+    max_concurrent_trials: Concurrency = Field(
+        2, description="trials at once (a cap), or 'auto': Tune queues every trial and runs what the cluster can hold",
+        json_schema_extra=RESOURCES,
+    )
+    checkpoint_every: int = Field(20, ge=1, json_schema_extra=RESOURCES)
+    max_failures: int = Field(2, ge=0, json_schema_extra=RESOURCES)
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "fp16", description="used on CUDA only", json_schema_extra=RESOURCES
+    )
+    gradient_checkpointing: bool = Field(False, json_schema_extra=RESOURCES)
+    use_8bit_adam: bool = Field(
+        True, description="when bitsandbytes is installed and on CUDA", json_schema_extra=RESOURCES
+    )
     num_samples: int = Field(1, ge=1, description=">1 searches learning rate and steps with ASHA")
     search_lr_factor: float = Field(3.0, gt=1, description="the search draws learning rates in [lr / f, lr * f]")
     heldout_fraction: float = Field(0.2, gt=0, lt=1, description="share of a unit's images the search scores on")
@@ -281,18 +315,31 @@ class FinetuneConfig(SeededSection):
 
 
 class GenerateConfig(ActorStageConfig):
-    images_per_group: int | Literal["fill"] = Field(96, description="or 'fill' up to the largest real group")
-    steps: int = Field(20, ge=1)
+    stages = ("generate",)
+
+    images_per_group: int | Literal["fill"] = Field(
+        96, description="or 'fill' up to the largest real group", json_schema_extra=output_of("generate", "oracle")
+    )
+    # The sampler settings; the base model draws prior-preservation images with them too.
+    steps: int = Field(20, ge=1, json_schema_extra=output_of("generate", "class_images"))
     # Stable Diffusion's usual 7.5 (FFR's; the paper publishes none); the tiny preset sets 12.
-    guidance_scale: float = Field(7.5, ge=0)
-    scheduler: Literal["dpm_solver_multistep", "ddim", "euler", "pndm"] = "dpm_solver_multistep"
-    batch_size: int = Field(16, ge=1, description="images per UNet batch")
-    actor_num_cpus: float = Field(1.0, gt=0)
-    prompt_template: str = "a photo of a {class_name} on {attribute_name}"
+    guidance_scale: float = Field(7.5, ge=0, json_schema_extra=output_of("generate", "class_images"))
+    scheduler: Literal["dpm_solver_multistep", "ddim", "euler", "pndm"] = Field(
+        "dpm_solver_multistep", json_schema_extra=output_of("generate", "class_images")
+    )
+    batch_size: int = Field(16, ge=1, description="images per UNet batch", json_schema_extra=RESOURCES)
+    actor_num_cpus: float = Field(1.0, gt=0, json_schema_extra=RESOURCES)
+    # The prompts are the unit plan's (the finetune manifest holds them, and the plan reads them there).
+    prompt_template: str = Field(
+        "a photo of a {class_name} on {attribute_name}", json_schema_extra=output_of("unit_plan")
+    )
     # DreamBooth's order, the identifier before the class word; the tiny preset puts it last.
-    identifier_template: str = "a photo of a {identifier} {class_name} on {attribute_name}"
+    identifier_template: str = Field(
+        "a photo of a {identifier} {class_name} on {attribute_name}", json_schema_extra=output_of("unit_plan")
+    )
     negative_prompt_template: str = Field(
-        "{source_attribute_name}", description="a borrowed minority unit's negative prompt (the paper's)"
+        "{source_attribute_name}", description="a borrowed minority unit's negative prompt (the paper's)",
+        json_schema_extra=output_of("unit_plan"),
     )
     # None, as in the paper; the tiny preset names the groups a unit must not show
     # (docs/decisions.md, "Generation settings"). Names that contain each other's words
@@ -301,6 +348,7 @@ class GenerateConfig(ActorStageConfig):
         "",
         description="negative prompt of a unit drawing with its own fine-tuned model, e.g. "
         "'{other_class_names} {other_attribute_names}' (comma-separated lists); '' for none",
+        json_schema_extra=output_of("unit_plan"),
     )
     # The paper's 1 (the lender as trained); the tiny preset sets 0.5 (docs/decisions.md).
     # Units drawing with their own model always take all of their fine-tuning.
@@ -308,8 +356,10 @@ class GenerateConfig(ActorStageConfig):
         1.0, ge=0, le=1,
         description="share of its lender's fine-tuning a borrowed minority unit draws with: 1 the lender, 0 the base",
     )
-    rows_per_shard: int = Field(64, ge=1)
-    unet_cache_size: int = Field(2, ge=1, description="DreamBooth UNets a sampler keeps loaded")
+    rows_per_shard: int = Field(64, ge=1, json_schema_extra=output_of("generate", "oracle"))
+    unet_cache_size: int = Field(
+        2, ge=1, description="DreamBooth UNets a sampler keeps loaded", json_schema_extra=RESOURCES
+    )
 
     _prompts = field_validator("prompt_template")(_template_of("class_name", "attribute_name"))
     _identifier = field_validator("identifier_template")(_template_of("class_name", "attribute_name", "identifier"))
@@ -326,13 +376,17 @@ class GenerateConfig(ActorStageConfig):
 
 
 class FilterConfig(ActorStageConfig):
+    stages = ("filter",)
+
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the class-prompt similarity")
-    keep_fraction: float = Field(0.75, gt=0, le=1, description="top share kept per group")
+    keep_fraction: float = Field(
+        0.75, gt=0, le=1, description="top share kept per group", json_schema_extra=output_of("filter", "oracle")
+    )
     class_prompt_template: str = Field(
         "a photo of a {class_name}",
         description="the text each image is scored against; naming {attribute_name} too scores it against its group",
     )
-    batch_size: int = Field(128, ge=1, description="images per encoder batch")
+    batch_size: int = Field(128, ge=1, description="images per encoder batch", json_schema_extra=RESOURCES)
 
     _prompt = field_validator("class_prompt_template")(_template_of("class_name", "attribute_name"))
 
@@ -340,6 +394,8 @@ class FilterConfig(ActorStageConfig):
 class FidelityConfig(Section):
     """Synthetic group fidelity (engine.generate.fidelity): how often a judge reads a unit's
     generated images as the unit's group, before and after filtering."""
+
+    stages = ("fidelity",)
 
     judge: Literal["auto", "learned", "renderer", "clip"] = Field(
         "auto", description="'learned' (a CNN trained on real built-in renders), 'renderer' (the built-in benchmark's "
@@ -355,6 +411,8 @@ class FidelityConfig(Section):
 
 
 class TrainConfig(SeededSection):
+    stages = ("train",)
+
     backbone: Literal["tiny_resnet", "resnet18", "resnet50"] = "tiny_resnet"
     pretrained_weights: str | None = Field(None, description="local ImageNet weights file for torchvision backbones")
     image_size: int = Field(32, ge=8, description="side of the images the classifier trains and is evaluated on")
@@ -382,8 +440,8 @@ class TrainConfig(SeededSection):
         2, description="DDP workers, or 'auto': one per GPU the cluster can reach (use_gpu) or per free CPU share"
     )
     use_gpu: bool = False
-    cpus_per_worker: float = Field(0.5, gt=0)
-    max_failures: int = Field(1, ge=0)
+    cpus_per_worker: float = Field(0.5, gt=0, json_schema_extra=RESOURCES)
+    max_failures: int = Field(1, ge=0, json_schema_extra=RESOURCES)
     cache_decoded: bool = Field(True, description="decode images once into the object store instead of every epoch")
     shuffle_buffer_rows: int = Field(2048, ge=1, description="rows each worker's shuffle buffer mixes")
     _num_workers = field_validator("num_workers", mode="before")(
@@ -396,6 +454,8 @@ class TrainConfig(SeededSection):
         description="per-method values of " + ", ".join(METHOD_HPARAMS) + " over the keys above (each "
         "method's chosen on validation by benchmarks/baseline_search.py), e.g. {erm: {learning_rate: 0.004}}; "
         "--set replaces the whole block",
+        # Not a key of its own: a method's train key hashes the section as for_method gives it.
+        json_schema_extra=RESOURCES,
     )
     # Test hook, kept out of the schema: one worker process dies once after this epoch
     # (tests/test_train.py).
@@ -476,12 +536,16 @@ class PlanConfig(Section):
     """The cost planner (jobs/plan.py). A result in plan.results_dir measured on the planned
     kind of device replaces a stage's default here."""
 
+    stages = ()
+
     gpu_mfu: GpuStageMfu = GpuStageMfu()
     cpu_mfu: CpuStageMfu = CpuStageMfu()
     results_dir: str = Field("benchmarks/results", description="benchmark JSON results (relative to the repo)")
 
 
 class RayConfig(Section):
+    stages = ()
+
     address: str | None = Field(None, description="None starts a local Ray; 'auto' joins a cluster")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray")
     storage_path: str | None = Field(None, description="shared storage for Tune/Train (s3://... on clusters)")
@@ -494,21 +558,26 @@ class RayConfig(Section):
 
 
 class Config(Section):
-    run_dir: str = "runs/default"
+    run_dir: str = Field("runs/default", json_schema_extra=RESOURCES)
+    # Marked for no stage itself: every stage that reads a seeded section hashes it (engine/stages.py).
     seed: int = Field(
         0, ge=0, description="the run's one seed: the data (the built-in world, splits and severity subsampling) "
-        "and every stage's random choices follow it"
+        "and every stage's random choices follow it", json_schema_extra=RESOURCES,
     )
+    # Each seed and severity is a run tree of its own, with seed and data.severity set.
     seeds: list[int] | None = Field(
         None,
         description="run the whole job once per seed, in RUN/seed_<s>/, each with `seed` set to s; "
-        "results show mean ± std",
+        "results show mean ± std", json_schema_extra=RESOURCES,
     )
     methods: list[str] = Field(
         default_factory=lambda: list(METHODS),
         description="methods to run; unset: every method the dataset allows (the oracle needs the built-in benchmark)",
+        json_schema_extra=RESOURCES,
     )
-    severities: list[Literal["original"] | float] = Field(default_factory=lambda: [0.999])
+    severities: list[Literal["original"] | float] = Field(
+        default_factory=lambda: [0.999], json_schema_extra=RESOURCES
+    )
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     cluster: ClusterConfig = ClusterConfig()
@@ -521,6 +590,7 @@ class Config(Section):
     plan: PlanConfig = PlanConfig()
     tracking: Literal["none", "mlflow"] = Field(
         "none",
+        json_schema_extra=RESOURCES,
         description="also log the finished run to an experiment tracker: 'mlflow' logs the config, every "
         "result and the report to MLFLOW_TRACKING_URI (experiment MLFLOW_EXPERIMENT_NAME, default 'fairsynth')",
     )
@@ -584,7 +654,7 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _one_seed_everywhere(self) -> Config:
-        for name in SEEDED_SECTIONS:
+        for name in seeded_sections(type(self)):
             getattr(self, name)._seed = self.seed
         return self
 
@@ -605,14 +675,23 @@ class Config(Section):
     def slice_hash(self, *sections: str) -> str:
         """Hash of the named sections (dotted paths allowed): what a stage's output depends on."""
         tree = self.model_dump(mode="json")
-        for name in SEEDED_SECTIONS:  # a section's output depends on the seed it reads
+        for name in seeded_sections(type(self)):  # a section's output depends on the seed it reads
             tree[name]["seed"] = self.seed
-        payload = {s: _dig(tree, s) for s in sorted(sections)}
-        blob = json.dumps(payload, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return digest({s: _dig(tree, s) for s in sorted(sections)})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def seeded_sections(model: type[BaseModel] = Config) -> tuple[str, ...]:
+    """The sections of ``model`` whose randomness the run's ``seed`` sets (SeededSection)."""
+    return tuple(
+        name for name, field in model.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, SeededSection)
+    )
+
+
+SEEDED_SECTIONS = seeded_sections()
 
 
 def _dig(tree: dict, dotted: str) -> Any:

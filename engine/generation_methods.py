@@ -435,11 +435,6 @@ class GenerationMethod:
     def learning_rate(self, ft: FinetuneConfig) -> float:
         return getattr(ft, self.learning_rate_field(ft))
 
-    def training_fields(self) -> tuple[str, ...]:
-        """The finetune config keys a trained unit of this method depends on."""
-        return ("steps", "learning_rate", "lora_learning_rate", "batch_size", "seed", "num_samples", "search_lr_factor", "heldout_fraction",
-                "caption_dropout")
-
     def make_trainable(self, unet, text_encoder, ft: FinetuneConfig) -> list[torch.nn.Parameter]:
         """Freeze what stays, make trainable what learns; returns the trainable parameters."""
         raise NotImplementedError
@@ -539,9 +534,6 @@ class Lora(GenerationMethod):
     title = "LoRA"
     cost_family = "lora"
 
-    def training_fields(self) -> tuple[str, ...]:
-        return (*super().training_fields(), "lora_rank", "lora_alpha")
-
     def make_trainable(self, unet, text_encoder, ft):
         return _add_lora(unet, text_encoder, ft, with_text_encoder=False)
 
@@ -565,11 +557,6 @@ class DreamBooth(GenerationMethod):
 
     def trains_lora(self, ft):
         return ft.dreambooth_store == LoraDelta.kind
-
-    def training_fields(self):
-        return (*super().training_fields(), "identifier", "prior_preservation", "prior_loss_weight",
-                "num_class_images", "train_text_encoder", "dreambooth_store", "lora_rank", "lora_alpha",
-                "delta_rank")
 
     def make_trainable(self, unet, text_encoder, ft):
         if self.trains_lora(ft):

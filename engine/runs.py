@@ -4,9 +4,9 @@ The run directory is a local folder (on a cluster, a mount every node shares) or
 store prefix such as ``s3://bucket/run`` (engine.storage says which variables pick the
 endpoint and credentials). Writes are atomic (a temporary name then a rename locally, one
 upload on object storage), so a reader never sees half a file. Each
-stage ends by writing a completion marker that holds the hash of the config slice its
-outputs depend on; a stage whose marker matches is skipped, so a re-run after a crash redoes
-only what is missing.
+stage ends by writing a completion marker that holds its key (engine/stages.py: the config
+fields and inputs its outputs depend on) and the format version; a stage whose marker matches
+is skipped, so a re-run after a crash redoes only what is missing.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import yaml
 from engine import storage
 from engine.config import Config
 from engine.errors import FairsynthError
+from engine.stages import FORMAT_VERSION
 from engine.storage import RemotePath, RunPath
 
 # Sections that define a run's identity: a run directory written with other values holds
@@ -82,20 +83,27 @@ class RunDir:
     def marker(self, stage: str) -> RunPath:
         return self.root / stage / MARKER_NAME
 
-    def is_complete(self, stage: str, slice_hash: str) -> bool:
+    def read_marker(self, stage: str) -> dict | None:
+        """The stage's completion marker when this version wrote it, else None (a marker of
+        another format version is a stage to re-run, never one to read)."""
         path = self.marker(stage)
         if not path.exists():
-            return False
+            return None
         try:
-            return json.loads(path.read_text()).get("hash") == slice_hash
+            marker = json.loads(path.read_text())
         except storage.StorageError:
             raise  # storage that is down says nothing about the stage: never redo it for that
         except (json.JSONDecodeError, OSError):
-            return False
+            return None
+        return marker if isinstance(marker, dict) and marker.get("format") == FORMAT_VERSION else None
 
-    def mark_complete(self, stage: str, slice_hash: str, **extra: Any) -> None:
+    def is_complete(self, stage: str, key: str) -> bool:
+        marker = self.read_marker(stage)
+        return marker is not None and marker.get("hash") == key
+
+    def mark_complete(self, stage: str, key: str, **extra: Any) -> None:
         """Written last: its presence means every output of the stage is in place."""
-        atomic_write_json(self.marker(stage), {"hash": slice_hash, "finished": time.time(), **extra})
+        atomic_write_json(self.marker(stage), {"hash": key, "format": FORMAT_VERSION, "finished": time.time(), **extra})
 
     def clear_marker(self, stage: str) -> None:
         with contextlib.suppress(FileNotFoundError):

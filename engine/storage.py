@@ -30,7 +30,6 @@ import atexit
 import contextlib
 import fnmatch
 import functools
-import hashlib
 import logging
 import os
 import shutil
@@ -40,6 +39,8 @@ import uuid
 from pathlib import Path, PurePosixPath
 
 import pyarrow.fs as pafs
+
+from engine.hashing import digest
 
 # Where remote artifacts are downloaded on each node (one folder per artifact URI).
 CACHE_ENV = "FAIRSYNTH_CACHE"
@@ -476,8 +477,7 @@ def local_copy(path: RunPath | str) -> Path:
     if not listing:
         raise FileNotFoundError(str(path))
     is_file = listing == [(path.name, *listing[0][1:])] and path.is_file()
-    digest = hashlib.sha256(repr((str(path), listing)).encode()).hexdigest()[:16]
-    folder = cache_dir() / f"{digest}-{path.name}"
+    folder = cache_dir() / f"{digest([str(path), listing])}-{path.name}"
     if not folder.exists():
         tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}")
         download_folder(path, tmp)

@@ -18,7 +18,6 @@ import pytest
 from engine.cluster import (
     cluster_group,
     kmeans,
-    load_centroids,
     merge_small_clusters,
     run_cluster_stage,
     subtype_nmi,
@@ -92,6 +91,12 @@ def test_the_fit_sample_size_is_part_of_the_clustering_key():
     base = load_config()
     assert cluster_hash(base) != cluster_hash(load_config(None, ["cluster.max_points_per_centroid=64"]))
     assert cluster_hash(base) == cluster_hash(load_config(None, ["cluster.batch_size=7"]))
+
+
+def _centroids(run_dir) -> dict[int, np.ndarray]:
+    """group -> [k_g, d] centroids, as the stage wrote them to RUN/cluster/centroids.npz."""
+    with np.load(run_dir / "cluster/centroids.npz") as arrays:
+        return {int(key.removeprefix("group_")): arrays[key] for key in arrays.files}
 
 
 def test_unstructured_group_stays_one_cluster():
@@ -182,7 +187,7 @@ def test_job_assigns_every_training_image_once(clustered_run):
     embeddings = np.load(run_dir / "cluster/embeddings.npy")
     assert embeddings.shape == (len(train), summary["dim"])
     assert np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-4)
-    centroids = load_centroids(RunDir(run_dir))
+    centroids = _centroids(run_dir)
     means = np.load(run_dir / "cluster/group_means.npy")
     assert means.shape == (4, summary["dim"])
     for g in summary["groups"]:
@@ -241,5 +246,5 @@ def test_extreme_severity_leaves_empty_groups_unclustered(tmp_path):
     assert all(g["n_clusters"] == 0 and g["reason"] == "no training images" for g in empty)
     means = np.load(tmp_path / "cluster/group_means.npy")
     assert np.isnan(means[[1, 2]]).all() and np.isfinite(means[[0, 3]]).all()
-    assert load_centroids(run)[1].shape[0] == 0
+    assert _centroids(tmp_path)[1].shape[0] == 0
     assert summary["nmi_groups_counted"] == [0, 3]

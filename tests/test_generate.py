@@ -31,6 +31,7 @@ from engine.generate.filtering import filter_prompts, keep_count, select_top_fra
 from engine.generate.plan import GroupBalancedPlan, split_proportionally
 from engine.raylib import local_ray
 from engine.runs import RunDir, atomic_write_json, read_json
+from engine.stages import FORMAT_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_MODEL = "tiny"
@@ -80,8 +81,9 @@ def test_plan_balances_groups_and_weighs_borrowed_units_by_their_source():
         _unit("g1c1", 1, 1, 1, borrowed_from="g0c1"),
         _unit("g2", 2, 0, borrowed_from="g3"), _unit("g3", 3, 50),  # a lender with no fine-tuning
     ]}
-    cfg = load_config(None, ["generate.images_per_group=8", "generate.rows_per_shard=3"]).generate
-    plan = GroupBalancedPlan.build(manifest, [40, 2, 0, 50], cfg)
+    config = load_config(None, ["generate.images_per_group=8", "generate.rows_per_shard=3"])
+    cfg = config.generate
+    plan = GroupBalancedPlan.build(manifest, [40, 2, 0, 50], config)
     rows = plan.rows
     assert rows.groupby("group").size().to_dict() == {0: 8, 1: 8, 2: 8, 3: 8}
     assert rows.groupby("unit").size().to_dict() == {"g0c0": 6, "g0c1": 2, "g1c0": 6, "g1c1": 2, "g2": 8, "g3": 8}
@@ -93,35 +95,35 @@ def test_plan_balances_groups_and_weighs_borrowed_units_by_their_source():
     assert strengths == {"g0c0": [1.0], "g0c1": [1.0], "g1c0": [0.5], "g1c1": [0.5], "g2": [1.0], "g3": [1.0]}
     assert not rows.duplicated(["unit", "seed"]).any()
     assert plan.n_shards == 11 and rows["shard"].str.contains(plan.hash).all()
-    again = GroupBalancedPlan.build(manifest, [40, 2, 0, 50], cfg)
+    again = GroupBalancedPlan.build(manifest, [40, 2, 0, 50], config)
     assert again.hash == plan.hash and again.rows.equals(rows)
     cfg.steps += 1
-    assert GroupBalancedPlan.build(manifest, [40, 2, 0, 50], cfg).hash != plan.hash
+    assert GroupBalancedPlan.build(manifest, [40, 2, 0, 50], config).hash != plan.hash
     cfg.steps -= 1
+    cfg.batch_size += 1  # how fast it draws, not what
+    assert GroupBalancedPlan.build(manifest, [40, 2, 0, 50], config).hash == plan.hash
     cfg.borrowed_strength = 1.0
-    full = GroupBalancedPlan.build(manifest, [40, 2, 0, 50], cfg)
-    # Every unit at full strength: the hash the plan had before it had a strength column, so
-    # runs written then keep their shards (the hash this manifest planned to then).
-    assert full.hash != plan.hash and full.hash == "c04a64f17b4c"
+    full = GroupBalancedPlan.build(manifest, [40, 2, 0, 50], config)
+    assert full.hash != plan.hash
     # A unit trained again under other hashes (say, stored at another rank) into the same steps
-    # and loss is another model: another plan. A manifest without the field keeps its hash.
+    # and loss is another model: another plan.
     retrained = {**manifest, "units": [{**u, "trained_under": ["h2", "u1"]} if u.get("artifact") else u
                                        for u in manifest["units"]]}
-    assert GroupBalancedPlan.build(retrained, [40, 2, 0, 50], cfg).hash not in (full.hash, plan.hash)
+    assert GroupBalancedPlan.build(retrained, [40, 2, 0, 50], config).hash not in (full.hash, plan.hash)
     cfg.borrowed_strength = 0.0  # none of the lender's fine-tuning: a borrowed unit is a base row
-    base_rows = GroupBalancedPlan.build(manifest, [40, 2, 0, 50], cfg).rows.set_index("unit")
+    base_rows = GroupBalancedPlan.build(manifest, [40, 2, 0, 50], config).rows.set_index("unit")
     assert set(base_rows.loc[["g1c0", "g1c1"], "artifact_kind"]) == {"base"}
     assert set(base_rows.loc[["g1c0", "g1c1"], "model_strength"]) == {1.0}
     cfg.borrowed_strength = 0.5
 
-    fill = load_config(None, ["generate.images_per_group=fill"]).generate
+    fill = load_config(None, ["generate.images_per_group=fill"])
     assert GroupBalancedPlan.build(manifest, [40, 2, 0, 50], fill).per_group == {0: 50, 1: 50, 2: 50, 3: 50}
 
 
 def test_plan_refuses_a_manifest_without_a_group():
     manifest = {"method": "lora", "units": [_unit("g0", 0, 5), _unit("g1", 1, 5), _unit("g3", 3, 5)]}
     with pytest.raises(FairsynthError, match="no unit for group 2"):
-        GroupBalancedPlan.build(manifest, [5, 5, 5, 5], load_config().generate)
+        GroupBalancedPlan.build(manifest, [5, 5, 5, 5], load_config())
 
 
 def test_top_fraction_per_group():
@@ -433,7 +435,7 @@ def test_generate_and_filter_each_method(prepared_run, method):
 
     filtered = run_filter_stage(cfg, run, method)
     marker = read_json(run.marker(f"filter/{method}"))
-    assert marker["kept_hash"].startswith(plan.hash) and marker["kept_hash"] != marker["hash"]
+    assert marker["kept_hash"] != marker["hash"] and marker["format"] == FORMAT_VERSION
     table = read_folder(folder).to_pandas()
     assert table["score"].notna().all()
     kept = table.groupby("group")["kept"].sum().to_dict()

@@ -24,6 +24,7 @@ import yaml
 from engine.config import METHODS, load_config
 from engine.generate.shards import decode_png
 from engine.generation_methods import method_names
+from engine.resources import actor_resources, trial_bundle, use_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDE = 64  # the scaled-down model's native side (512 px at full size)
@@ -35,6 +36,20 @@ CPU_OVERRIDES = [
     "ray.num_cpus=2",
     "ray.dashboard=false",
 ]
+
+
+def _gpu_asks(cfg) -> dict[str, float]:
+    """The GPU share each stage of ``cfg`` asks Ray for, as the stages resolve it."""
+    reachable = {"CPU": 16.0, "GPU": 1.0}
+    asks = {s: actor_resources(cfg, s, 8, reachable).num_gpus for s in ("cluster", "generate", "filter")}
+    asks["finetune"] = trial_bundle(cfg.finetune, cfg.model.device).get("GPU", 0.0)
+    asks["train"] = float(use_gpu(cfg))
+    return asks
+
+
+def test_gpu_smoke_asks_every_stage_for_a_gpu_and_none_under_the_cpu_overrides():
+    assert min(_gpu_asks(load_config("gpu_smoke")).values()) > 0
+    assert max(_gpu_asks(load_config("gpu_smoke", CPU_OVERRIDES)).values()) == 0
 
 
 # Minutes on two idle cores; a busy shared machine stretches that, hence the generous limit.
@@ -52,13 +67,7 @@ def test_gpu_smoke_preset_runs_on_cpu(tmp_path, methods):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1400)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
-    preset = load_config("gpu_smoke")
     cfg = load_config("gpu_smoke", CPU_OVERRIDES)
-    # On a GPU machine every GPU stage asks for a share of one.
-    assert preset.model.device == "cuda" and preset.train.use_gpu
-    assert min(preset.cluster.actor_num_gpus, preset.generate.actor_num_gpus, preset.filter.actor_num_gpus,
-               preset.finetune.trial_resources["GPU"]) > 0
-    assert preset.methods == list(METHODS)
     severity = run_dir / "severity-0.999"
     written = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert written["model"]["base"] == cfg.model.base

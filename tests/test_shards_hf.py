@@ -179,22 +179,6 @@ def test_load_dataset_on_the_folder_takes_the_features_from_the_dataset_card(wri
     assert table.num_rows == len(rows)
 
 
-def test_a_shard_of_plain_png_bytes_still_reads_and_is_rewritten_as_images(written):
-    """Runs generated before the image layout keep working: readers take the old column, and
-    the next rewrite (the filter stage's) stores the new layout."""
-    run, rows = written
-    path = shard_paths(run, METHOD)[0]
-    old = pq.read_table(path)
-    old = old.set_column(0, pa.field("image", pa.binary()), pa.compute.struct_field(old["image"], "bytes"))
-    pq.write_table(old.replace_schema_metadata(None), path)
-
-    frame = read_shard(path)
-    assert isinstance(frame["image"][0], bytes)
-    write_shard_table(path, pa.Table.from_pandas(frame, preserve_index=False))
-    assert pq.read_schema(path).field("image").type == IMAGE_TYPE
-    assert read_shard(path)["image"].tolist() == frame["image"].tolist()
-
-
 def test_a_row_without_image_bytes_is_refused(tmp_path):
     rows = _sampler_rows().drop(columns=["shard", "sampling_started", "sampling_seconds"])
     rows.loc[2, "image"] = None

@@ -41,11 +41,15 @@ def test_mlflow_gets_the_config_every_result_and_the_report(finished_run: Path, 
     assert {"report.html", "results.json", "results.md", "config.yaml"} <= logged
 
 
-def test_mlflow_missing_fails_before_any_work(monkeypatch):
+def test_mlflow_missing_fails_before_any_work(monkeypatch, tmp_path):
+    from engine.pipeline import run_full
+
     monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow now raises ImportError
+    cfg = load_config("tiny", ["tracking=mlflow", f"run_dir={tmp_path / 'run'}"])
+    stages = []
     with pytest.raises(FairsynthError, match="pip install mlflow-skinny"):
-        MlflowTracker().check()
-    assert load_config("tiny", ["tracking=mlflow"]).tracking == "mlflow"
+        run_full(cfg, on_stage=stages.append)
+    assert stages == [] and not (tmp_path / "run").exists()  # no stage started, no run directory
 
 
 def test_the_mlflow_log_line_names_the_server_without_its_password(finished_run: Path, tmp_path, monkeypatch, caplog):

@@ -142,12 +142,12 @@ def test_a_generative_classifier_trains_again_only_when_its_kept_images_change(t
     cfg = load_config(None, [f"run_dir={tmp_path}"])
     run = RunDir(tmp_path)
     unfiltered = train_hash(cfg, run, "lora")
-    run.mark_complete("filter/lora", "plan-a-filter-1")
+    run.mark_complete("filter/lora", "plan-a-filter-1-judge-1", kept_hash="plan-a-filter-1")
     first = train_hash(cfg, run, "lora")
     assert first != unfiltered
     assert train_hash(load_config(None, [f"run_dir={tmp_path}", "generate.batch_size=3"]), run, "lora") == first
     assert train_hash(load_config(None, [f"run_dir={tmp_path}", "train.epochs=3"]), run, "lora") != first
-    run.mark_complete("filter/lora", "plan-b-filter-1")
+    run.mark_complete("filter/lora", "plan-b-filter-1-judge-1", kept_hash="plan-b-filter-1")
     second = train_hash(cfg, run, "lora")
     assert second != first
     # The filter's own marker also covers the fidelity judge; the kept set's hash does not.
@@ -156,7 +156,7 @@ def test_a_generative_classifier_trains_again_only_when_its_kept_images_change(t
     run.mark_complete("filter/lora", "plan-b-filter-1-judge-2", kept_hash="plan-b-filter-1")
     assert train_hash(cfg, run, "lora") == second
     erm = train_hash(cfg, run, "erm")  # reads no synthetic image
-    run.mark_complete("filter/lora", "plan-c-filter-1")
+    run.mark_complete("filter/lora", "plan-c-filter-1-judge-1", kept_hash="plan-c-filter-1")
     assert train_hash(cfg, run, "erm") == erm
 
 

@@ -9,12 +9,13 @@ from engine.config import Config
 from engine.data.datasets import GroupedDataset
 from engine.data.prepare import describe, load_dataset
 from engine.runs import RunDir, atomic_write_bytes, atomic_write_json, read_json
+from engine.stages import stage_key
 
 STAGE = "data"
 
 
 def data_hash(cfg: Config) -> str:
-    return cfg.slice_hash("data")
+    return stage_key(cfg, STAGE)
 
 
 def run_data_stage(cfg: Config, run: RunDir) -> GroupedDataset:

@@ -41,23 +41,20 @@ import numpy as np
 from engine import storage
 from engine.cards import CARD_FILE, unit_card
 from engine.config import Config
-from engine.data.stage import run_data_stage
+from engine.data.stage import data_hash, run_data_stage
 from engine.errors import FairsynthError
 from engine.finetune.trainer import UnitJob, unit_seed
 from engine.finetune.tune import UnitResult, run_unit_trials
 from engine.finetune.units import Unit
 from engine.generation_methods import BASE, GenerationMethod, get_method
+from engine.hashing import digest
 from engine.resources import trial_bundle
 from engine.runs import RunDir, atomic_directory, atomic_write_json, read_json
+from engine.stages import stage_fields, stage_key
 
 log = logging.getLogger(__name__)
 
 UNIT_FILE = "unit.json"
-PROMPT_TEMPLATES = (
-    "generate.prompt_template", "generate.identifier_template", "generate.negative_prompt_template",
-    "generate.own_negative_prompt_template",
-)
-CLASS_IMAGE_SAMPLING = ("steps", "guidance_scale", "scheduler")
 
 
 def stage_name(method: str) -> str:
@@ -72,21 +69,17 @@ def load_manifest(run: RunDir, method: str) -> dict:
     return read_json(manifest_path(run, method))
 
 
-def _digest(payload) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _sampled_fingerprint(path: Path, sample: int = 1 << 20) -> tuple[int, str]:
     """A file's size and a hash of its first and last MiB: re-trained weights change both,
     while a copy, a fresh clone or a new node's checkout (new file times) changes neither."""
     size = path.stat().st_size
-    digest = hashlib.sha256()
+    sha = hashlib.sha256()
     with open(path, "rb") as f:
-        digest.update(f.read(sample))
+        sha.update(f.read(sample))
         if size > 2 * sample:
             f.seek(size - sample)
-        digest.update(f.read(sample))
-    return size, digest.hexdigest()[:16]
+        sha.update(f.read(sample))
+    return size, sha.hexdigest()[:16]
 
 
 def model_fingerprint(cfg: Config) -> str:
@@ -106,43 +99,44 @@ def model_fingerprint(cfg: Config) -> str:
         for p in folder.rglob("*")
         if p.is_file() and p.suffix in (".safetensors", ".bin", ".json", ".txt")
     )
-    return f"{base}:{_digest(files)}"
+    return f"{base}:{digest(files)}"
 
 
 def training_hash(cfg: Config, strategy: GenerationMethod) -> str:
-    """What a trained unit of ``strategy`` depends on, besides its own images and prompts."""
-    ft = cfg.finetune
-    payload = {
-        "method": strategy.name,
-        "finetune": {k: getattr(ft, k) for k in strategy.training_fields()},
-        "model": model_fingerprint(cfg),
-    }
-    if strategy.uses_prior(ft):
-        payload["class_images"] = {k: getattr(cfg.generate, k) for k in CLASS_IMAGE_SAMPLING}
-    return _digest(payload)
+    """What a trained unit of ``strategy`` depends on, besides its own images and prompts
+    (``Unit.training_hash``)."""
+    prior = class_image_key(cfg) if strategy.uses_prior(cfg.finetune) else None
+    return stage_key(cfg, "unit_training", method=strategy.name, model=model_fingerprint(cfg), class_images=prior)
 
 
-def stage_hash(cfg: Config, strategy: GenerationMethod) -> str:
-    parts = [training_hash(cfg, strategy), cfg.slice_hash("data", "finetune.min_real_images", *PROMPT_TEMPLATES)]
+def unit_plan_hash(cfg: Config, strategy: GenerationMethod) -> str:
+    """What a method's units, their images and prompts depend on."""
+    cluster = None
     if strategy.per_cluster:
         from engine.cluster import cluster_hash
 
-        parts.append(cluster_hash(cfg))
-    return _digest(parts)
+        cluster = cluster_hash(cfg)
+    return stage_key(cfg, "unit_plan", method=strategy.name, data=data_hash(cfg), cluster=cluster)
+
+
+def stage_hash(cfg: Config, strategy: GenerationMethod) -> str:
+    return stage_key(cfg, "finetune", method=strategy.name, unit_plan=unit_plan_hash(cfg, strategy),
+                     unit_training=training_hash(cfg, strategy))
+
+
+def training_settings(cfg: Config) -> dict:
+    """The finetune keys a trained unit depends on, by name, as its model card lists them."""
+    fields, _ = stage_fields("unit_training", type(cfg))
+    return {f.split(".", 1)[1]: getattr(cfg.finetune, f.split(".", 1)[1]) for f in fields if f.startswith("finetune.")}
 
 
 # --- prior-preservation class images --------------------------------------------------------
 
 
-def class_image_key(cfg: Config, prompt: str) -> str:
-    payload = {
-        "prompt": prompt,
-        "model": model_fingerprint(cfg),
-        "count": cfg.finetune.num_class_images,
-        "seed": cfg.finetune.seed,
-        "sampling": {k: getattr(cfg.generate, k) for k in CLASS_IMAGE_SAMPLING},
-    }
-    return _digest(payload)
+def class_image_key(cfg: Config, prompt: str | None = None) -> str:
+    """The key of the base model's prior-preservation images for ``prompt`` (None: of every
+    prompt, as a trained unit depends on them; its own prompt is in its unit hash)."""
+    return stage_key(cfg, "class_images", model=model_fingerprint(cfg), prompt=prompt)
 
 
 def _draw_class_images_task(cfg: Config, prompt: str, seed: int, gpus: float, threads: int) -> np.ndarray:
@@ -207,7 +201,7 @@ def _file_fingerprint(path) -> dict:
             data = f.read(length) if 8 + length <= size else b""
         else:
             data = f.read()
-    return {"bytes": size, "sha256": hashlib.sha256(data).hexdigest()[:16]}
+    return {"bytes": size, "sha256": digest(data)}
 
 
 def artifact_fingerprint(folder) -> dict[str, dict]:
@@ -219,10 +213,10 @@ def artifact_fingerprint(folder) -> dict[str, dict]:
 
 def artifact_problem(folder, record: dict) -> str | None:
     """What differs between a unit's artifact and the one its record was written with; None
-    when it is whole, or when the record predates fingerprints."""
+    when it is whole."""
     written = record.get("artifact_files")
-    if written is None:
-        return None
+    if not isinstance(written, dict):
+        return f"{UNIT_FILE} lists no artifact files"
     found = artifact_fingerprint(folder)
     for name in sorted(set(written) | set(found)):
         if name not in found:
@@ -320,7 +314,7 @@ def _keep_tensorboard(run: RunDir, method: str, unit: str, result: UnitResult) -
 def card_writer(cfg: Config, run: RunDir, strategy: GenerationMethod) -> Callable[[Unit, dict], str]:
     """The model card of a unit trained under ``cfg``, given the unit and its record."""
     groups = read_json(run / "data/groups.json")
-    settings = {k: getattr(cfg.finetune, k) for k in strategy.training_fields()}
+    settings = training_settings(cfg)
 
     def card(unit: Unit, record: dict) -> str:
         names = f"{groups['class_names'][unit.label]} / {groups['attribute_names'][unit.attribute]}"
@@ -454,11 +448,9 @@ def _remove_experiments(records: dict, storage_root: str) -> None:
 
 def experiment_under(storage_root: str, recorded: str) -> str | None:
     """The experiment folder a unit record names, when it is one folder directly under
-    ``storage_root`` (its name, or a full path written by an earlier version); None for any
-    other path (a tampered record, or the run this one was copied from), which is never deleted."""
+    ``storage_root``; None for any other path (a tampered record, or the run this one was
+    copied from), which is never deleted."""
     name = str(recorded).rstrip("/")
-    if name.startswith(storage_root + "/"):
-        name = name[len(storage_root) + 1:]
     if name in ("", ".", "..") or "/" in name or "\\" in name:
         return None
     experiment = f"{storage_root}/{name}"

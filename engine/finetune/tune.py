@@ -23,7 +23,6 @@ any node of a cluster with shared ``ray.storage_path``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -40,6 +39,7 @@ from engine.console import ray_prints
 from engine.errors import FairsynthError
 from engine.finetune.trainer import FAILURE_MARKER, UnitJob, UnitTrainer
 from engine.generation_methods import get_method
+from engine.hashing import digest
 from engine.raylib import device_for
 from engine.resources import max_concurrent_trials, trial_bundle
 
@@ -124,8 +124,7 @@ def experiment_name(prefix: str, jobs: list[UnitJob], extra: str = "") -> str:
     """Names an experiment by what its trials learn from, so a re-run with the same pending
     units restores it, and runs of other data sharing ``ray.storage_path`` never do."""
     payload = sorted((j.unit, j.sources, j.train_prompt, j.class_prompt) for j in jobs)
-    digest = hashlib.sha256((json.dumps(payload) + extra).encode()).hexdigest()[:10]
-    return f"{prefix}-{digest}"
+    return f"{prefix}-{digest([payload, extra], length=10)}"
 
 
 def step_progress(n_trials: int, steps: int, desc: str):

@@ -14,8 +14,6 @@ drawn with the same variety as the group it borrows from.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 
@@ -24,6 +22,7 @@ import pandas as pd
 from engine.config import Config
 from engine.data.datasets import GroupedDataset
 from engine.errors import FairsynthError
+from engine.hashing import digest
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +55,7 @@ class Unit:
 
     def training_hash(self) -> str:
         """What the unit's trained model depends on, beyond the config."""
-        payload = {k: v for k, v in asdict(self).items() if k in ("unit", "sources", "train_prompt", "class_prompt")}
-        blob = json.dumps(payload, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return digest({k: v for k, v in asdict(self).items() if k in ("unit", "sources", "train_prompt", "class_prompt")})
 
 
 def unit_id(group: int, cluster: int = NO_CLUSTER) -> str:

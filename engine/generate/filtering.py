@@ -44,15 +44,12 @@ from engine.generate.shards import (
     write_shard_table,
 )
 from engine.runs import RunDir, atomic_write_json, read_json
+from engine.stages import stage_key
 
 log = logging.getLogger(__name__)
 
 # A rewrite task only reads and writes one Parquet shard.
 REWRITE_NUM_CPUS = 0.25
-
-
-# The settings that choose which synthetic images are kept.
-KEPT_SET_KEYS = ("filter.alpha", "filter.keep_fraction", "filter.class_prompt_template", "model.encoder")
 
 
 def filter_stage_name(method: str) -> str:
@@ -259,22 +256,21 @@ def run_filter_stage(cfg: Config, run: RunDir, method: str) -> dict:
 
     Skipped when complete for the same generated set, filter settings and encoder.
     """
+    from engine.cluster import embeddings_hash
     from engine.generate.grids import write_sample_grid
     from engine.generate.stage import generate_stage_name
 
-    generated = run.marker(generate_stage_name(method))
-    if not generated.exists():
+    generated = run.read_marker(generate_stage_name(method))
+    if generated is None:
         raise FairsynthError(
             f"no finished synthetic set in {synthetic_dir(run, method)}; run "
             f"`python jobs/generate.py --method {method} --run-dir {run.root}` first"
         )
-    plan_hash = read_json(generated).get("hash")
     stage = filter_stage_name(method)
     # What picks the kept images, and so what a classifier trained on them depends on (the
     # train stage reads it from the marker); the judge only reports on them.
-    kept_hash = f"{plan_hash}-{cfg.slice_hash(*KEPT_SET_KEYS)}"
-    # The stage's own key keeps the form it had before kept_hash, so finished runs stay filtered.
-    stage_hash = f"{plan_hash}-{cfg.slice_hash(*KEPT_SET_KEYS, 'fidelity')}"
+    kept_hash = stage_key(cfg, "filter", generate=generated["hash"], embeddings=embeddings_hash(cfg))
+    stage_hash = stage_key(cfg, "fidelity", filter=kept_hash)
     summary_path = run / stage / "summary.json"
     if run.is_complete(stage, stage_hash) and summary_path.exists():
         log.info("filter %s: complete, skipped", method)

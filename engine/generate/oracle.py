@@ -18,11 +18,12 @@ import pyarrow as pa
 
 from engine.config import Config
 from engine.data import builtin
-from engine.data.stage import load_run_dataset
+from engine.data.stage import data_hash, load_run_dataset
 from engine.errors import FairsynthError
 from engine.generate.filtering import keep_count
 from engine.generate.shards import encode_png, remove_stale_shards, synthetic_dir, write_shard_table
-from engine.runs import RunDir, read_json
+from engine.runs import RunDir
+from engine.stages import stage_key
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ STAGE = "oracle"
 
 def oracle_hash(cfg: Config) -> str:
     """The oracle set depends on the data (and its seed) and on the size of a kept synthetic set."""
-    return cfg.slice_hash("data", "generate.images_per_group", "generate.rows_per_shard", "filter.keep_fraction")
+    return stage_key(cfg, STAGE, data=data_hash(cfg))
 
 
 def images_per_group(cfg: Config, train_counts: list[int]) -> int:
@@ -74,7 +75,7 @@ def run_oracle_stage(cfg: Config, run: RunDir) -> int:
     key = oracle_hash(cfg)
     if run.is_complete(STAGE, key):
         log.info("oracle: complete, skipping")
-        return int(read_json(run.marker(STAGE)).get("images", 0))
+        return int(run.read_marker(STAGE).get("images", 0))
     dataset = load_run_dataset(run)
     per_group = images_per_group(cfg, dataset.group_counts("train"))
     rows = draw_oracle_rows(cfg, dataset, per_group)

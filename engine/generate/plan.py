@@ -8,34 +8,33 @@ much as the unit it borrows from. Each planned image has a seed derived from
 ``generate.seed`` and its unit, so a re-run plans the same rows.
 
 Rows are ordered by (unit, seed) and cut into shards of ``generate.rows_per_shard``; a shard's
-file name holds the plan hash and its index, so shards from a different plan never mix with
-this one and a re-run writes only the shards that are missing.
+file name holds the plan hash (the generate stage's key over these rows) and its index, so
+shards from a different plan never mix with this one and a re-run writes only the shards that
+are missing.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 
 import pandas as pd
 
-from engine.config import GenerateConfig
+from engine.config import Config, GenerateConfig
 from engine.errors import FairsynthError
 from engine.generation_methods import BASE
+from engine.hashing import digest
+from engine.stages import stage_key
 
 # Columns of a plan row; the sampler adds image, method and base_model, filtering adds the rest.
 PLAN_COLUMNS = (
     "shard", "unit", "group", "cluster", "label", "attribute", "seed", "prompt",
     "negative_prompt", "artifact", "artifact_kind", "model_strength",
 )
-# Sampler settings that change the pixels of an image with a given prompt and seed.
-SAMPLING_KEYS = ("steps", "guidance_scale", "scheduler")
-
-
 def unit_seed_base(generate_seed: int, unit: str) -> int:
-    """First seed of a unit: a stable hash, so units draw unrelated noise."""
+    """First seed of a unit: a stable hash, so units draw unrelated noise (a seed, not a
+    cache key: it stays as it is, or every image changes)."""
     digest = hashlib.sha256(f"{generate_seed}/{unit}".encode()).hexdigest()
     return int(digest[:10], 16)  # 40 bits: leaves room for 2**23 images per unit below 2**63
 
@@ -114,18 +113,14 @@ class GroupBalancedPlan:
     base_model: str
     rows: pd.DataFrame
     per_group: dict[int, int]
-    sampling: dict
+    sampling: dict  # as the stage summary reports it
     rows_per_shard: int
     hash: str = field(default="")
 
     @classmethod
-    def build(
-        cls,
-        manifest: dict,
-        real_train_counts: list[int],
-        cfg: GenerateConfig,
-    ) -> GroupBalancedPlan:
+    def build(cls, manifest: dict, real_train_counts: list[int], config: Config) -> GroupBalancedPlan:
         """The plan for a finetune manifest (``RUN/finetune/<method>/manifest.json``)."""
+        cfg = config.generate
         n_groups = len(real_train_counts)
         units = _check_manifest(manifest, n_groups)
         units = sorted(units, key=lambda u: (int(u["group"]), int(u["cluster"]), str(u["unit"])))
@@ -156,42 +151,24 @@ class GroupBalancedPlan:
                         "artifact_kind": str(model["artifact_kind"]) if model["artifact"] else BASE,
                         "model_strength": strength,
                         # What makes a re-trained artifact at the same path a different model.
-                        # (trained_under only where the manifest has it, so older plans keep their hash.)
-                        "_identity": [model.get("steps"), model.get("final_loss"),
-                                      *([model["trained_under"]] if model.get("trained_under") else [])],
+                        "_identity": [model.get("steps"), model.get("final_loss"), model.get("trained_under")],
                     })
         frame = pd.DataFrame(rows)
-        sampling = {k: getattr(cfg, k) for k in SAMPLING_KEYS}
         plan = cls(
             method=str(manifest.get("method", "")),
             base_model=str(manifest.get("base_model", "")),
             rows=frame,
             per_group=per_group,
-            sampling=sampling,
+            sampling={"steps": cfg.steps, "guidance_scale": cfg.guidance_scale, "scheduler": cfg.scheduler},
             rows_per_shard=cfg.rows_per_shard,
         )
-        plan.hash = plan._digest()
+        # What the stage reads of the finetune stage is these rows: a fine-tuning change that
+        # leaves them as they were draws nothing again.
+        plan.hash = stage_key(config, "generate", method=plan.method, base_model=plan.base_model,
+                              finetune=digest(frame.to_dict(orient="list")))
         plan.rows = frame = frame.drop(columns="_identity")
         frame.insert(0, "shard", [plan.shard_name(i // cfg.rows_per_shard) for i in range(len(frame))])
         return plan
-
-    def _digest(self) -> str:
-        payload = {
-            "method": self.method,
-            "base_model": self.base_model,
-            "sampling": self.sampling,
-            "rows_per_shard": self.rows_per_shard,
-            "rows": self._rows_for_digest().to_dict(orient="list"),
-        }
-        blob = json.dumps(payload, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
-
-    def _rows_for_digest(self) -> pd.DataFrame:
-        # Where every unit draws at full strength the column changes no pixel: left out, so a
-        # plan from before the column existed keeps its hash and its shards.
-        if (self.rows["model_strength"] == 1.0).all():
-            return self.rows.drop(columns="model_strength")
-        return self.rows
 
     def shard_name(self, index: int) -> str:
         return f"part-{self.hash}-{index:05d}.parquet"

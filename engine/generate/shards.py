@@ -112,8 +112,8 @@ def shard_paths(run: RunDir, method: str) -> list[RunPath]:
 
 
 def image_cells(column: pa.ChunkedArray) -> pa.ChunkedArray:
-    """An ``image`` column of PNG bytes (the sampler's rows, shards written before the struct
-    layout) or of {bytes, path} cells -> the struct layout; a missing image fails loudly."""
+    """An ``image`` column of PNG bytes (the sampler's rows) or of {bytes, path} cells -> the
+    struct layout; a missing image fails loudly."""
     if pa.types.is_struct(column.type):
         cells = column.cast(IMAGE_TYPE)
         png = pc.struct_field(cells, "bytes")
@@ -132,7 +132,7 @@ def image_cells(column: pa.ChunkedArray) -> pa.ChunkedArray:
 def image_bytes(table: pa.Table) -> pa.Table:
     """The ``image`` column as plain PNG bytes, as the engine's pandas readers use it."""
     index = table.schema.get_field_index("image")
-    if index < 0 or not pa.types.is_struct(table.schema.field(index).type):
+    if index < 0:
         return table
     return table.set_column(index, "image", pc.struct_field(table["image"], "bytes"))
 

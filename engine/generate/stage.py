@@ -61,16 +61,17 @@ def build_plan(cfg: Config, run: RunDir, method: str) -> GroupBalancedPlan:
         )
     manifest = {**manifest, "base_model": cfg.model.base}
     dataset = load_run_dataset(run)
-    return GroupBalancedPlan.build(manifest, dataset.group_counts("train"), cfg.generate)
+    return GroupBalancedPlan.build(manifest, dataset.group_counts("train"), cfg)
 
 
 def run_generate_stage(cfg: Config, run: RunDir, method: str) -> dict:
     """Write ``RUN/synthetic/<method>/*.parquet``, its dataset card (README.md) and
     ``RUN/grids/<method>.png``; return a summary.
 
-    Skipped when complete for the same plan. The completion marker holds the plan hash, which
-    covers the manifest's units and artifacts, the per-group counts, seeds, prompts, sampler
-    settings and shard size, but not resources (actors, batch size, devices).
+    Skipped when complete for the same plan. The completion marker holds the plan hash, the
+    stage's key (engine/stages.py) over the plan's rows: the manifest's units and artifacts,
+    the per-group counts, seeds, prompts, and the generate fields that change the images, not
+    resources (actors, batch size, devices).
     """
     from engine.generate.grids import write_sample_grid
 

@@ -101,14 +101,3 @@ def build_clip_tokenizer():
         eos_token=EOS_TOKEN,
         pad_token=EOS_TOKEN,
     )
-
-
-def save_clip_tokenizer(folder: str | os.PathLike) -> Path:
-    """Save the offline tokenizer in ``from_pretrained`` format: ``vocab.json``, ``merges.txt`` and
-    ``tokenizer_config.json``, the layout of Stable Diffusion 1.x tokenizer folders."""
-    folder = Path(folder)
-    build_clip_tokenizer().save_pretrained(folder)
-    # tokenizer.json (3.6 MB) is rebuilt from vocab.json and merges.txt on load.
-    (folder / "tokenizer.json").unlink(missing_ok=True)
-    write_clip_vocab_files(folder)
-    return folder

@@ -389,10 +389,6 @@ def _latest_state(rank: int) -> dict | None:
         log.warning("rank %d: the latest checkpoint %s is damaged (%s); training from the start",
                     rank, os.path.join(checkpoint.path, STATE_FILE), type(exc).__name__)
         return None
-    if CHECKPOINT_FIELDS - set(state):
-        # An experiment left by an earlier fairsynth, whose checkpoints hold no best epoch.
-        log.warning("rank %d: the latest checkpoint predates this version's format; training from the start", rank)
-        return None
     log.info("rank %d resumes %s after epoch %d", rank, state["method"], state["epoch"])
     return state
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import logging
 import math
 import time
@@ -26,12 +24,14 @@ from pathlib import Path
 from engine import storage
 from engine.config import Config
 from engine.console import ray_prints
-from engine.data.stage import load_run_dataset
+from engine.data.stage import data_hash, load_run_dataset
 from engine.errors import FairsynthError
 from engine.generate.shards import shard_paths, synthetic_dir
+from engine.hashing import digest
 from engine.raylib import init_ray
 from engine.resources import train_workers, use_gpu
 from engine.runs import RunDir, atomic_write_json, read_json
+from engine.stages import stage_key
 from engine.train import data as train_data
 from engine.train.backbones import build_classifier
 from engine.train.loop import STATE_FILE, read_checkpoint_state, train_loop
@@ -48,22 +48,17 @@ def train_hash(cfg: Config, run: RunDir, method: str) -> str:
     """What a method's classifier depends on: the data, the train section as the method trains
     with it (its own overrides, not another method's) and the seed, and for
     a generative method the synthetic images it reads. Those are named by the filter stage's
-    marker (the generation plan's hash and the settings that pick the kept images), so an
+    marker (its key over the generation plan and the settings that pick the kept images), so an
     upstream change that leaves the kept images as they were (a sampler's batch size, the
     fidelity judge) trains nothing again."""
-    own = cfg.train.for_method(method).model_dump(mode="json", exclude={"method_overrides"})
-    key = hashlib.sha256(json.dumps([cfg.slice_hash("data", "seed"), own], sort_keys=True).encode()).hexdigest()[:16]
-    if get_method(method).uses_synthetic:
-        key = f"{key}-{_kept_set_hash(run, method)}"
-    return key
+    own = cfg.model_copy(update={"train": cfg.train.for_method(method)})
+    kept = _kept_set_hash(run, method) if get_method(method).uses_synthetic else None
+    return stage_key(own, "train", method=method, data=data_hash(cfg), filter=kept)
 
 
 def _kept_set_hash(run: RunDir, method: str) -> str:
-    path = run.marker(get_method(method).synthetic_stage)
-    if not path.exists():
-        return "none"  # not filtered yet: never equal to a finished filter's hash
-    marker = read_json(path)
-    return str(marker.get("kept_hash") or marker.get("hash", "none"))  # "hash": a marker from before kept_hash
+    marker = run.read_marker(get_method(method).synthetic_stage)
+    return str(marker["kept_hash"]) if marker else "none"  # not filtered yet: never a finished filter's key
 
 
 def _storage(cfg: Config, run: RunDir, keys: dict[str, str]) -> tuple[str, str]:
@@ -74,7 +69,7 @@ def _storage(cfg: Config, run: RunDir, keys: dict[str, str]) -> tuple[str, str]:
         name, folder = f"{methods[0]}-{keys[methods[0]]}", f"train/{methods[0]}/ray"
     else:
         joined = ",".join(f"{m}:{keys[m]}" for m in methods)
-        name, folder = f"methods-{hashlib.sha256(joined.encode()).hexdigest()[:16]}", "train/ray"
+        name, folder = f"methods-{digest(joined)}", "train/ray"
     if cfg.ray.storage_path:
         return cfg.ray.storage_path, name
     # A URI (s3://...) goes to Ray Train as it is; it opens it with pyarrow.fs on every node.
