@@ -198,7 +198,8 @@ def run_config(run_dir: str) -> Config:
         return Config.model_validate(yaml.safe_load(path.read_text()) or {})
     except (yaml.YAMLError, ValidationError) as exc:
         first = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else "not valid YAML"
-        raise FairsynthError(f"{path} is not a config this version reads ({first})") from None
+        raise FairsynthError(f"{path} is not a config this version of fairsynth reads ({first}); "
+                             "an older version's run: rerun its job with this version") from None
 
 
 def finished_rows(root, cfg: Config) -> list[dict]:

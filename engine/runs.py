@@ -142,9 +142,12 @@ class RunDir:
         if path.exists() and not force:
             try:
                 previous = Config.model_validate(yaml.safe_load(path.read_text()) or {})
+            except storage.StorageError:
+                raise  # the storage failed, not the config: --force would overwrite a good one
             except Exception:
                 raise FairsynthError(
-                    f"{path} is not a fairsynth config; use another --run-dir or pass --force"
+                    f"{path} is not a config this version of fairsynth reads (another tool's, or an "
+                    "older version's); use another --run-dir or pass --force"
                 ) from None
             if previous.slice_hash(*IDENTITY_SECTIONS) != cfg.slice_hash(*IDENTITY_SECTIONS):
                 changed = [

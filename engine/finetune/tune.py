@@ -238,6 +238,8 @@ def saved_state_is_whole(experiment: str) -> bool:
         if states:
             json.loads(storage.read_bytes(states[-1]))
         return not any(storage.read_bytes(p) == b"" for p in folder.glob("*/error.pkl"))
+    except storage.StorageError:
+        raise  # storage that is down says nothing about the saved state: never delete it for that
     except (ValueError, OSError):
         return False
 
