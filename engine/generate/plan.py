@@ -164,7 +164,11 @@ class GroupBalancedPlan:
         )
         # What the stage reads of the finetune stage is these rows: a fine-tuning change that
         # leaves them as they were draws nothing again.
-        plan.hash = stage_key(config, "generate", method=plan.method, base_model=plan.base_model,
+        from engine.finetune.stage import (
+            model_fingerprint,  # base weights re-trained in place redraw
+        )
+
+        plan.hash = stage_key(config, "generate", method=plan.method, base_model=model_fingerprint(config),
                               finetune=digest(frame.to_dict(orient="list")))
         plan.rows = frame = frame.drop(columns="_identity")
         frame.insert(0, "shard", [plan.shard_name(i // cfg.rows_per_shard) for i in range(len(frame))])
