@@ -49,6 +49,8 @@ from engine.train.methods import SYNTHETIC, Phase, get_method
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+# What a checkpoint's state holds besides the model and optimizer (see _report_epoch).
+CHECKPOINT_FIELDS = {"method", "model", "epoch", "phase", "history", "best", "finished"}
 SCORE = "val_worst_group"
 # Reported for epochs that are not candidates (stage-1 pretraining): below any accuracy.
 NOT_SCORED = -1.0
