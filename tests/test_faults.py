@@ -10,7 +10,6 @@ import http.client
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from faultproxy import FAULTS, FaultProxy
+from s3server import moto_s3
 
 from engine import diskspace, storage
 from engine.cli import run_job
@@ -30,26 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "fairsynth-faults"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_server():
     """A moto S3 server on a free local port with one bucket; yields its URL."""
-    moto_server = pytest.importorskip("moto.server")
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    import pyarrow.fs as pafs
-
-    pafs.S3FileSystem(endpoint_override=url, region="us-east-1", access_key="testing", secret_key="testing",
-                      allow_bucket_creation=True).create_dir(BUCKET)
-    yield url
-    server.stop()
+    with moto_s3(BUCKET) as url:
+        yield url
 
 
 def _aws_env(endpoint: str) -> dict:

@@ -5,12 +5,12 @@ the tiny job end to end on a two-node Ray cluster whose run directory is s3://."
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from s3server import free_port, moto_s3
 
 from engine import storage
 from engine.errors import FairsynthError
@@ -22,41 +22,26 @@ ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "fairsynth-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_env():
     """A moto S3 server on a free local port with one bucket; yields the AWS variables."""
-    moto_server = pytest.importorskip("moto.server")
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        import pyarrow.fs as pafs
-
-        pafs.S3FileSystem(
-            endpoint_override=env["AWS_ENDPOINT_URL"], region="us-east-1", allow_bucket_creation=True
-        ).create_dir(BUCKET)
-        yield env
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.stop()
+    with moto_s3(BUCKET) as url:
+        env = {
+            "AWS_ENDPOINT_URL": url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield env
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def test_remote_path_names():
@@ -127,7 +112,7 @@ def test_bad_run_dir_fails_at_start_in_one_line(s3_env, tmp_path, monkeypatch):
     cfg = load_config(None, [])
     with pytest.raises(FairsynthError, match=r"run_dir = 's3://no-such-bucket/run' cannot be written .*create the bucket"):
         RunDir("s3://no-such-bucket/run").prepare(cfg)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens
     with pytest.raises(FairsynthError, match=rf"run_dir = 's3://{BUCKET}/run' cannot be written .*AWS_ENDPOINT_URL"):
         RunDir(f"s3://{BUCKET}/run").prepare(cfg)
     blocker = tmp_path / "file"
