@@ -28,7 +28,6 @@ Owns ``RUN/finetune/``:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -73,13 +72,11 @@ def _sampled_fingerprint(path: Path, sample: int = 1 << 20) -> tuple[int, str]:
     """A file's size and a hash of its first and last MiB: re-trained weights change both,
     while a copy, a fresh clone or a new node's checkout (new file times) changes neither."""
     size = path.stat().st_size
-    sha = hashlib.sha256()
     with open(path, "rb") as f:
-        sha.update(f.read(sample))
+        head = f.read(sample)
         if size > 2 * sample:
             f.seek(size - sample)
-        sha.update(f.read(sample))
-    return size, sha.hexdigest()[:16]
+        return size, digest(head + f.read(sample))
 
 
 def model_fingerprint(cfg: Config) -> str:
