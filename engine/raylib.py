@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import threading
@@ -281,3 +282,47 @@ def device_for(num_gpus: float, model_device: str = "auto") -> str:
             "actor_num_gpus or trial_resources GPU > 0) or set model.device=auto"
         )
     return "cpu"
+
+
+# --- a node lost under a driver-side step ------------------------------------------------------
+
+NODE_LOSS_ATTEMPTS = 4
+_NODE_LOSS_TEXT = re.compile(r"its node has died|NodeDiedError|WorkerCrashedError|ObjectLostError")
+
+
+def lost_with_a_node(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) says a worker, an actor or an object was lost with
+    its node, as on a spot cluster, rather than that the code failed."""
+    from ray import exceptions as rex
+
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, rex.RayActorError) and not current.actor_init_failed:
+            return True
+        if isinstance(current, rex.NodeDiedError | rex.WorkerCrashedError | rex.ObjectLostError):
+            return True
+        # A task's error that could not be unpickled arrives as its text only.
+        if isinstance(current, rex.UnserializableException) and _NODE_LOSS_TEXT.search(str(current)):
+            return True
+        current = getattr(current, "cause", None) or current.__cause__ or current.__context__
+    return False
+
+
+def retry_node_loss(what: str, step, *args, attempts: int = NODE_LOSS_ATTEMPTS, **kwargs):
+    """``step(*args, **kwargs)``, started again when a node dies under it. Ray retries tasks and
+    restarts actors, but not a driver-side step that waits on them: Ray Data's listing of a
+    dataset's Parquet files fails whole when the actor reading the footers loses its node
+    (docs/reliability.md, "Chaos"). Steps given here are deterministic, so a second try gives
+    what the first would have."""
+    for attempt in range(1, attempts):
+        try:
+            return step(*args, **kwargs)
+        except Exception as error:
+            if not lost_with_a_node(error):
+                raise
+            first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+            log.warning("%s: a Ray node died under it (%s); starting it again (%d of %d)",
+                        what, first[:200], attempt, attempts - 1)
+    return step(*args, **kwargs)

@@ -245,3 +245,55 @@ def _no_ray_left_running():
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def test_a_driver_side_step_is_started_again_when_a_node_dies_under_it(caplog):
+    from ray import exceptions as rex
+
+    from engine.raylib import lost_with_a_node, retry_node_loss
+
+    calls = []
+
+    def listing():
+        calls.append(1)
+        if len(calls) < 3:
+            try:
+                raise rex.ActorDiedError()  # a footer-reading actor gone with its node
+            except rex.ActorDiedError as died:
+                raise RuntimeError("ListFiles failed") from died
+        return "listed"
+
+    assert retry_node_loss("reading the shards", listing) == "listed" and len(calls) == 3
+    assert sum("a Ray node died under it" in r.getMessage() for r in caplog.records) == 2
+    assert lost_with_a_node(rex.NodeDiedError("node gone"))
+    assert not lost_with_a_node(ValueError("a bug")), "only a lost node is retried"
+
+    def bug():
+        calls.append(1)
+        raise ValueError("a bug")
+
+    calls.clear()
+    with pytest.raises(ValueError):
+        retry_node_loss("a step", bug)
+    assert len(calls) == 1
+
+    def always_lost():
+        calls.append(1)
+        raise rex.WorkerCrashedError()
+
+    calls.clear()
+    with pytest.raises(rex.WorkerCrashedError):
+        retry_node_loss("a step", always_lost, attempts=3)
+    assert len(calls) == 3  # bounded
+
+
+def test_a_node_loss_whose_error_could_not_be_unpickled_is_still_recognised():
+    from ray import exceptions as rex
+
+    from engine.raylib import lost_with_a_node
+
+    listing = rex.UnserializableException("ray.exceptions.RayTaskError: ray::ListFiles()\n"
+                                          "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing "
+                                          "this task.\nThe actor died because its node has died. Node Id: ab12")
+    assert lost_with_a_node(listing)
+    assert not lost_with_a_node(rex.UnserializableException("ValueError: a bug in a task"))

@@ -164,10 +164,9 @@ def score_images(cfg: Config, run: RunDir, method: str, group_prompts: list[str]
                  judge_prompts: tuple[list[str], list[str]] | None = None) -> pd.DataFrame:
     """One row per synthetic image: unit, seed, group, score, sim_class, sim_centroid (and,
     with a judge, judged_label and judged_attribute)."""
-    import ray
     from ray.data import DataContext
 
-    from engine.raylib import init_ray
+    from engine.raylib import init_ray, retry_node_loss
     from engine.resources import actor_resources
 
     init_ray(cfg.ray)
@@ -180,27 +179,29 @@ def score_images(cfg: Config, run: RunDir, method: str, group_prompts: list[str]
     saved = context.enable_progress_bars
     context.enable_progress_bars = False
     try:
-        ds = ray.data.read_parquet(**storage.dataset_source(paths))
-        ds = ds.select_columns(["image", "unit", "seed", "group"])
-        ds = ds.map_batches(
-            SyntheticImageScorer,
-            fn_constructor_kwargs={
-                "encoder": cfg.model.encoder,
-                "model_device": cfg.model.device,
-                "num_gpus": resources.num_gpus,
-                "image_size": cfg.data.image_size,
-                "group_prompts": group_prompts,
-                "group_means": group_means,
-                "alpha": flt.alpha,
-                "judge": judge,
-                "judge_prompts": judge_prompts,
-            },
-            batch_format="pandas",
-            **resources.map_batches_kwargs(),
-        )
-        return _collect_scores(ds, images, f"filter {method}")
+        return retry_node_loss(f"filter {method}", _score_pass, paths, images, f"filter {method}", {
+            "encoder": cfg.model.encoder,
+            "model_device": cfg.model.device,
+            "num_gpus": resources.num_gpus,
+            "image_size": cfg.data.image_size,
+            "group_prompts": group_prompts,
+            "group_means": group_means,
+            "alpha": flt.alpha,
+            "judge": judge,
+            "judge_prompts": judge_prompts,
+        }, resources.map_batches_kwargs())
     finally:
         context.enable_progress_bars = saved
+
+
+def _score_pass(paths: list, images: int, desc: str, scorer_kwargs: dict, map_kwargs: dict) -> pd.DataFrame:
+    """One Ray Data pass over the shards: read, score, collect."""
+    import ray
+
+    ds = ray.data.read_parquet(**storage.dataset_source(paths))
+    ds = ds.select_columns(["image", "unit", "seed", "group"])
+    ds = ds.map_batches(SyntheticImageScorer, fn_constructor_kwargs=scorer_kwargs, batch_format="pandas", **map_kwargs)
+    return _collect_scores(ds, images, desc)
 
 
 def _collect_scores(ds, images: int, desc: str) -> pd.DataFrame:

@@ -28,7 +28,7 @@ from engine.data.stage import data_hash, load_run_dataset
 from engine.errors import FairsynthError
 from engine.generate.shards import shard_paths, synthetic_dir
 from engine.hashing import digest
-from engine.raylib import init_ray
+from engine.raylib import init_ray, retry_node_loss
 from engine.resources import train_workers, use_gpu
 from engine.runs import RunDir, atomic_write_json, read_json
 from engine.stages import stage_key
@@ -130,7 +130,8 @@ def _training_datasets(t, phases: list, real_base, train_counts: list[int], shar
             base = real_base()
             counts = train_counts
         else:
-            base = train_data.synthetic_images(
+            base = retry_node_loss(  # its listing of the shards fails whole with a node
+                "reading the synthetic shards", train_data.synthetic_images,
                 shards, t.image_size, t.cache_decoded, sum(synthetic_counts), t.num_workers, t.seed
             )
             counts = synthetic_counts
