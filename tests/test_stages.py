@@ -107,11 +107,15 @@ def test_seed_and_upstream_changes_reach_every_stage_that_reads_them(tmp_path):
     assert _moved(base, encoder) == {"embeddings", "cluster", "unit_plan/clustered", "finetune/clustered",
                                      "filter", "fidelity", "train/lora"}
     guidance = _keys(load_config(None, ["generate.guidance_scale=11"]), RunDir(tmp_path / "d"))
-    # The base model draws prior-preservation images with the sampler's settings; off here.
-    assert _moved(base, guidance) == {"class_images", "generate", "filter", "fidelity", "train/lora"}
-    prior = load_config(None, ["finetune.prior_preservation=true"])
-    assert training_hash(prior, get_method("dreambooth")) != training_hash(
-        load_config(None, ["finetune.prior_preservation=true", "generate.guidance_scale=11"]), get_method("dreambooth"))
+    # The base model draws prior-preservation images with the sampler's settings, and a
+    # DreamBooth unit learns from them; LoRA units have no prior term.
+    assert _moved(base, guidance) == {"class_images", "finetune/clustered", "generate", "filter", "fidelity",
+                                      "train/lora"}
+    assert training_hash(load_config(), get_method("dreambooth")) != training_hash(
+        load_config(None, ["generate.guidance_scale=11"]), get_method("dreambooth"))
+    no_prior = ["finetune.prior_preservation=false"]
+    assert training_hash(load_config(None, no_prior), get_method("dreambooth")) == training_hash(
+        load_config(None, [*no_prior, "generate.guidance_scale=11"]), get_method("dreambooth"))
 
 
 def test_a_stage_key_names_every_stage_it_needs():
