@@ -478,15 +478,43 @@ def test_the_jobs_log_on_a_full_disk_fails_no_one(capsys):
 def test_a_tune_state_cut_by_a_full_disk_is_not_resumed(tmp_path):
     """Tune writes its experiment state in place: a full disk cuts it short, and the re-run
     starts the experiment's unfinished trials again instead of failing to restore it."""
-    from engine.finetune.tune import saved_state_is_whole
+    from engine.finetune.tune import unrestorable
 
     experiment = tmp_path / "lora-abc"
     (experiment / "g0-1_00000").mkdir(parents=True)
     state = experiment / "experiment_state-2026-12-07_15-21-52.json"
     state.write_text('{"trial_data": [["{}", "{}"]], "runner_data": {}}')
-    assert saved_state_is_whole(str(experiment))
+    assert unrestorable(str(experiment)) is None
     state.write_text('{"trial_data": [["{}", "{')  # cut where the disk filled
-    assert not saved_state_is_whole(str(experiment))
+    assert "cut short" in unrestorable(str(experiment))
     state.write_text("{}")
     (experiment / "g0-1_00000" / "error.pkl").write_bytes(b"")
-    assert not saved_state_is_whole(str(experiment))
+    assert "error file is empty" in unrestorable(str(experiment))
+
+
+def test_a_tune_state_naming_a_deleted_checkpoint_is_not_resumed(tmp_path):
+    """A driver killed after a trial saved a new checkpoint (and Tune deleted the older one)
+    but before the experiment state was saved again: the state names a checkpoint that is
+    gone, and every retry of that trial would fail to restore it."""
+    import json
+    import pickle
+
+    from engine.finetune.tune import unrestorable
+
+    experiment = tmp_path / "lora-abc"
+    trial = experiment / "g0-1_00000"
+    trial.mkdir(parents=True)
+    manager = pickle.dumps({"latest": f"{trial}/checkpoint_000002"}).hex()
+
+    def save_state(status: str) -> None:
+        runtime = json.dumps({"checkpoint_manager": {"_type": "CLOUDPICKLE_FALLBACK", "value": manager}})
+        (experiment / "experiment_state-2026-12-07_15-21-52.json").write_text(
+            json.dumps({"trial_data": [[json.dumps({"status": status}), runtime]], "runner_data": {}}))
+
+    save_state("RUNNING")
+    assert "checkpoint_000002, which is gone" in unrestorable(str(experiment))
+    save_state("TERMINATED")  # a finished trial is not restored
+    assert unrestorable(str(experiment)) is None
+    save_state("RUNNING")
+    (trial / "checkpoint_000002").mkdir()
+    assert unrestorable(str(experiment)) is None

@@ -184,9 +184,10 @@ def _fit(trainable, name: str, storage_path: str, ft: FinetuneConfig, param_spac
     experiment = f"{storage_path.rstrip('/')}/{name}"
     # Pickled with the Tuner and restored with it (engine.finetune.progress).
     callbacks = [step_progress(trials, ft.steps, f"finetune {name.split('-')[0]}")]
-    if tune.Tuner.can_restore(experiment) and not saved_state_is_whole(experiment):
-        log.warning("the fine-tuning experiment in %s was cut short (a full disk leaves Tune's saved state "
-                    "half-written): its unfinished trials start again", experiment)
+    reason = unrestorable(experiment) if tune.Tuner.can_restore(experiment) else None
+    if reason:
+        log.warning("the fine-tuning experiment in %s cannot be resumed: %s; its unfinished trials start again",
+                    experiment, reason)
         from engine import storage
 
         storage.delete(experiment)
@@ -225,23 +226,54 @@ def _fit(trainable, name: str, storage_path: str, ft: FinetuneConfig, param_spac
     return grid, experiment
 
 
-def saved_state_is_whole(experiment: str) -> bool:
-    """Whether a Tune experiment's saved state reads back: Tune writes its experiment state and
-    each trial's error file in place, so a full disk can leave the newest state cut short
-    (Tune.restore then yields trials without their config) or an error file empty (reading it
-    back raises EOFError). Objects on S3 are written whole."""
+def unrestorable(experiment: str) -> str | None:
+    """Why a Tune experiment's saved state cannot be resumed, or None when it can.
+
+    - Tune writes its experiment state and each trial's error file in place, so a full disk
+      can leave the newest state cut short (Tune.restore then yields trials without their
+      config) or an error file empty (reading it back raises EOFError). Objects on S3 are
+      written whole.
+    - The state names each trial's latest checkpoint as of its last save, and Tune deletes a
+      trial's older checkpoints as it makes new ones (``num_to_keep``): a driver killed
+      between the two leaves a state naming a checkpoint that is gone, which every retry of
+      the trial then fails to restore."""
     from engine import storage
 
     folder = storage.as_path(experiment)
     states = sorted(folder.glob("experiment_state-*.json"))
     try:
-        if states:
-            json.loads(storage.read_bytes(states[-1]))
-        return not any(storage.read_bytes(p) == b"" for p in folder.glob("*/error.pkl"))
+        state = json.loads(storage.read_bytes(states[-1])) if states else {}
+        if any(storage.read_bytes(p) == b"" for p in folder.glob("*/error.pkl")):
+            return "a trial's error file is empty (a full disk)"
+        gone = _missing_checkpoints(folder, state)
     except storage.StorageError:
         raise  # storage that is down says nothing about the saved state: never delete it for that
-    except (ValueError, OSError):
-        return False
+    except (ValueError, OSError, KeyError, TypeError):
+        return "its saved state is cut short (a full disk leaves Tune's saved state half-written)"
+    if gone:
+        return f"its saved state names checkpoint {gone[0]}, which is gone (the job was killed between a checkpoint and the next save)"
+    return None
+
+
+_CHECKPOINT_IN_STATE = re.compile(rb"([^/\x00-\x20\"']+)/(checkpoint_\d{6})")
+
+
+def _missing_checkpoints(folder, state: dict) -> list[str]:
+    """The checkpoints an unfinished trial of the saved ``state`` would restore from that are
+    not in ``folder``. Tune pickles each trial's checkpoint manager into the state, so the
+    paths are read out of the pickle's bytes: a trial folder and a checkpoint folder name."""
+    missing = []
+    for meta, runtime in state.get("trial_data", []):
+        if json.loads(meta).get("status") == "TERMINATED":
+            continue  # a finished trial is not restored
+        manager = json.loads(runtime).get("checkpoint_manager") or {}
+        value = manager.get("value", "") if isinstance(manager, dict) else ""
+        blob = bytes.fromhex(value) if manager.get("_type") == "CLOUDPICKLE_FALLBACK" else json.dumps(manager).encode()
+        for trial_dir, name in sorted(set(_CHECKPOINT_IN_STATE.findall(blob))):
+            path = folder / trial_dir.decode() / name.decode()
+            if not path.exists():
+                missing.append(str(path))
+    return missing
 
 
 @contextlib.contextmanager
