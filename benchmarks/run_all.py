@@ -59,6 +59,7 @@ BENCHMARKS = [
     Benchmark("borrowed_fidelity", "higher", quick=(
         "--images", "8", "--methods", "clustered_dreambooth",
         "--run-dir", str(HERE.parent / "runs" / "ablation_quick" / "severity-0.999"))),
+    Benchmark("chaos", "higher", quick=("--methods", "erm,lora", "--signals", "kill")),
 ]
 BY_NAME = {b.name: b for b in BENCHMARKS}
 
