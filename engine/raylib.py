@@ -10,6 +10,7 @@ import re
 import signal
 import socket
 import threading
+import time
 
 import ray
 
@@ -286,7 +287,10 @@ def device_for(num_gpus: float, model_device: str = "auto") -> str:
 
 # --- a node lost under a driver-side step ------------------------------------------------------
 
-NODE_LOSS_ATTEMPTS = 4
+NODE_LOSS_ATTEMPTS = 5
+# Ray marks a node dead only after missing health checks (about 15 s by default) and places
+# new actors on it until then: a retry waits for that, then longer.
+NODE_LOSS_PAUSES_S = (5.0, 10.0, 20.0, 40.0)
 _NODE_LOSS_TEXT = re.compile(r"its node has died|NodeDiedError|WorkerCrashedError|ObjectLostError")
 
 
@@ -310,19 +314,26 @@ def lost_with_a_node(error: BaseException) -> bool:
     return False
 
 
+def _loss_line(error: BaseException) -> str:
+    """The line of ``error`` that says what was lost (Ray's first line is often generic)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in lines if _NODE_LOSS_TEXT.search(line)), lines[0] if lines else type(error).__name__)[:200]
+
+
 def retry_node_loss(what: str, step, *args, attempts: int = NODE_LOSS_ATTEMPTS, **kwargs):
     """``step(*args, **kwargs)``, started again when a node dies under it. Ray retries tasks and
     restarts actors, but not a driver-side step that waits on them: Ray Data's listing of a
     dataset's Parquet files fails whole when the actor reading the footers loses its node
     (docs/reliability.md, "Chaos"). Steps given here are deterministic, so a second try gives
-    what the first would have."""
+    what the first would have. Tries ``attempts`` times, pausing NODE_LOSS_PAUSES_S between."""
     for attempt in range(1, attempts):
         try:
             return step(*args, **kwargs)
         except Exception as error:
             if not lost_with_a_node(error):
                 raise
-            first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-            log.warning("%s: a Ray node died under it (%s); starting it again (%d of %d)",
-                        what, first[:200], attempt, attempts - 1)
+            pause = NODE_LOSS_PAUSES_S[min(attempt, len(NODE_LOSS_PAUSES_S)) - 1]
+            log.warning("%s: a Ray node died under it (%s); starting it again in %.0f s (%d of %d)",
+                        what, _loss_line(error), pause, attempt, attempts - 1)
+            time.sleep(pause)
     return step(*args, **kwargs)

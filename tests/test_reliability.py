@@ -247,7 +247,7 @@ def _no_ray_left_running():
         ray.shutdown()
 
 
-def test_a_driver_side_step_is_started_again_when_a_node_dies_under_it(caplog):
+def test_a_driver_side_step_is_started_again_when_a_node_dies_under_it(caplog, monkeypatch):
     from ray import exceptions as rex
 
     from engine.raylib import lost_with_a_node, retry_node_loss
@@ -263,6 +263,7 @@ def test_a_driver_side_step_is_started_again_when_a_node_dies_under_it(caplog):
                 raise RuntimeError("ListFiles failed") from died
         return "listed"
 
+    monkeypatch.setattr("engine.raylib.NODE_LOSS_PAUSES_S", (0.0,))
     assert retry_node_loss("reading the shards", listing) == "listed" and len(calls) == 3
     assert sum("a Ray node died under it" in r.getMessage() for r in caplog.records) == 2
     assert lost_with_a_node(rex.NodeDiedError("node gone"))
