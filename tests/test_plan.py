@@ -185,12 +185,12 @@ def test_tiny_plan_multiplies_counted_flops_by_the_configs_counts(tiny_cfg, tiny
     lora = rows[("finetune", "lora", "")]
     assert lora.tasks == 2
     assert lora.flops == pytest.approx(2 * (ft.steps * step + text) + 1900 * encode)
-    # Class images are planned only when DreamBooth preserves the prior (off on the tiny default).
-    assert ("finetune", "dreambooth", "class images") not in rows
-    cfg.finetune.prior_preservation = True
-    with_prior = {(r.stage, r.method, r.part) for r in plan_job(cfg, "cpu", 1, peak_tflops=1.0).rows}
-    assert ("finetune", "dreambooth", "class images") in with_prior
+    # Class images are planned only when DreamBooth preserves the prior (on by default).
+    assert ("finetune", "dreambooth", "class images") in rows
     cfg.finetune.prior_preservation = False
+    without_prior = {(r.stage, r.method, r.part) for r in plan_job(cfg, "cpu", 1, peak_tflops=1.0).rows}
+    assert ("finetune", "dreambooth", "class images") not in without_prior
+    cfg.finetune.prior_preservation = True
     # A search runs every unit's trials in one experiment: 2 units x 3 samples on 6 slots are
     # one wave of six trials, not one search per unit after another.
     slots = cfg.finetune.max_concurrent_trials
