@@ -67,6 +67,7 @@ SMALL_JOB = [
 SPOT = ["finetune.max_failures=30", "train.max_failures=30"]  # resources only: no cache key moves
 STAGE_LINE = re.compile(r"^\[\s*([\d.]+)s\] (.+)$")
 TARGET_NODE_KILLS, TARGET_DRIVER_KILLS = 20, 2
+ATTEMPT_LIMIT_S = 3600.0
 RUNNING: set[subprocess.Popen] = set()  # drivers to stop if the benchmark itself is stopped
 
 
@@ -89,6 +90,8 @@ class Attempt:
         return current
 
     def stage_seconds(self) -> dict[str, float]:
+        if not self.stages:  # stopped before its first stage
+            return {}
         ends = [offset for offset, _ in self.stages[1:]] + [self.ended - self.started]
         return {name: end - offset for (offset, name), end in zip(self.stages, ends, strict=True)}
 
@@ -135,6 +138,12 @@ class Driver:
             if name:
                 self.attempt.stages.append((float(STAGE_LINE.match(line.strip()).group(1)), name))
 
+    def stop_if_overdue(self, scenario: Scenario) -> None:
+        """Kill a submission that has run past ATTEMPT_LIMIT_S (a hung driver), as a problem."""
+        if time.monotonic() - self.attempt.started > ATTEMPT_LIMIT_S and self.proc.poll() is None:
+            scenario.problems.append(f"a submission ran past {ATTEMPT_LIMIT_S:.0f} s and was killed")
+            self.proc.kill()
+
     def current_stage(self) -> str:
         return self.attempt.stages[-1][1] if self.attempt.stages else "start-up"
 
@@ -161,6 +170,7 @@ def stop_inside_each_stage(scenario: Scenario, address: str, overrides: list[str
     for target, seconds in durations.items():
         driver = Driver(scenario.run_dir, address, overrides, env, log)
         while driver.proc.poll() is None and target not in [name for _, name in driver.attempt.stages]:
+            driver.stop_if_overdue(scenario)
             time.sleep(0.02)
         if driver.proc.poll() is None:
             time.sleep(rng.uniform(0.1, 0.7) * seconds)
@@ -219,6 +229,7 @@ def chaos_run(scenario: Scenario, chaos: NodeChaos, address: str, overrides: lis
         driver = Driver(scenario.run_dir, address, overrides, env, log)
         kill_at = driver.attempt.started + rng.uniform(0.15, 0.6) * wall if killed < driver_kills else float("inf")
         while driver.proc.poll() is None:
+            driver.stop_if_overdue(scenario)
             chaos.tick(driver)
             if time.monotonic() >= kill_at and driver.proc.poll() is None:
                 scenario.faults[driver.current_stage()]["driver SIGKILL"] += 1

@@ -310,7 +310,8 @@ def lost_with_a_node(error: BaseException) -> bool:
         # A task's error that could not be unpickled arrives as its text only.
         if isinstance(current, rex.UnserializableException) and _NODE_LOSS_TEXT.search(str(current)):
             return True
-        current = getattr(current, "cause", None) or current.__cause__ or current.__context__
+        # Only what caused it: an unrelated error raised while handling a node loss is a bug.
+        current = getattr(current, "cause", None) or current.__cause__
     return False
 
 

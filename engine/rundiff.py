@@ -89,7 +89,8 @@ def _shard_differences(exp: RunPath, ref_exp: RunPath) -> list[str]:
         unequal = [c for c in exact if not rows[c].equals(ref_rows[c])]
         if unequal:
             found.append(f"{where}: columns {unequal} differ")
-        if "score" in rows and len(rows) and (rows["score"] - ref_rows["score"]).abs().max() > SCORE_TOLERANCE:
+        if "score" in rows and not np.allclose(rows["score"], ref_rows["score"], rtol=0, atol=SCORE_TOLERANCE,
+                                               equal_nan=True):
             found.append(f"{where}: filter scores differ by more than {SCORE_TOLERANCE}")
     return found
 
