@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/chaos", help="folder for the drivers' logs")
     args = parser.parse_args(argv)
-    from s3server import moto_s3
+    from s3server import aws_env, moto_s3
 
     from engine.raylib import local_cluster
 
@@ -306,9 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.monotonic()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server: a line per request
     with moto_s3(BUCKET) as endpoint:
-        aws = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1"}
-        os.environ.update(aws)  # every node, the head included, inherits them, as a real cluster's nodes have them
+        os.environ.update(aws_env(endpoint))  # every node, the head included, inherits them, as a real cluster's nodes have them
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env.update({"TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"})
         with local_cluster(num_cpus=0, include_dashboard=False) as cluster:

@@ -10,6 +10,12 @@ from collections.abc import Iterator
 import pytest
 
 
+def aws_env(endpoint: str) -> dict[str, str]:
+    """The AWS variables that point a job, its Ray workers and pyarrow at the server."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1"}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

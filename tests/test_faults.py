@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from faultproxy import FAULTS, FaultProxy
-from s3server import moto_s3
+from s3server import aws_env, moto_s3
 
 from engine import diskspace, storage
 from engine.cli import run_job
@@ -37,16 +37,11 @@ def s3_server():
         yield url
 
 
-def _aws_env(endpoint: str) -> dict:
-    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1"}
-
-
 @pytest.fixture
 def through_proxy(s3_server, monkeypatch):
     """A FaultProxy in front of the S3 server, with the AWS variables pointing at it."""
     with FaultProxy(s3_server, error_rate=0.0, seed=1) as proxy:
-        for key, value in _aws_env(proxy.url).items():
+        for key, value in aws_env(proxy.url).items():
             monkeypatch.setenv(key, value)
         yield proxy
 
@@ -254,7 +249,7 @@ def _job_env(endpoint: str | None, tmp_path: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update({"TQDM_DISABLE": "1", storage.CACHE_ENV: str(tmp_path / "artifact-cache")})
     if endpoint:
-        env.update(_aws_env(endpoint))
+        env.update(aws_env(endpoint))
     return env
 
 
@@ -270,7 +265,9 @@ def _run(run_dir: str, env: dict, log: Path, timeout: int = 1800) -> tuple[int, 
 def _same_results(run_dir: str, reference: str) -> None:
     """The same shards (names, rows, image bytes, filter choices) and metrics as ``reference``."""
     import pandas.testing as pdt
-    from test_storage import _comparable, _metrics, _shards
+    from test_storage import _metrics, _shards
+
+    from engine.rundiff import comparable_metrics
 
     names, rows = _shards(run_dir)
     ref_names, ref_rows = _shards(reference)
@@ -278,7 +275,7 @@ def _same_results(run_dir: str, reference: str) -> None:
     pdt.assert_frame_equal(rows.drop(columns=["score"]), ref_rows.drop(columns=["score"]))
     assert (rows["score"] - ref_rows["score"]).abs().max() < 1e-5
     for method in ("erm", "lora"):
-        assert _comparable(_metrics(run_dir, method)) == _comparable(_metrics(reference, method)), method
+        assert comparable_metrics(_metrics(run_dir, method)) == comparable_metrics(_metrics(reference, method)), method
 
 
 def _retry_lines(run_dir: str, out: str) -> int:
@@ -303,7 +300,7 @@ def clean_s3_run(s3_server, tmp_path_factory):
 def test_the_job_at_10_percent_storage_errors_matches_a_clean_run(s3_server, clean_s3_run, tmp_path, monkeypatch):
     """Every request to the run directory's storage has a 10% chance to fail (a 500, a 503, a
     reset before or after the server saw it); the job finishes with the clean run's results."""
-    for key, value in _aws_env(s3_server).items():  # this process reads both runs directly
+    for key, value in aws_env(s3_server).items():  # this process reads both runs directly
         monkeypatch.setenv(key, value)
     run_dir = f"s3://{BUCKET}/faulty"
     with FaultProxy(s3_server, error_rate=0.1, seed=0) as proxy:
@@ -322,7 +319,7 @@ def test_storage_that_stays_down_stops_the_job_in_one_line_and_it_resumes(s3_ser
     """The storage goes down once generation starts: the job stops with exit code 2 and one
     line naming run_dir, no traceback; the same command, once the storage is back, finishes
     with the clean run's results."""
-    for key, value in _aws_env(s3_server).items():
+    for key, value in aws_env(s3_server).items():
         monkeypatch.setenv(key, value)
     run_dir = f"s3://{BUCKET}/outage"
     with FaultProxy(s3_server, error_rate=0.0) as proxy:

@@ -33,6 +33,7 @@ import pytest
 
 from engine.config import load_config
 from engine.raylib import local_cluster
+from engine.rundiff import unit_tensors
 from engine.runs import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,12 +140,7 @@ def _synthetic(run_dir: Path):
 
 
 def _weights(run_dir: Path) -> dict[str, dict]:
-    """Every fine-tuned tensor by file and name (the files' JSON metadata may order its keys
-    differently from run to run)."""
-    from safetensors.numpy import load_file
-
-    units = run_dir / "severity-0.95" / "finetune" / "lora" / "units"
-    return {str(p.relative_to(units)): load_file(p) for p in sorted(units.rglob("*.safetensors"))}
+    return unit_tensors(run_dir / "severity-0.95" / "finetune" / "lora" / "units")
 
 
 def _metrics(run_dir: Path) -> list[dict]:

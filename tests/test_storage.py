@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from s3server import free_port, moto_s3
+from s3server import aws_env, free_port, moto_s3
 
 from engine import storage
 from engine.errors import FairsynthError
 from engine.raylib import local_cluster
+from engine.rundiff import comparable_metrics
 from engine.runs import RunDir, atomic_write_json, read_json
 from engine.storage import RemotePath
 
@@ -26,12 +27,7 @@ BUCKET = "fairsynth-test"
 def s3_env():
     """A moto S3 server on a free local port with one bucket; yields the AWS variables."""
     with moto_s3(BUCKET) as url:
-        env = {
-            "AWS_ENDPOINT_URL": url,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
+        env = aws_env(url)
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
@@ -255,14 +251,7 @@ def test_tiny_job_on_s3_and_two_nodes_matches_a_local_run(s3_env, tmp_path, monk
         local, remote_metrics = _metrics(local_dir, method), _metrics(remote_dir, method)
         # The job trains its methods in one fit, whose experiment is shared.
         assert remote_metrics["checkpoint_dir"].startswith(f"{remote_dir}/severity-0.95/train/ray/methods-")
-        assert _comparable(remote_metrics) == _comparable(local), method
+        assert comparable_metrics(remote_metrics) == comparable_metrics(local), method
 
 
 # Fields of a metrics.json that measure the machine or name where files went.
-CLOCKS_AND_PATHS = {"checkpoint_dir", "stage_seconds", "images_per_second", "epoch_seconds"}
-
-
-def _comparable(metrics: dict) -> dict:
-    out = {k: v for k, v in metrics.items() if k not in CLOCKS_AND_PATHS}
-    out["epochs"] = [{k: v for k, v in e.items() if k not in CLOCKS_AND_PATHS} for e in metrics["epochs"]]
-    return out
