@@ -10,12 +10,12 @@ alike (``engine.storage``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 
 import numpy as np
 
 from engine import storage
+from engine.runs import read_json
 from engine.storage import RunPath
 
 # Metrics fields that say when or where, not what was learnt.
@@ -38,10 +38,6 @@ def experiments(run: RunPath) -> Iterator[RunPath]:
             yield child
         elif child.name.startswith("seed_"):
             yield from experiments(child)
-
-
-def _read_json(path: RunPath) -> dict | list:
-    return json.loads(path.read_text())
 
 
 def shard_rows(folder: RunPath):
@@ -119,7 +115,7 @@ def _metric_differences(exp: RunPath, ref_exp: RunPath) -> list[str]:
         mine = exp / "train" / method / "metrics.json"
         if not mine.exists():
             found.append(f"{exp.name}/train/{method}: no metrics.json")
-        elif comparable_metrics(_read_json(mine)) != comparable_metrics(_read_json(ref_metrics)):
+        elif comparable_metrics(read_json(mine)) != comparable_metrics(read_json(ref_metrics)):
             found.append(f"{exp.name}/train/{method}/metrics.json: differs beyond clocks and paths")
     return found
 
@@ -137,7 +133,7 @@ def _shard_damage(exp: RunPath) -> list[str]:
     found = []
     for folder in sorted(p.parent for p in exp.glob("synthetic/*/" + COMPLETE)):
         where = f"{exp.name}/synthetic/{folder.name}"
-        summary = _read_json(folder / "_summary.json")
+        summary = read_json(folder / "_summary.json")
         names, rows = shard_rows(folder)
         if len(names) != summary["shards"] or len(rows) != summary["images"]:
             found.append(f"{where}: {len(names)} shards and {len(rows)} rows, its summary says "
@@ -150,7 +146,7 @@ def _shard_damage(exp: RunPath) -> list[str]:
 def _unit_damage(exp: RunPath) -> list[str]:
     found = []
     for manifest in sorted(exp.glob("finetune/*/manifest.json")):
-        for unit in _read_json(manifest)["units"]:
+        for unit in read_json(manifest)["units"]:
             artifact = unit.get("artifact")
             if artifact and not (exp / artifact / "unit.json").exists():
                 found.append(f"{exp.name}/{artifact}: in the manifest without its unit.json")
