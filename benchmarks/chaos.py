@@ -81,13 +81,8 @@ class Attempt:
     code: int | None = None
     output: list[str] = field(default_factory=list)
 
-    def stage_at(self, moment: float) -> str:
-        """The stage running at ``moment`` (a time.monotonic() value)."""
-        current = "start-up"
-        for offset, name in self.stages:
-            if self.started + offset <= moment:
-                current = name
-        return current
+    def last_line(self) -> str:
+        return self.output[-1].strip() if self.output else ""
 
     def stage_seconds(self) -> dict[str, float]:
         if not self.stages:  # stopped before its first stage
@@ -185,7 +180,7 @@ def stop_inside_each_stage(scenario: Scenario, address: str, overrides: list[str
         expected = 130 if sig == signal.SIGTERM else -signal.SIGKILL
         if attempt.code != expected:
             scenario.problems.append(f"stopped in {target!r} with {sig.name}: exit {attempt.code}, "
-                                     f"last line {attempt.output[-1].strip() if attempt.output else ''!r}")
+                                     f"last line {attempt.last_line()!r}")
     _finish(scenario, address, overrides, env, log)
 
 
@@ -195,7 +190,7 @@ def _finish(scenario: Scenario, address: str, overrides: list[str], env: dict, l
         if attempt.code == 0:
             return
         scenario.problems.append(f"a resubmission failed: exit {attempt.code}, "
-                                 f"last line {attempt.output[-1].strip() if attempt.output else ''!r}")
+                                 f"last line {attempt.last_line()!r}")
 
 
 class NodeChaos:
@@ -242,7 +237,7 @@ def chaos_run(scenario: Scenario, chaos: NodeChaos, address: str, overrides: lis
             break
         if attempt.code != -signal.SIGKILL:
             scenario.problems.append(f"the job failed under chaos (submitted again): exit {attempt.code}, "
-                                     f"last line {attempt.output[-1].strip() if attempt.output else ''!r}")
+                                     f"last line {attempt.last_line()!r}")
     else:
         scenario.problems.append(f"not finished after {max_attempts} submissions")
     for stage, n in chaos.kills.items():
