@@ -1,4 +1,4 @@
-"""FAISS k-means as the cluster stage runs it (engine.cluster.kmeans) against scikit-learn's
+"""FAISS k-means as the cluster stage runs it (engine.stages.cluster.stage.kmeans) against scikit-learn's
 KMeans on the same embeddings: wall time and inertia, on random data (default 100k x 512) and
 on the built-in benchmark's real training embeddings.
 
@@ -58,8 +58,8 @@ def compare(x: np.ndarray, k: int, niter: int, nredo: int, seed: int, threads: i
     from sklearn.cluster import KMeans
     from threadpoolctl import threadpool_limits
 
-    from engine.cluster import kmeans
     from engine.config import ClusterConfig
+    from engine.stages.cluster.stage import kmeans
 
     cfg = ClusterConfig(k=k, niter=niter, nredo=nredo, seed=seed, spherical=False, max_points_per_centroid=max_points)
     faiss.omp_set_num_threads(threads)
@@ -117,10 +117,10 @@ def real_embeddings(run_dir: str | None, threads: int) -> tuple[np.ndarray, str]
         return np.load(path), str(path)
     import ray
 
-    from engine.cluster import training_embeddings
     from engine.config import load_config
-    from engine.data.stage import run_data_stage
     from engine.runs import RunDir
+    from engine.stages.cluster.stage import training_embeddings
+    from engine.stages.data.stage import run_data_stage
 
     cfg = load_config(None, [f"ray.num_cpus={threads}"])
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,10 +3,10 @@
 1.5 GB while the split is streamed.
 
 The script writes its own fixture: JPEG files and a manifest.csv in the engine's manifest
-format, read by ``engine.data.datasets.load_manifest``. The train stage's own call then
-decodes the split into the object store (``engine.train.data.eval_split_refs``, a block per
+format, read by ``engine.stages.data.datasets.load_manifest``. The train stage's own call then
+decodes the split into the object store (``engine.stages.train.data.eval_split_refs``, a block per
 worker at least), and one TorchTrainer of 2 workers per mode evaluates it:
-- ``streamed``: the train loop's evaluation (``engine.train.loop.WorkerRun.evaluate``): each
+- ``streamed``: the train loop's evaluation (``engine.stages.train.loop.WorkerRun.evaluate``): each
   worker fetches its blocks one at a time and the per-group counts are all-reduced;
 - ``whole`` (with ``--whole``, the default): what every worker did before, kept here as the
   baseline: concatenate every block of the split, then predict every world-th image.
@@ -119,7 +119,7 @@ def whole_split_counts(module, refs: list, batch_size: int, n_groups: int, devic
     import ray
     import torch
 
-    from engine.train.loop import _autocast, to_input
+    from engine.stages.train.loop import _autocast, to_input
 
     blocks = [b for b in ray.get(list(refs)) if len(b["label"])]
     split = {k: np.concatenate([b[k] for b in blocks]) for k in ("image", "label", "group")}
@@ -141,8 +141,8 @@ def eval_worker(config: dict) -> dict:
     """A TorchTrainer worker: one evaluation of the val split, with its memory sampled."""
     import torch.distributed as dist
 
-    from engine.train.backbones import build_classifier
-    from engine.train.loop import WorkerRun, all_reduce_sum, seed_torch, summarize_counts
+    from engine.stages.train.backbones import build_classifier
+    from engine.stages.train.loop import WorkerRun, all_reduce_sum, seed_torch, summarize_counts
 
     run = WorkerRun.from_config(config, {"method": "erm"})
     seed_torch(run.cfg.seed, run.cfg.deterministic)
@@ -221,9 +221,9 @@ def measure(args, work: Path) -> None:
     import ray
 
     from engine.config import load_config
-    from engine.data.datasets import load_manifest
     from engine.raylib import init_ray
-    from engine.train import data as train_data
+    from engine.stages.data.datasets import load_manifest
+    from engine.stages.train import data as train_data
 
     started = time.perf_counter()
     root = write_fixture(work / "data", args.images)

@@ -2,7 +2,7 @@
 slots at once vs one slot (one after another). Scaling efficiency = sequential / (N x parallel);
 1.0 is perfect. Target on 2 cores with 2 trials: 0.85.
 
-Both runs go through ``engine.finetune.tune.run_unit_trials`` (the stage's own path: Tune
+Both runs go through ``engine.stages.finetune.tune.run_unit_trials`` (the stage's own path: Tune
 trials, checkpoints, artifacts), in one Ray session, each in a fresh experiment folder. On CPU
 each trial gets one CPU and so one torch thread. Prints a markdown row, then, as the last
 line, one JSON object.
@@ -44,14 +44,14 @@ def main() -> None:
     import ray
 
     from engine.config import load_config
-    from engine.data.stage import run_data_stage
-    from engine.finetune.stage import ensure_class_images
-    from engine.finetune.trainer import UnitJob, unit_seed
-    from engine.finetune.tune import run_unit_trials
-    from engine.finetune.units import plan_trained_units
     from engine.generation_methods import get_method
     from engine.raylib import start_local_ray
     from engine.runs import RunDir
+    from engine.stages.data.stage import run_data_stage
+    from engine.stages.finetune.stage import ensure_class_images
+    from engine.stages.finetune.trainer import UnitJob, unit_seed
+    from engine.stages.finetune.tune import run_unit_trials
+    from engine.stages.finetune.units import plan_trained_units
 
     resources = f"{{CPU: 1, GPU: {args.gpu}}}" if args.gpu > 0 else "{CPU: 1}"
     if args.steps is None:

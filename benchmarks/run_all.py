@@ -27,6 +27,11 @@ class Benchmark:
     better: str | None  # "higher": value >= target; "lower": value <= target; None: a figure to read
     target: float | None = None  # where the script's own target is not a number
     quick: tuple[str, ...] = ()  # arguments for --quick, where the script has no --quick
+    folder: str = ""  # "research": a figure of the method's quality, not of speed or reliability
+
+    @property
+    def script(self) -> Path:
+        return HERE / self.folder / f"{self.name}.py"
 
     def met(self, result: dict) -> bool | None:
         """Whether the result meets its target; None when there is nothing to meet."""
@@ -40,23 +45,23 @@ class Benchmark:
 
 
 BENCHMARKS = [
-    Benchmark("tiny_model_quality", "higher", quick=("--per-prompt", "4", "--judge-images", "600", "--judge-steps", "100")),
+    Benchmark("tiny_model_quality", folder="research", better="higher", quick=("--per-prompt", "4", "--judge-images", "600", "--judge-steps", "100")),
     Benchmark("cluster_speed", "higher", target=5.0, quick=("--skip-real",)),
     Benchmark("sampling_throughput", "higher"),
     Benchmark("finetune_scaling", "higher", quick=("--steps", "40")),
-    Benchmark("finetune_fidelity", "higher", quick=("--images", "4")),
+    Benchmark("finetune_fidelity", folder="research", better="higher", quick=("--images", "4")),
     Benchmark("search_concurrency", "lower", quick=("--steps", "10")),
     Benchmark("train_throughput", "higher"),
     Benchmark("eval_memory", "lower", quick=("--images", "2000", "--no-whole")),
     Benchmark("unit_artifact_size", None),
-    Benchmark("benchmark_calibration", "higher", quick=("--seeds", "0")),
+    Benchmark("benchmark_calibration", folder="research", better="higher", quick=("--seeds", "0")),
     Benchmark("pipeline_breakdown", None),
-    Benchmark("ablation", None, quick=("--only", "base,synthetic_only", "--run-dir", "runs/ablation_quick",
+    Benchmark("ablation", folder="research", better=None, quick=("--only", "base,synthetic_only", "--run-dir", "runs/ablation_quick",
                                        "--set", "generate.images_per_group=16", "--set", "finetune.steps=10",
                                        "--set", "train.pretrain_epochs=1", "--set", "train.epochs=1")),
     # Reads a finished run's units: the default run pipeline_breakdown makes, or under --quick
     # (where pipeline_breakdown runs in a temporary folder) the quick ablation's.
-    Benchmark("borrowed_fidelity", "higher", quick=(
+    Benchmark("borrowed_fidelity", folder="research", better="higher", quick=(
         "--images", "8", "--methods", "clustered_dreambooth",
         "--run-dir", str(HERE.parent / "runs" / "ablation_quick" / "severity-0.999"))),
     Benchmark("chaos", "higher", quick=("--methods", "erm,lora", "--signals", "kill")),
@@ -66,7 +71,7 @@ BY_NAME = {b.name: b for b in BENCHMARKS}
 
 def run_one(bench: Benchmark, quick: bool) -> tuple[dict | None, str]:
     """The script's JSON result (or None) and, on failure, why."""
-    script = HERE / f"{bench.name}.py"
+    script = bench.script
     extra = ["--quick"] if quick and "--quick" in script.read_text() else list(bench.quick) if quick else []
     out = subprocess.run([sys.executable, str(script), *extra], capture_output=True, text=True)
     lines = [line for line in out.stdout.strip().splitlines() if line.strip()]

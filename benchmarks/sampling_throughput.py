@@ -43,8 +43,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from engine.generate.sampler import PromptEncoder, make_scheduler, sample_images  # noqa: E402
-from engine.generate.shards import encode_png  # noqa: E402
+from engine.stages.generate.sampler import PromptEncoder, make_scheduler, sample_images  # noqa: E402
+from engine.stages.generate.shards import encode_png  # noqa: E402
 
 TARGET_SPEEDUP = 3.0
 PROMPTS = [
@@ -174,11 +174,11 @@ def engine_stage(args, pipe, device: str, images: int) -> dict:
     import ray
 
     from engine.config import load_config
-    from engine.data.stage import run_data_stage
-    from engine.finetune import run_finetune_stage
-    from engine.generate import run_generate_stage
     from engine.raylib import start_local_ray
     from engine.runs import RunDir
+    from engine.stages.data.stage import run_data_stage
+    from engine.stages.finetune import run_finetune_stage
+    from engine.stages.generate import run_generate_stage
 
     with tempfile.TemporaryDirectory(prefix="fairsynth-bench-") as scratch:
         base = args.model

@@ -4,7 +4,7 @@ experiment per unit, as the engine did before). Prints concurrent / sequential w
 target 0.5 with 2 units x 2 samples on 4 slots, where searching one unit at a time leaves
 half the slots idle.
 
-Both sides go through ``engine.finetune.tune.run_unit_trials`` (the sequential side calls it
+Both sides go through ``engine.stages.finetune.tune.run_unit_trials`` (the sequential side calls it
 once per unit, which is exactly a one-unit search), in one Ray session, in fresh experiment
 folders, timed in alternating rounds. Each trial gets one CPU (one torch thread) or
 ``--gpu`` of a GPU; Ray is given ``--slots`` CPUs, which on a machine with fewer cores than
@@ -66,12 +66,12 @@ def main() -> None:
     import ray
 
     from engine.config import load_config
-    from engine.data.stage import run_data_stage
-    from engine.finetune.trainer import UnitJob, unit_seed
-    from engine.finetune.tune import run_unit_trials
     from engine.generation_methods import get_method
     from engine.raylib import start_local_ray
     from engine.runs import RunDir
+    from engine.stages.data.stage import run_data_stage
+    from engine.stages.finetune.trainer import UnitJob, unit_seed
+    from engine.stages.finetune.tune import run_unit_trials
 
     resources = f"{{CPU: 1, GPU: {args.gpu}}}" if args.gpu > 0 else "{CPU: 1}"
     steps = args.steps or load_config().finetune.steps

@@ -2,9 +2,9 @@
 tensors already in memory. Is the data path the bottleneck? Target: at least 0.9.
 
 One TorchTrainer with the train stage's workers, DDP, model, optimizer, loss and training step
-(``engine.train.loop.train_epoch``) on the built-in benchmark's training split trains epochs
+(``engine.stages.train.loop.train_epoch``) on the built-in benchmark's training split trains epochs
 that alternate between two sources of batches, and differ only in that:
-- ``ray_data``: the stage's own pipeline (``engine.train.data``: decoded once into the object
+- ``ray_data``: the stage's own pipeline (``engine.stages.train.data``: decoded once into the object
   store, then block shuffling, random crops and flips in Ray Data tasks each epoch), read
   through ``get_dataset_shard`` and ``epoch_batches`` as the stage reads it;
 - ``in_memory``: the same decoded images as uint8 tensors in each worker, sliced into
@@ -40,9 +40,9 @@ def bench_loop(config: dict) -> dict:
     import ray.train.torch
     import torch
 
-    from engine.train.backbones import build_classifier
-    from engine.train.loop import build_optimizer, epoch_batches, set_trainable, train_epoch
-    from engine.train.methods import get_method
+    from engine.stages.train.backbones import build_classifier
+    from engine.stages.train.loop import build_optimizer, epoch_batches, set_trainable, train_epoch
+    from engine.stages.train.methods import get_method
 
     cfg = config["train"]
     ctx = ray.train.get_context()
@@ -125,10 +125,10 @@ def main() -> None:
     import ray
 
     from engine.config import load_config
-    from engine.data.prepare import load_dataset
     from engine.raylib import init_ray
     from engine.resources import train_workers, use_gpu
-    from engine.train import data as train_data
+    from engine.stages.data.prepare import load_dataset
+    from engine.stages.train import data as train_data
 
     gpu = ["train.use_gpu=true", "train.num_workers=1", "train.cpus_per_worker=2"] if args.gpu else []
     cfg = load_config(None, ["data.severity=0.999", *gpu, *args.overrides])

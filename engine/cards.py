@@ -101,7 +101,7 @@ def group_names(class_names: list[str], attribute_names: list[str]) -> list[str]
 def dataset_features(class_names: list[str], attribute_names: list[str]) -> list[dict]:
     """The shards' columns as a dataset card's ``dataset_info.features`` (datasets' YAML form),
     read off the shard schema so the two cannot drift apart."""
-    from engine.generate.shards import IMAGE_TYPE, SYNTHETIC_SCHEMA, hf_value_dtype
+    from engine.stages.generate.shards import IMAGE_TYPE, SYNTHETIC_SCHEMA, hf_value_dtype
 
     names = {"label": class_names, "attribute": attribute_names, "group": group_names(class_names, attribute_names)}
     features = []
@@ -213,8 +213,8 @@ kept = ds.filter(lambda row: row["kept"])
 
 def current_filter_summary(run, method: str) -> dict | None:
     """The filter stage's summary of the set's present rows, or None: new rows clear its marker."""
-    from engine.generate.filtering import filter_stage_name
     from engine.runs import read_json
+    from engine.stages.filter.stage import filter_stage_name
 
     if not run.marker(filter_stage_name(method)).exists():
         return None
@@ -225,9 +225,9 @@ def write_dataset_card(run, method: str, filtered: dict | None) -> None:
     """Write ``RUN/synthetic/<method>/README.md`` from the generate stage's summary, the
     finetune manifest and ``filtered`` (the filter stage's summary, or None); nothing when a
     source is missing."""
-    from engine.finetune.stage import manifest_path
-    from engine.generate.shards import synthetic_dir
     from engine.runs import atomic_write_text, read_json
+    from engine.stages.finetune.stage import manifest_path
+    from engine.stages.generate.shards import synthetic_dir
 
     folder = synthetic_dir(run, method)
     sources = (run / "data/groups.json", folder / "_summary.json", manifest_path(run, method))

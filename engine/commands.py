@@ -168,9 +168,15 @@ def stats_command(argv: list[str], prog: str = "fairsynth stats") -> None:
     args.overrides = [f"data.{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
     cfg = config_from_args(args)
 
-    from engine.data.prepare import describe, describe_text, findings, load_dataset, missing_files
+    from engine.stages.data.prepare import (
+        describe,
+        describe_text,
+        findings,
+        load_dataset,
+        missing_files,
+    )
 
-    logging.getLogger("engine.data.prepare").setLevel(logging.ERROR)  # its warnings are the notes printed
+    logging.getLogger("engine.stages.data.prepare").setLevel(logging.ERROR)  # its warnings are the notes printed
     dataset = load_dataset(cfg.data, check_images=args.check_images)
     missing = missing_files(dataset)
     if missing:

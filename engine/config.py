@@ -53,7 +53,7 @@ METHOD_HPARAMS = ("learning_rate", "finetune_learning_rate", "weight_decay", "gr
 
 def output_of(*stages: str) -> dict:
     """A field's mark (``Field(json_schema_extra=output_of(...))``): the stages whose output
-    it changes, which their cache keys then cover (engine/stages.py). ``RESOURCES``: none."""
+    it changes, which their cache keys then cover (engine/stages/__init__.py). ``RESOURCES``: none."""
     return {"stages": list(stages)}
 
 
@@ -145,7 +145,7 @@ class ActorStageConfig(SeededSection):
 
 
 class BuiltinConfig(Section):
-    """Sizes of the procedural benchmark (engine.data.builtin)."""
+    """Sizes of the procedural benchmark (engine.stages.data.builtin)."""
 
     n_train: int = Field(2000, ge=8, description="original training images, before severity")
     n_val: int = Field(400, ge=4, description="group-balanced")
@@ -156,14 +156,14 @@ class BuiltinConfig(Section):
     rendering: str = Field(
         "calibrated",
         description="how hard the object (the core feature) is to see beside the background: a name in "
-        "engine.data.builtin.RENDERINGS (benchmarks/benchmark_calibration.py measures each); 'calibrated' "
+        "engine.stages.data.builtin.RENDERINGS (benchmarks/research/benchmark_calibration.py measures each); 'calibrated' "
         "puts ERM and Group-DRO where they are on Waterbirds, 'classic' is the benchmark as first shipped",
     )
 
     @field_validator("rendering")
     @classmethod
     def _known_rendering(cls, v: str) -> str:
-        from engine.data.builtin import RENDERINGS
+        from engine.stages.data.builtin import RENDERINGS
 
         if v not in RENDERINGS:
             raise ValueError(f"unknown rendering; valid: {', '.join(RENDERINGS)}")
@@ -281,7 +281,7 @@ class FinetuneConfig(SeededSection):
     )
     train_text_encoder: bool = False
     # svd_delta: full weights trained, stored as a rank-delta_rank SVD of each layer's change
-    # (engine/finetune/delta.py; ~271 MB per SD 1.5 unit at rank 128); unet: the whole UNet in
+    # (engine/stages/finetune/delta.py; ~271 MB per SD 1.5 unit at rank 128); unet: the whole UNet in
     # fp16 (1.7 GB); lora_delta: LoRA adapters trained instead of the full weights.
     dreambooth_store: Literal["svd_delta", "unet", "lora_delta"] = "svd_delta"
     delta_rank: int = Field(128, ge=1, description="rank per layer of dreambooth_store=svd_delta")
@@ -391,7 +391,7 @@ class FilterConfig(ActorStageConfig):
 
 
 class FidelityConfig(Section):
-    """Synthetic group fidelity (engine.generate.fidelity): how often a judge reads a unit's
+    """Synthetic group fidelity (engine.stages.generate.fidelity): how often a judge reads a unit's
     generated images as the unit's group, before and after filtering."""
 
     stages = ("fidelity",)
@@ -447,11 +447,11 @@ class TrainConfig(SeededSection):
         classmethod(lambda cls, v: _check_concurrency(v))
     )
     # None by default; the tiny preset holds the baselines' values that
-    # benchmarks/baseline_search.py chose on the tuning seeds' validation split (docs/decisions.md).
+    # benchmarks/research/baseline_search.py chose on the tuning seeds' validation split (docs/decisions.md).
     method_overrides: dict[str, dict[str, float]] = Field(
         default_factory=dict,
         description="per-method values of " + ", ".join(METHOD_HPARAMS) + " over the keys above (each "
-        "method's chosen on validation by benchmarks/baseline_search.py), e.g. {erm: {learning_rate: 0.004}}; "
+        "method's chosen on validation by benchmarks/research/baseline_search.py), e.g. {erm: {learning_rate: 0.004}}; "
         "--set replaces the whole block",
         # Not a key of its own: a method's train key hashes the section as for_method gives it.
         json_schema_extra=RESOURCES,
@@ -558,7 +558,7 @@ class RayConfig(Section):
 
 class Config(Section):
     run_dir: str = Field("runs/default", json_schema_extra=RESOURCES)
-    # Marked for no stage itself: every stage that reads a seeded section hashes it (engine/stages.py).
+    # Marked for no stage itself: every stage that reads a seeded section hashes it (engine/stages/__init__.py).
     seed: int = Field(
         0, ge=0, description="the run's one seed: the data (the built-in world, splits and severity subsampling) "
         "and every stage's random choices follow it", json_schema_extra=RESOURCES,

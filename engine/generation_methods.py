@@ -42,9 +42,9 @@ if TYPE_CHECKING:
     import torch
 
     from engine.config import Config, FinetuneConfig
-    from engine.data.datasets import GroupedDataset
-    from engine.finetune.units import Unit
-    from engine.generate.sampler import PromptEncoder, UnitModels
+    from engine.stages.data.datasets import GroupedDataset
+    from engine.stages.finetune.units import Unit
+    from engine.stages.generate.sampler import PromptEncoder, UnitModels
 
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -61,7 +61,7 @@ class Artifact:
 
     An instance lives as long as one unit's training (it may keep what it needs between
     :meth:`before_training` and :meth:`save`); :meth:`activate` keeps its state on the
-    sampler's :class:`~engine.generate.sampler.UnitModels`.
+    sampler's :class:`~engine.stages.generate.sampler.UnitModels`.
     """
 
     kind: ClassVar[str] = ""
@@ -143,7 +143,7 @@ class LoraFile(Artifact):
         )
         from diffusers.utils import logging as diffusers_logging
 
-        from engine.generate.sampler import PromptEncoder
+        from engine.stages.generate.sampler import PromptEncoder
 
         pipe, adapters = models.pipe, models.adapters
         name = re.sub(r"[^0-9A-Za-z_]", "_", artifact)
@@ -204,20 +204,20 @@ class LoraDelta(LoraFile):
 
 class SvdDelta(Artifact):
     """Each trained layer's change from the base at rank ``finetune.delta_rank``
-    (engine/finetune/delta.py), added to a copy of the base UNet (and text encoder, when it was
+    (engine/stages/finetune/delta.py), added to a copy of the base UNet (and text encoder, when it was
     trained) in the sampler's LRU cache of ``max_unets``."""
 
     kind = "svd_delta"
 
     def before_training(self, unet, text_encoder):
-        from engine.finetune import delta
+        from engine.stages.finetune import delta
 
         # The base the stored change is taken from: exact fp32 copies, on the CPU (a resumed
         # trial takes them before its checkpoint's weights are loaded).
         self.base_weights = {"unet": delta.snapshot(unet), "text_encoder": delta.snapshot(text_encoder)}
 
     def save(self, unet, text_encoder, folder, ft, with_text_encoder):
-        from engine.finetune import delta
+        from engine.stages.finetune import delta
 
         for part, module in (("unet", unet), ("text_encoder", text_encoder)):
             if self.base_weights[part]:
@@ -231,8 +231,8 @@ class SvdDelta(Artifact):
     def _build(models: UnitModels, path: Path, strength: float):
         import copy
 
-        from engine.finetune import delta
-        from engine.generate.sampler import PromptEncoder
+        from engine.stages.finetune import delta
+        from engine.stages.generate.sampler import PromptEncoder
 
         where = f"fine-tuned model {path}"
         unet = delta.apply(copy.deepcopy(models.base_unet), delta.load(path, "unet"), where, strength).eval()
@@ -247,12 +247,12 @@ class SvdDelta(Artifact):
     def how_to_load(self, base, prompt, settings):
         return (
             f"The folder holds each fine-tuned layer's change from the base model at rank "
-            f"{settings['delta_rank']} (`*_delta.safetensors`, fairsynth's `engine/finetune/delta.py`); "
+            f"{settings['delta_rank']} (`*_delta.safetensors`, fairsynth's `engine/stages/finetune/delta.py`); "
             "fairsynth's sampler adds them to the base model's weights."
         )
 
     def unit_bytes(self, modules, trainable_params, ft):
-        from engine.finetune import delta
+        from engine.stages.finetune import delta
 
         return sum(delta.artifact_bytes(m, ft.delta_rank) for m in modules)
 
@@ -289,7 +289,7 @@ class UnetFolder(Artifact):
         import torch
         from diffusers import UNet2DConditionModel
 
-        from engine.generate.sampler import PromptEncoder
+        from engine.stages.generate.sampler import PromptEncoder
 
         base_unet = models.base_unet
         folder = path / "unet" if (path / "unet").is_dir() else path
@@ -488,7 +488,7 @@ class GenerationMethod:
     def plan_units(self, cfg: Config, dataset: GroupedDataset, assignments: pd.DataFrame | None = None) -> list[Unit]:
         """Every unit, trained ones first in group order, borrowing ones after them;
         ``assignments`` (the cluster stage's) when :attr:`per_cluster`."""
-        from engine.finetune.units import cluster_map, plan_trained_units
+        from engine.stages.finetune.units import cluster_map, plan_trained_units
 
         cluster_of = cluster_map(dataset, assignments) if self.per_cluster else None
         return plan_trained_units(cfg, dataset, self.uses_identifier, cluster_of)
@@ -520,7 +520,7 @@ class Vanilla(GenerationMethod):
         return BaseModel.kind
 
     def plan_units(self, cfg, dataset, assignments=None):
-        from engine.finetune.units import plan_base_units
+        from engine.stages.finetune.units import plan_base_units
 
         return plan_base_units(cfg, dataset)
 

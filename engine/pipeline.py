@@ -5,7 +5,7 @@ Each severity gets its own run directory inside the job's (RUN/severity-<p>/), l
 DESIGN.md describes; stages skip what is complete for the same config slice, so a re-run
 after a failure resumes and adding a method reuses what exists. Every generative method is
 fine-tuned, sampled and filtered first; then one Ray Train fit trains every method's
-classifier, so its workers start once a severity (engine.train.stage).
+classifier, so its workers start once a severity (engine.stages.train.stage).
 
 With ``seeds`` set, the whole job runs once per seed in RUN/seed_<s>/ (each a complete run,
 with its own results), and RUN/results.{json,md} show every method's mean ± std over the
@@ -52,12 +52,13 @@ def run_severity(cfg: Config, force: bool, on_stage: Callable[[str], None], spac
     """Every stage for one severity; returns seconds spent per method and stage. Before each
     stage the free space is checked against the plan's (``space``); a full disk or storage
     that stays down during a stage stops the job in one line (engine/diskspace.py)."""
-    from engine.cluster import run_cluster_stage
-    from engine.data.stage import run_data_stage
-    from engine.finetune import run_finetune_stage
-    from engine.generate import run_filter_stage, run_generate_stage
-    from engine.generate.oracle import ORACLE, run_oracle_stage
-    from engine.train import run_train_stages, train_complete
+    from engine.stages.cluster.stage import run_cluster_stage
+    from engine.stages.data.stage import run_data_stage
+    from engine.stages.filter import run_filter_stage
+    from engine.stages.finetune import run_finetune_stage
+    from engine.stages.generate import run_generate_stage
+    from engine.stages.generate.oracle import ORACLE, run_oracle_stage
+    from engine.stages.train import run_train_stages, train_complete
 
     space = space or StageSpace(cfg)
     run = RunDir(cfg.run_dir)
@@ -92,7 +93,7 @@ def run_severity(cfg: Config, force: bool, on_stage: Callable[[str], None], spac
             seconds[method][stage] = timed(f"{stage} {method}", fn, cfg, run, method, stage=stage, method=method)
     if ORACLE in cfg.methods:
         seconds[ORACLE]["generate"] = timed("oracle", run_oracle_stage, cfg, run, stage="generate", method=ORACLE)
-    # Every method trains in one fit, which starts its workers once (engine.train.stage).
+    # Every method trains in one fit, which starts its workers once (engine.stages.train.stage).
     pending = [m for m in cfg.methods if not train_complete(cfg, run, m)]
     on_stage(f"{severity_tag(cfg.data.severity)}: train {', '.join(pending) or 'complete'}")
     for method in pending:

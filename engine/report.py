@@ -174,9 +174,9 @@ def collect_rows(run_root: Path, severities: list, methods: list[str], stage_sec
 def chance_row(run_root, severity) -> dict | None:
     """What guessing scores on this run's val and test splits (``engine.metrics.chance`` of
     their group sizes): the line every accuracy is read against. None without a data stage."""
-    from engine.data.stage import load_run_dataset
     from engine.metrics import chance
     from engine.runs import RunDir
+    from engine.stages.data.stage import load_run_dataset
 
     if not storage.exists(storage.as_path(run_root) / "data/groups.json"):
         return None
@@ -195,7 +195,7 @@ def chance_row(run_root, severity) -> dict | None:
 
 def read_fidelity(run_root, method: str) -> dict | None:
     """A generative method's synthetic group fidelity, as its filter stage measured it
-    (engine.generate.fidelity); None for other methods and for runs filtered before it existed."""
+    (engine.stages.generate.fidelity); None for other methods and for runs filtered before it existed."""
     path = storage.as_path(run_root) / "filter" / method / "summary.json"
     if not is_generation_method(method) or not storage.exists(path):
         return None

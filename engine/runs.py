@@ -4,7 +4,7 @@ The run directory is a local folder (on a cluster, a mount every node shares) or
 store prefix such as ``s3://bucket/run`` (engine.storage says which variables pick the
 endpoint and credentials). Writes are atomic (a temporary name then a rename locally, one
 upload on object storage), so a reader never sees half a file. Each
-stage ends by writing a completion marker that holds its key (engine/stages.py: the config
+stage ends by writing a completion marker that holds its key (engine/stages/__init__.py: the config
 fields and inputs its outputs depend on) and the format version; a stage whose marker matches
 is skipped, so a re-run after a crash redoes only what is missing.
 """

@@ -10,9 +10,9 @@ def main() -> None:
     args = job_parser(__doc__).parse_args()
     cfg = config_from_args(args)
 
-    from engine.cluster import run_cluster_stage
     from engine.runlock import hold_until_exit
     from engine.runs import RunDir, read_json
+    from engine.stages.cluster.stage import run_cluster_stage
 
     run = RunDir(cfg.run_dir)
     hold_until_exit(cfg.run_dir, force=args.force)  # one job per run directory

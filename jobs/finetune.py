@@ -16,11 +16,11 @@ def main() -> None:
     parser.add_argument("--method", choices=method_names(), required=True)
     args = parser.parse_args()
 
-    from engine.finetune import run_finetune_stage
     from engine.raylib import init_ray
     from engine.resources import check_cluster_supplies
     from engine.runlock import hold_until_exit
     from engine.runs import RunDir
+    from engine.stages.finetune import run_finetune_stage
 
     cfg = config_from_args(args)
     run = RunDir(cfg.run_dir)

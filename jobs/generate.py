@@ -18,9 +18,10 @@ def main() -> None:
     parser.add_argument("--skip-filter", action="store_true", help="generate only; scores stay NaN")
     args = parser.parse_args()
 
-    from engine.generate import run_filter_stage, run_generate_stage
     from engine.runlock import hold_until_exit
     from engine.runs import RunDir
+    from engine.stages.filter import run_filter_stage
+    from engine.stages.generate import run_generate_stage
 
     cfg = config_from_args(args)
     run = RunDir(cfg.run_dir)

@@ -18,12 +18,12 @@ def main() -> None:
     parser.add_argument("--method", required=True, choices=METHODS)
     args = parser.parse_args()
 
-    from engine.data.stage import run_data_stage
     from engine.raylib import init_ray
     from engine.resources import check_cluster_supplies
     from engine.runlock import hold_until_exit
     from engine.runs import RunDir
-    from engine.train import run_train_stage
+    from engine.stages.data.stage import run_data_stage
+    from engine.stages.train import run_train_stage
 
     cfg = config_from_args(args)
     run = RunDir(cfg.run_dir)

@@ -50,10 +50,10 @@ def _metrics(rng: np.random.Generator) -> dict:
 def finished_run(tmp_path_factory) -> Path:
     """A finished run's files as jobs/full.py lays them out, written by the engine's own writers."""
     from engine.config import load_config
-    from engine.data.stage import run_data_stage
-    from engine.generate.grids import render_grid
     from engine.report import collect_rows, write_results
     from engine.runs import RunDir
+    from engine.stages.data.stage import run_data_stage
+    from engine.stages.generate.grids import render_grid
 
     root = tmp_path_factory.mktemp("run")
     cfg = load_config("tiny", ["methods=[erm,group_dro,lora]", "data.severity=0.999"])

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from engine.config import Config, load_config
-from engine.data.prepare import load_dataset
 from engine.errors import FairsynthError
+from engine.stages.data.prepare import load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 # Modest, so the file runs in about half a minute on two cores: a dataset example writes files

@@ -1,5 +1,5 @@
 """The built-in benchmark's renderings (data.builtin.rendering) and the calibration benchmark
-that measures them (benchmarks/benchmark_calibration.py)."""
+that measures them (benchmarks/research/benchmark_calibration.py)."""
 
 import json
 import os
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from engine.config import load_config
-from engine.data import builtin
-from engine.data.datasets import load_image
-from engine.data.prepare import load_dataset
 from engine.errors import FairsynthError
-from engine.generate.fidelity import read_renderer_image
+from engine.stages.data import builtin
+from engine.stages.data.datasets import load_image
+from engine.stages.data.prepare import load_dataset
+from engine.stages.generate.fidelity import read_renderer_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,7 +93,7 @@ def _local(rendering: str, seed: int = 7, size: int = 32):
 def test_renderer_judge_reads_every_rendering(rendering):
     """The fidelity judge (class by shape, attribute by background colour) reads real renders
     of every rendering right, so it can judge generated images of any (the figures on 8,000
-    each: engine/generate/fidelity.py's docstring)."""
+    each: engine/stages/generate/fidelity.py's docstring)."""
     right = []
     for obj, bg, seed in _pairs(600, 5):
         label, attribute = read_renderer_image(builtin.render(obj, bg, seed, "benchmark", 32, rendering))
@@ -104,7 +104,7 @@ def test_renderer_judge_reads_every_rendering(rendering):
 def test_calibration_benchmark_prints_targets_as_json():
     """The benchmark's own entry point at a toy size (not a calibration): one seed, one epoch."""
     cmd = [
-        sys.executable, str(ROOT / "benchmarks/benchmark_calibration.py"), "--rendering", "calibrated", "--seeds", "0",
+        sys.executable, str(ROOT / "benchmarks/research/benchmark_calibration.py"), "--rendering", "calibrated", "--seeds", "0",
         "--set", "data.builtin.n_train=120", "--set", "data.builtin.n_val=40", "--set", "data.builtin.n_test=40",
         "--set", "train.epochs=1",
     ]

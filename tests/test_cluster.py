@@ -15,16 +15,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine.cluster import (
+from engine.config import load_config
+from engine.raylib import local_ray
+from engine.runs import RunDir
+from engine.stages.cluster.stage import (
     cluster_group,
     kmeans,
     merge_small_clusters,
     run_cluster_stage,
     subtype_nmi,
 )
-from engine.config import load_config
-from engine.raylib import local_ray
-from engine.runs import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 NMI_TARGET = 0.8
@@ -86,7 +86,7 @@ def test_large_group_fits_on_a_sample_and_assigns_every_point():
 
 
 def test_the_fit_sample_size_is_part_of_the_clustering_key():
-    from engine.cluster import cluster_hash
+    from engine.stages.cluster.stage import cluster_hash
 
     base = load_config()
     assert cluster_hash(base) != cluster_hash(load_config(None, ["cluster.max_points_per_centroid=64"]))

@@ -101,8 +101,8 @@ def _finished_run(root: Path, seeds: list[int] | None = None) -> None:
 
 def _data_stage(cfg, root: Path) -> None:
     """The data stage a finished run holds (the report's chance row reads its split sizes)."""
-    from engine.data.stage import run_data_stage
     from engine.runs import RunDir
+    from engine.stages.data.stage import run_data_stage
 
     small = cfg.model_copy(deep=True)
     small.data.severity = 0.95

@@ -61,7 +61,7 @@ def test_a_healthy_tiny_job_prints_no_warnings_errors_or_ray_paths(tmp_path):
     log = _check_quiet_run(run_dir, run_job(run_dir))
     # What left the console is in the run's log, not lost: the job's own stage details and
     # Ray's native line about its actor pools' constructor arguments.
-    assert "engine.generate.stage: generate vanilla" in log
+    assert "engine.stages.generate.stage: generate vanilla" in log
     assert "core_worker.cc" in log
     assert "Token authentication is enabled" in log  # what ray.init logs as it starts
 
@@ -71,7 +71,7 @@ def test_trains_ingest_options_keep_the_order_without_the_deprecated_option():
 
     from ray.data import DataContext
 
-    from engine.train.stage import _ordered_ingest
+    from engine.stages.train.stage import _ordered_ingest
 
     DataContext.get_current()  # Ray Data's own deprecations, on first use, are not ours
     with warnings.catch_warnings(record=True) as caught:

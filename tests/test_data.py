@@ -14,12 +14,12 @@ import pytest
 from PIL import Image
 
 from engine.config import PRESET_DIR, load_config
-from engine.data import builtin
-from engine.data.datasets import find_bad_images, load_image
-from engine.data.prepare import load_dataset
-from engine.data.severity import apply_severity, conflicting_to_keep, infer_aligned
 from engine.errors import FairsynthError
 from engine.metrics import group_accuracies, summarize
+from engine.stages.data import builtin
+from engine.stages.data.datasets import find_bad_images, load_image
+from engine.stages.data.prepare import load_dataset
+from engine.stages.data.severity import apply_severity, conflicting_to_keep, infer_aligned
 
 ROOT = Path(__file__).resolve().parents[1]
 

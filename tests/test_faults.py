@@ -475,7 +475,7 @@ def test_the_jobs_log_on_a_full_disk_fails_no_one(capsys):
 def test_a_tune_state_cut_by_a_full_disk_is_not_resumed(tmp_path):
     """Tune writes its experiment state in place: a full disk cuts it short, and the re-run
     starts the experiment's unfinished trials again instead of failing to restore it."""
-    from engine.finetune.tune import unrestorable
+    from engine.stages.finetune.tune import unrestorable
 
     experiment = tmp_path / "lora-abc"
     (experiment / "g0-1_00000").mkdir(parents=True)
@@ -496,7 +496,7 @@ def test_a_tune_state_naming_a_deleted_checkpoint_is_not_resumed(tmp_path):
     import json
     import pickle
 
-    from engine.finetune.tune import unrestorable
+    from engine.stages.finetune.tune import unrestorable
 
     experiment = tmp_path / "lora-abc"
     trial = experiment / "g0-1_00000"

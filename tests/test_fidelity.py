@@ -12,12 +12,12 @@ import pyarrow as pa
 import pytest
 
 from engine.config import load_config
-from engine.data import builtin
-from engine.data.stage import run_data_stage
-from engine.generate import fidelity
-from engine.generate.shards import encode_png, synthetic_dir, write_shard_table
 from engine.raylib import local_ray
 from engine.runs import RunDir, atomic_write_bytes, atomic_write_json
+from engine.stages.data import builtin
+from engine.stages.data.stage import run_data_stage
+from engine.stages.generate import fidelity
+from engine.stages.generate.shards import encode_png, synthetic_dir, write_shard_table
 
 IMAGES = 600  # per style: about 3 s of judging
 
@@ -38,7 +38,7 @@ def _renders(style: str, n: int, seed: int):
 
 @pytest.mark.parametrize("style", ["benchmark", "base"])
 def test_renderer_judge_reads_real_renders_right(style):
-    """A sample of the 8,000-render measurement in engine/generate/fidelity.py's docstring."""
+    """A sample of the 8,000-render measurement in engine/stages/generate/fidelity.py's docstring."""
     images, labels, attributes = _renders(style, IMAGES, seed=7)
     read_labels, read_attributes = fidelity.RendererJudge().read(images)
     assert np.mean(read_attributes == attributes) == 1.0
@@ -120,7 +120,7 @@ def test_clip_judge_reads_prompts_nearest_each_embedding():
 @pytest.mark.parametrize("judge", ["clip", "renderer"])
 def test_the_filter_scorer_reads_each_image_with_the_judge(judge):
     """The scoring actor's own pass, run in-process with the shipped tiny encoder."""
-    from engine.generate.filtering import SyntheticImageScorer
+    from engine.stages.filter.stage import SyntheticImageScorer
 
     images, labels, attributes = _renders("benchmark", 6, seed=1)
     prompts = fidelity.judge_prompts(load_config(), list(builtin.CLASS_NAMES), list(builtin.ATTRIBUTE_NAMES))
@@ -191,9 +191,9 @@ def ray_session():
 def test_filter_stage_measures_fidelity_and_results_carry_it(tmp_path, ray_session):
     import io
 
-    from engine.generate import run_filter_stage
-    from engine.generate.stage import generate_stage_name
     from engine.report import collect_rows, severity_tag, write_results
+    from engine.stages.filter import run_filter_stage
+    from engine.stages.generate.stage import generate_stage_name
 
     cfg = load_config(None, [
         "data.builtin.n_train=80", "data.builtin.n_val=8", "data.builtin.n_test=8", "data.severity=0.9",

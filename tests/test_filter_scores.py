@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from engine.errors import FairsynthError
-from engine.generate.filtering import SyntheticImageScorer, select_top_fraction
-from engine.generate.shards import encode_png
+from engine.stages.filter.stage import SyntheticImageScorer, select_top_fraction
+from engine.stages.generate.shards import encode_png
 
 # Four axes: 0 = class 0's prompt, 1 = group 0's centroid, 2 = group 1's centroid, 3 = class
 # 1's prompt. Groups (class, attribute): 0 = (0, 0), 1 = (0, 1), 3 = (1, 1), with no real image

@@ -20,15 +20,15 @@ import pytest
 import torch
 
 from engine.config import load_config
-from engine.data.datasets import GroupedDataset
-from engine.data.stage import run_data_stage
 from engine.errors import FairsynthError
-from engine.finetune import run_finetune_stage
-from engine.finetune.units import plan_trained_units
 from engine.generation_methods import get_method
 from engine.models.tiny import tiny_model_path
 from engine.raylib import local_ray as shared_local_ray
 from engine.runs import RunDir, atomic_write_bytes
+from engine.stages.data.datasets import GroupedDataset
+from engine.stages.data.stage import run_data_stage
+from engine.stages.finetune import run_finetune_stage
+from engine.stages.finetune.units import plan_trained_units
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -203,7 +203,7 @@ def test_lora_loads_with_plain_diffusers_and_changes_images(lora_run, tmp_path):
 def test_lora_units_have_a_model_card_the_hub_tools_read(lora_run):
     from huggingface_hub import ModelCard
 
-    from engine.generate.grids import grid_path
+    from engine.stages.generate.grids import grid_path
 
     cfg, run, manifest = lora_run
     units = {u["unit"]: u for u in manifest["units"]}
@@ -219,7 +219,7 @@ def test_lora_units_have_a_model_card_the_hub_tools_read(lora_run):
         assert f"| steps trained | {record['steps']} |" in card.text
         assert f"| learning rate used | {record['learning_rate']} |" in card.text
         assert f"| finetune.lora_rank | {cfg.finetune.lora_rank} |" in card.text
-        # The samples link leads to the generate stage's grid of the method (engine/generate/grids.py).
+        # The samples link leads to the generate stage's grid of the method (engine/stages/generate/grids.py).
         link = re.search(r"\[`grids/lora.png`\]\(([^)]+)\)", card.text).group(1)
         folder = run.root / units[name]["artifact"]
         assert (folder / link).resolve() == Path(grid_path(run, "lora")).resolve()
@@ -243,7 +243,7 @@ def test_rerun_skips_finished_units(lora_run):
 
 
 def test_crashed_trial_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(lora_run, tmp_path):
-    from engine.finetune.trainer import ARTIFACT_DIR, UnitJob, UnitTrainer, unit_seed
+    from engine.stages.finetune.trainer import ARTIFACT_DIR, UnitJob, UnitTrainer, unit_seed
 
     cfg, run, manifest = lora_run
     unit = next(u for u in get_method("lora").plan_units(cfg, run_data_stage(cfg, run)) if u.unit == "g0")
@@ -304,7 +304,7 @@ def test_a_unit_record_naming_a_folder_outside_the_tune_storage_deletes_nothing(
     (precious / "keep").mkdir(parents=True)
     (run / "finetune/lora/tune/linked").symlink_to(precious, target_is_directory=True)
     try:
-        with caplog.at_level("WARNING", logger="engine.finetune.stage"):
+        with caplog.at_level("WARNING", logger="engine.stages.finetune.stage"):
             _rerun_with_records(cfg, run, "lora", {"g0": str(precious), "g3": "../units"})
             _rerun_with_records(cfg, run, "lora", {"g0": "linked", "g3": "../../.."})
     finally:
@@ -336,8 +336,8 @@ def test_a_unit_artifact_with_wrong_shapes_is_refused_for_drawing_and_trained_ag
     """Planted after the stage finished: the next run notices it, whatever its marker says."""
     from safetensors.torch import save_file
 
-    from engine.finetune.stage import damaged_units
-    from engine.generate.stage import _refuse_damaged_units
+    from engine.stages.finetune.stage import damaged_units
+    from engine.stages.generate.stage import _refuse_damaged_units
 
     cfg, run, manifest = lora_run
     weights = lora_tensors(run, "g0")
@@ -371,8 +371,8 @@ def test_nan_loss_stops_the_trial_keeps_its_checkpoint_and_marks_nothing(local_r
 
 def write_subtype_clusters(cfg, run: RunDir) -> None:
     """The cluster stage's output with clusters = sub-types (two per group), so the units are known."""
-    from engine.cluster import cluster_hash
-    from engine.data.stage import run_data_stage
+    from engine.stages.cluster.stage import cluster_hash
+    from engine.stages.data.stage import run_data_stage
 
     train = run_data_stage(cfg, run).split("train")
     codes = {name: i % 2 for i, name in enumerate(sorted(train["subtype"].unique()))}
@@ -396,8 +396,8 @@ def dreambooth_run(local_ray, tmp_path_factory):
 def train_in_process(cfg, run, method: str, unit_name: str, folder: Path):
     """The unit trained in one go in this process, each checkpoint written to
     ``folder/step<N>``; returns its trainer, which holds the fine-tuned models."""
-    from engine.finetune.stage import ensure_class_images
-    from engine.finetune.trainer import UnitJob, UnitTrainer, unit_seed
+    from engine.stages.finetune.stage import ensure_class_images
+    from engine.stages.finetune.trainer import UnitJob, UnitTrainer, unit_seed
 
     strategy = get_method(method)
     unit = next(u for u in plan_trained_units(cfg, run_data_stage(cfg, run), strategy.uses_identifier)
@@ -430,10 +430,10 @@ def test_dreambooth_resumes_exactly_and_its_compact_artifact_draws_as_the_fine_t
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from engine.finetune.delta import DELTA_FILES
-    from engine.finetune.trainer import ARTIFACT_DIR, OUTCOME_FILE, STATE_FILE, UnitTrainer
-    from engine.generate.sampler import UnitModels
     from engine.models.loading import load_base_pipeline
+    from engine.stages.finetune.delta import DELTA_FILES
+    from engine.stages.finetune.trainer import ARTIFACT_DIR, OUTCOME_FILE, STATE_FILE, UnitTrainer
+    from engine.stages.generate.sampler import UnitModels
 
     cfg, run, manifest = dreambooth_run
     unit = next(u for u in manifest["units"] if u["unit"] == "g0")
@@ -489,7 +489,7 @@ def test_dreambooth_resumes_exactly_and_its_compact_artifact_draws_as_the_fine_t
 
 
 def test_weight_changes_keep_the_best_rank_r_approximation():
-    from engine.finetune import delta
+    from engine.stages.finetune import delta
 
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Linear(48, 40), torch.nn.Conv2d(8, 24, 3))
@@ -592,7 +592,7 @@ def test_each_unit_is_searched_by_its_own_asha():
     all above unit a's, and its first trial still continues."""
     from types import SimpleNamespace
 
-    from engine.finetune.per_unit_asha import PerUnitASHA
+    from engine.stages.finetune.per_unit_asha import PerUnitASHA
 
     scheduler = PerUnitASHA(time_attr="step", metric="heldout_loss", mode="min", max_t=8, grace_period=2,
                             reduction_factor=2)
@@ -610,7 +610,7 @@ def test_each_unit_is_searched_by_its_own_asha():
 
 
 def lora_jobs(cfg, run):
-    from engine.finetune.trainer import UnitJob, unit_seed
+    from engine.stages.finetune.trainer import UnitJob, unit_seed
 
     units = [u for u in get_method("lora").plan_units(cfg, run_data_stage(cfg, run)) if u.trains]
     return [UnitJob(method="lora", unit=u.unit, sources=u.sources, train_prompt=u.train_prompt,
@@ -621,7 +621,7 @@ def lora_jobs(cfg, run):
 def test_search_runs_every_units_trials_side_by_side_and_keeps_each_units_best(local_ray, tmp_path):
     from ray.tune import ExperimentAnalysis
 
-    from engine.finetune.tune import run_unit_trials
+    from engine.stages.finetune.tune import run_unit_trials
 
     # 2 units x 2 samples, 2 trial slots, 1 to 4 steps a trial; a trial of 2 steps or more
     # crashes once at step 2, after its step-1 checkpoint.
@@ -662,7 +662,7 @@ def test_the_base_models_fingerprint_follows_its_bytes_not_its_file_times(tmp_pa
     import shutil
 
     from engine.config import load_config
-    from engine.finetune.stage import model_fingerprint
+    from engine.stages.finetune.stage import model_fingerprint
 
     folder = tmp_path / "base"
     (folder / "unet").mkdir(parents=True)

@@ -26,12 +26,12 @@ from PIL import Image
 
 from engine.config import load_config
 from engine.errors import FairsynthError
-from engine.finetune.stage import load_manifest
-from engine.generate.filtering import filter_prompts, keep_count, select_top_fraction
-from engine.generate.plan import GroupBalancedPlan, split_proportionally
 from engine.raylib import local_ray
 from engine.runs import RunDir, atomic_write_json, read_json
 from engine.stages import FORMAT_VERSION
+from engine.stages.filter.stage import filter_prompts, keep_count, select_top_fraction
+from engine.stages.finetune.stage import load_manifest
+from engine.stages.generate.plan import GroupBalancedPlan, split_proportionally
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_MODEL = "tiny"
@@ -141,7 +141,7 @@ def test_top_fraction_per_group():
 
 @pytest.fixture(scope="module")
 def pipe():
-    from engine.generate.sampler import load_base_pipeline
+    from engine.stages.generate.sampler import load_base_pipeline
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a sampler actor with one CPU
@@ -150,7 +150,7 @@ def pipe():
 
 
 def test_sampler_draws_what_diffusers_draws_whatever_the_batch(pipe):
-    from engine.generate.sampler import PromptEncoder, make_scheduler, sample_images
+    from engine.stages.generate.sampler import PromptEncoder, make_scheduler, sample_images
 
     prompts = ["a photo of a landbird on water", "a photo of a waterbird on land", "a photo of a landbird on land"]
     seeds = [11, 12, 13]
@@ -199,7 +199,7 @@ def _unet_artifact(pipe, folder: Path, seed: int) -> None:
 
 
 def test_unit_models_switch_cheaply_and_back(pipe, tmp_path):
-    from engine.generate.sampler import (
+    from engine.stages.generate.sampler import (
         UnitModels,
         load_base_pipeline,
         make_scheduler,
@@ -262,7 +262,7 @@ def _write_unit_as_the_finetune_stage_does(pipe, folder: Path, method: str, sett
     ("dreambooth", ["finetune.dreambooth_store=unet", "finetune.train_text_encoder=true"]),
 ])
 def test_units_load_through_the_generate_loader_as_they_were_trained(pipe, tmp_path, method, settings):
-    from engine.generate.sampler import UnitModels, load_base_pipeline
+    from engine.stages.generate.sampler import UnitModels, load_base_pipeline
 
     kind, trained_unet, trained_text = _write_unit_as_the_finetune_stage_does(
         pipe, tmp_path / "finetune/unit", method, settings)
@@ -342,10 +342,10 @@ def test_a_blend_lies_between_base_and_fine_tuned_weights_in_the_base_dtype():
 
 def _manifest_with_artifacts(cfg, run, pipe, method: str) -> dict:
     """The finetune stage's units for ``method``, with artifacts made here instead of trained."""
-    from engine.cluster import load_assignments
-    from engine.data.stage import load_run_dataset
-    from engine.finetune.stage import artifact_fingerprint
     from engine.generation_methods import get_method
+    from engine.stages.cluster.stage import load_assignments
+    from engine.stages.data.stage import load_run_dataset
+    from engine.stages.finetune.stage import artifact_fingerprint
 
     dataset = load_run_dataset(run)
     generation = get_method(method)
@@ -379,9 +379,9 @@ def prepared_run(tmp_path_factory, pipe):
     """A run with data, clusters and a finetune manifest for every method, on a local Ray."""
     import ray
 
-    from engine.cluster import run_cluster_stage
-    from engine.data.stage import run_data_stage
-    from engine.finetune import run_finetune_stage
+    from engine.stages.cluster.stage import run_cluster_stage
+    from engine.stages.data.stage import run_data_stage
+    from engine.stages.finetune import run_finetune_stage
 
     root = tmp_path_factory.mktemp("generate_run")
     cfg = small_config(root)
@@ -405,8 +405,9 @@ def prepared_run(tmp_path_factory, pipe):
     pytest.param("dreambooth", marks=pytest.mark.slow),
 ])
 def test_generate_and_filter_each_method(prepared_run, method):
-    from engine.generate import run_filter_stage, run_generate_stage
-    from engine.generate.stage import build_plan
+    from engine.stages.filter import run_filter_stage
+    from engine.stages.generate import run_generate_stage
+    from engine.stages.generate.stage import build_plan
 
     cfg, run = prepared_run
     plan = build_plan(cfg, run, method)
@@ -465,7 +466,7 @@ def read_folder(folder: Path):
 
 
 def test_a_lost_shard_is_redrawn_identically_and_alone(prepared_run):
-    from engine.generate import run_generate_stage
+    from engine.stages.generate import run_generate_stage
 
     cfg, run = prepared_run
     method = "vanilla"
@@ -493,8 +494,9 @@ def test_a_lost_shard_is_redrawn_identically_and_alone(prepared_run):
 
 
 def test_a_truncated_shard_is_refused_by_training_and_drawn_again_by_the_next_run(prepared_run):
-    from engine.generate import run_filter_stage, run_generate_stage
-    from engine.train.data import kept_synthetic_counts
+    from engine.stages.filter import run_filter_stage
+    from engine.stages.generate import run_generate_stage
+    from engine.stages.train.data import kept_synthetic_counts
 
     cfg, run = prepared_run
     method = "vanilla"
@@ -540,7 +542,7 @@ def test_filter_prompts_name_the_class_or_the_whole_group():
 def test_half_written_shards_are_swept_and_whole_ones_kept(tmp_path):
     """A writer killed between its temporary write and the rename leaves a dot-file; the
     stage sweeps those (before and after its pipeline) and never touches finished shards."""
-    from engine.generate.shards import remove_partial_shards
+    from engine.stages.generate.shards import remove_partial_shards
 
     whole = tmp_path / "part-abc-00000.parquet"
     whole.write_bytes(b"whole")

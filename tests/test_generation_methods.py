@@ -10,8 +10,8 @@ import torch
 
 from engine import generation_methods as gm
 from engine.config import load_config
-from engine.data.datasets import GroupedDataset
 from engine.errors import FairsynthError
+from engine.stages.data.datasets import GroupedDataset
 
 
 class BaseReference(gm.Artifact):
@@ -95,8 +95,8 @@ def test_a_registered_method_is_planned_costed_and_titled(toy):
 
 def test_the_sampler_loads_a_registered_artifact(toy, tmp_path: Path):
     from engine.cards import unit_tags
-    from engine.generate.sampler import UnitModels
     from engine.models.loading import load_base_pipeline
+    from engine.stages.generate.sampler import UnitModels
 
     cfg = load_config(None, [])
     folder = tmp_path / "finetune/toy/units/g0"

@@ -22,9 +22,9 @@ import pytest
 import yaml
 
 from engine.config import METHODS, load_config
-from engine.generate.shards import decode_png
 from engine.generation_methods import method_names
 from engine.resources import actor_resources, trial_bundle, use_gpu
+from engine.stages.generate.shards import decode_png
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDE = 64  # the scaled-down model's native side (512 px at full size)

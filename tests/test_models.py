@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data.builtin import caption, render
 from engine.errors import FairsynthError
 from engine.models.encoders import ClipEncoder, TinyClipEncoder, load_encoder
 from engine.models.loading import load_pipeline
 from engine.models.tiny import tiny_clip_path, tiny_model_path
 from engine.models.tokenizer import build_clip_tokenizer
+from engine.stages.data.builtin import caption, render
 
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]
 
@@ -248,8 +248,8 @@ def test_width_keeps_the_shapes_consistent(width):
 
 
 def test_random_sd15_samples_at_its_native_side_with_the_same_weights_everywhere():
-    from engine.generate.sampler import PromptEncoder, make_scheduler, sample_images
     from engine.models.loading import native_size
+    from engine.stages.generate.sampler import PromptEncoder, make_scheduler, sample_images
 
     spec = "random:sd15:width=0.125:size=64"
     before = torch.random.get_rng_state()
@@ -302,10 +302,10 @@ def test_finetuning_and_sampling_use_the_native_side_not_data_image_size():
     import pandas as pd
 
     from engine.config import load_config
-    from engine.data.builtin import OBJECTS
-    from engine.finetune.trainer import UnitJob, UnitTrainer, draw_class_images
-    from engine.generate.sampler import SyntheticImageSampler
-    from engine.generate.shards import decode_png
+    from engine.stages.data.builtin import OBJECTS
+    from engine.stages.finetune.trainer import UnitJob, UnitTrainer, draw_class_images
+    from engine.stages.generate.sampler import SyntheticImageSampler
+    from engine.stages.generate.shards import decode_png
 
     cfg = load_config(None, ["data.image_size=48", "model.device=cpu", "finetune.batch_size=3",
                              "generate.steps=2", "generate.batch_size=2"])

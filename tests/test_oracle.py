@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 
 from engine.config import load_config
-from engine.data.stage import load_run_dataset, run_data_stage
 from engine.errors import FairsynthError
-from engine.generate.oracle import images_per_group, run_oracle_stage
-from engine.generate.shards import decode_png, read_synthetic
 from engine.runs import RunDir
+from engine.stages.data.stage import load_run_dataset, run_data_stage
+from engine.stages.generate.oracle import images_per_group, run_oracle_stage
+from engine.stages.generate.shards import decode_png, read_synthetic
 
 SMALL = ["data.builtin.n_train=240", "data.builtin.n_val=40", "data.builtin.n_test=40", "data.severity=0.9",
          "generate.images_per_group=12", "generate.rows_per_shard=10"]

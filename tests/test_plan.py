@@ -227,9 +227,9 @@ def test_benchmark_results_replace_config_mfu(tmp_path, tiny_cfg):
 
 
 def test_compare_reports_actual_over_predicted(tmp_path, tiny_cfg):
-    from engine.data.stage import run_data_stage
     from engine.report import severity_tag
     from engine.runs import RunDir
+    from engine.stages.data.stage import run_data_stage
 
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.methods = ["erm", "lora"]
@@ -290,8 +290,8 @@ def test_every_preset_plans_on_eight_gpus():
 
 
 def test_plan_reports_disk_per_stage_and_the_dreambooth_units_of_waterbirds_0999_fit_in_30_gb():
-    from engine.finetune import delta
     from engine.planning.disk import png_bytes
+    from engine.stages.finetune import delta
 
     cfg = load_config("waterbirds_0999")
     plan = plan_job(cfg, "h100", 8)

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import tqdm.auto
 
-from engine.finetune.tune import step_progress
+from engine.stages.finetune.tune import step_progress
 
 
 def test_fine_tuning_bar_sums_steps_over_trials_and_ends_full():
@@ -28,7 +28,7 @@ def test_fine_tuning_bar_sums_steps_over_trials_and_ends_full():
 
 
 def test_training_bar_follows_the_reported_epochs_and_closes_at_the_last():
-    from engine.train.stage import epoch_progress
+    from engine.stages.train.stage import epoch_progress
 
     # One fit's epochs, every method's together: a second method's epoch 0 is the fit's epoch 1.
     callback = epoch_progress(epochs=3, desc="train erm, lora")
@@ -60,7 +60,7 @@ def test_a_tuner_with_the_fine_tuning_bar_is_restored_with_its_tally(tmp_path, s
     fail with a RecursionError inside tqdm."""
     from ray import tune
 
-    from engine.finetune.progress import StepProgress
+    from engine.stages.finetune.progress import StepProgress
 
     callback = step_progress(n_trials=2, steps=10, desc="finetune dreambooth")
     callback.on_trial_result(iteration=0, trials=[], trial=SimpleNamespace(trial_id="a"), result={"step": 4})
@@ -80,7 +80,7 @@ def test_a_tuner_with_the_fine_tuning_bar_is_restored_with_its_tally(tmp_path, s
 def test_a_tuner_state_saved_with_a_live_bar_by_an_older_version_is_made_loadable(tmp_path, shown_bars):
     from ray import tune
 
-    from engine.finetune.tune import _make_tuner_state_loadable
+    from engine.stages.finetune.tune import _make_tuner_state_loadable
 
     class OldProgress(tune.Callback):  # what the fine-tuning bar was: made at once, pickled with the Tuner
         def __init__(self):

@@ -51,10 +51,10 @@ def _node_hosting_most_work(cluster, candidates):
 def test_a_worker_node_lost_during_generation_loses_and_repeats_no_row(tmp_path):
     import ray
 
-    from engine.data.stage import run_data_stage
-    from engine.finetune import run_finetune_stage
-    from engine.generate import run_generate_stage
-    from engine.generate.stage import build_plan
+    from engine.stages.data.stage import run_data_stage
+    from engine.stages.finetune import run_finetune_stage
+    from engine.stages.generate import run_generate_stage
+    from engine.stages.generate.stage import build_plan
 
     if ray.is_initialized():
         ray.shutdown()

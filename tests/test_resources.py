@@ -125,7 +125,7 @@ def test_auto_trials_fill_every_declared_gpu(gpu_cluster, tmp_path):
     """Four GPUs and half a GPU per trial: all 8 trials run at once."""
     from ray import tune
 
-    from engine.finetune.tune import _fit
+    from engine.stages.finetune.tune import _fit
 
     cfg = load_config(None, ["finetune.max_concurrent_trials=auto", "finetune.trial_resources={GPU: 0.5, CPU: 0.1}"])
     ft = cfg.finetune

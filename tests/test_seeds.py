@@ -97,7 +97,7 @@ def test_seed_config_sets_every_stage_seed_and_the_data():
 
 
 def test_a_bare_seed_reaches_every_stage_and_the_data():
-    from engine.data.prepare import load_dataset
+    from engine.stages.data.prepare import load_dataset
 
     cfg = load_config(None, ["seed=7"])
     assert all(getattr(cfg, s).seed == 7 for s in SEEDED_SECTIONS)

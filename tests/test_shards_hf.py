@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from engine.data import builtin
-from engine.generate.shards import (
+from engine.runs import RunDir
+from engine.stages.data import builtin
+from engine.stages.generate.shards import (
     IMAGE_TYPE,
     decode_png,
     encode_png,
@@ -25,7 +26,6 @@ from engine.generate.shards import (
     write_shard_table,
     write_shards,
 )
-from engine.runs import RunDir
 
 METHOD = "lora"
 PER_GROUP = 3

@@ -1,4 +1,4 @@
-"""The stage protocol (engine/stages.py): every config field is declared in the schema as
+"""The stage protocol (engine/stages/__init__.py): every config field is declared in the schema as
 changing named stages' output or as resources only, and each stage's cache key is derived
 from that, so a field added to a section moves exactly the keys of the stages it feeds."""
 
@@ -9,7 +9,6 @@ import json
 import pytest
 from pydantic import Field
 
-from engine.cluster import cluster_hash, embeddings_hash
 from engine.config import (
     RESOURCES,
     ClusterConfig,
@@ -19,13 +18,14 @@ from engine.config import (
     load_config,
     output_of,
 )
-from engine.data.stage import data_hash
-from engine.finetune.stage import class_image_key, stage_hash, training_hash, unit_plan_hash
-from engine.generate.oracle import oracle_hash
 from engine.generation_methods import get_method
 from engine.runs import RunDir
 from engine.stages import FORMAT_VERSION, STAGES, field_marks, stage_fields, stage_key
-from engine.train.stage import train_hash
+from engine.stages.cluster.stage import cluster_hash, embeddings_hash
+from engine.stages.data.stage import data_hash
+from engine.stages.finetune.stage import class_image_key, stage_hash, training_hash, unit_plan_hash
+from engine.stages.generate.oracle import oracle_hash
+from engine.stages.train.stage import train_hash
 
 
 def _keys(cfg: Config, run: RunDir) -> dict[str, str]:

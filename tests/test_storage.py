@@ -245,7 +245,7 @@ def test_tiny_job_on_s3_and_two_nodes_matches_a_local_run(s3_env, tmp_path, monk
     pdt.assert_frame_equal(remote_rows.drop(columns=["score"]), local_rows.drop(columns=["score"]))
     assert (remote_rows["score"] - local_rows["score"]).abs().max() < 1e-5
 
-    # Metrics: training is seeded and ordered (engine/train/data.py), so the same config gives
+    # Metrics: training is seeded and ordered (engine/stages/train/data.py), so the same config gives
     # the same accuracies and losses wherever the worker runs; only clocks and paths differ.
     for method in ("erm", "lora"):
         local, remote_metrics = _metrics(local_dir, method), _metrics(remote_dir, method)

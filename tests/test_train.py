@@ -23,24 +23,24 @@ import torch
 from PIL import Image
 
 from engine.config import load_config
-from engine.data import builtin
-from engine.data.stage import load_run_dataset, run_data_stage
 from engine.errors import FairsynthError
-from engine.generate.oracle import images_per_group
-from engine.generate.shards import synthetic_dir, write_shard_table
 from engine.raylib import local_ray
 from engine.runs import RunDir
-from engine.train.data import (
+from engine.stages.data import builtin
+from engine.stages.data.stage import load_run_dataset, run_data_stage
+from engine.stages.generate.oracle import images_per_group
+from engine.stages.generate.shards import synthetic_dir, write_shard_table
+from engine.stages.train.data import (
     _reflect_pad,
     augment_images,
     balanced_weights,
     block_count,
     resample_groups,
 )
-from engine.train.loop import CHECKPOINT_FIELDS, read_checkpoint_state
-from engine.train.losses import GroupDROLoss, supcon_per_sample
-from engine.train.methods import get_method
-from engine.train.stage import train_hash
+from engine.stages.train.loop import CHECKPOINT_FIELDS, read_checkpoint_state
+from engine.stages.train.losses import GroupDROLoss, supcon_per_sample
+from engine.stages.train.methods import get_method
+from engine.stages.train.stage import train_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small benchmark keeps each Ray Train run to seconds on 2 cores.
@@ -224,7 +224,7 @@ def test_dfr_reads_the_real_set_as_it_is_then_group_balanced():
 def test_phase_fields_are_keywords_from_closed_sets():
     """A phase is built by name: positional fields, a value outside its set, or SupCon on a
     frozen encoder fail where the phase is built."""
-    from engine.train.methods import Phase
+    from engine.stages.train.methods import Phase
 
     good = {"name": "p", "dataset": "train", "epochs": 1, "learning_rate": 1e-3, "trainable": "all", "sample_loss": "ce"}
     assert (Phase(**good).aggregate, Phase(**good).balanced) == ("mean", False)
@@ -250,8 +250,8 @@ def _random_batches(n_batches: int, size: int = 32, seed: int = 0) -> list[dict]
 def test_last_layer_phase_leaves_every_encoder_weight_bit_identical():
     """Stage 2 ``last_layer``, set up as the loop sets up a phase (start_phase): the head
     trains on plain CE and the encoder, BatchNorm statistics included, does not move by a bit."""
-    from engine.train.backbones import build_classifier
-    from engine.train.loop import start_phase, train_epoch
+    from engine.stages.train.backbones import build_classifier
+    from engine.stages.train.loop import start_phase, train_epoch
 
     torch.manual_seed(0)
     module = build_classifier("tiny_resnet", 2, None)
@@ -284,7 +284,7 @@ def test_group_counts_give_summarize_figures_bit_for_bit():
     """Evaluation sums per-group counts instead of gathering predictions: the same figures,
     to the last bit, for any split (a group with no images included)."""
     from engine.metrics import summarize
-    from engine.train.loop import summarize_counts
+    from engine.stages.train.loop import summarize_counts
 
     rng = np.random.default_rng(3)
     n = 997
@@ -306,8 +306,8 @@ def test_streamed_evaluation_equals_whole_split_prediction(ray_session):
     image's prediction (what the workers used to gather)."""
     import ray
 
-    from engine.train.backbones import build_classifier
-    from engine.train.loop import count_correct, to_input, worker_blocks
+    from engine.stages.train.backbones import build_classifier
+    from engine.stages.train.loop import count_correct, to_input, worker_blocks
 
     torch.manual_seed(0)
     module = build_classifier("tiny_resnet", 2, None).eval()
@@ -336,7 +336,7 @@ def test_a_damaged_training_checkpoint_is_not_resumed_from(tmp_path, monkeypatch
     failed the fit; the run trains that method from the start instead."""
     import ray.train
 
-    from engine.train import loop
+    from engine.stages.train import loop
 
     whole = {field: 0 for field in loop.CHECKPOINT_FIELDS}
     torch.save(whole, tmp_path / loop.STATE_FILE)
@@ -414,7 +414,7 @@ def test_every_training_block_holds_every_class(ray_session):
     would give a worker one class (and one class's BatchNorm statistics)."""
     import ray
 
-    from engine.train.data import real_images
+    from engine.stages.train.data import real_images
 
     records = pd.DataFrame({
         "source": [f"builtin://{'sparrow' if y == 0 else 'duck'}/forest/{i}" for i, y in enumerate([0] * 60 + [1] * 60)],
@@ -437,7 +437,7 @@ def shared_run(tmp_path_factory, ray_session):
 # Synthetic-then-real training also runs in the gpu_smoke test (LoRA, clustered DreamBooth).
 @pytest.mark.parametrize("method", ["erm", pytest.param("vanilla", marks=pytest.mark.slow)])
 def test_each_method_trains_one_epoch_with_two_ddp_workers(shared_run, method):
-    from engine.train import run_train_stage
+    from engine.stages.train import run_train_stage
 
     cfg, run = shared_run
     metrics = run_train_stage(cfg, run, method)
@@ -475,9 +475,9 @@ def test_each_method_trains_one_epoch_with_two_ddp_workers(shared_run, method):
 def test_dfr_and_the_oracle_train_on_views_of_their_own(shared_run):
     """DFR's last layer reads a group-balanced view of the real set beside its ERM phase's; the
     oracle pretrains on fresh real renders and reports the classifier they alone left."""
-    from engine.generate.oracle import run_oracle_stage
-    from engine.train import run_train_stages
-    from engine.train.stage import _fit_datasets, _method_inputs
+    from engine.stages.generate.oracle import run_oracle_stage
+    from engine.stages.train import run_train_stages
+    from engine.stages.train.stage import _fit_datasets, _method_inputs
 
     cfg, run = shared_run
     run_oracle_stage(cfg, run)
@@ -504,7 +504,7 @@ def test_dfr_and_the_oracle_train_on_views_of_their_own(shared_run):
 def test_group_dro_survives_a_lost_worker(shared_run):
     """Group-DRO's short run, with a worker process killed after its first epoch: Ray Train
     restores the workers from that epoch's checkpoint and the run completes."""
-    from engine.train import run_train_stages
+    from engine.stages.train import run_train_stages
 
     cfg, run = shared_run
     cfg = cfg.model_copy(deep=True)
@@ -527,7 +527,7 @@ def test_group_dro_survives_a_lost_worker(shared_run):
 def test_a_failed_fit_gives_back_the_methods_its_latest_checkpoint_finished(tmp_path):
     """A fit that fails keeps the methods it finished: the driver reads them from the
     experiment's latest checkpoint (checkpoint folders sort by their time stamps)."""
-    from engine.train.stage import _finished_in_latest_checkpoint
+    from engine.stages.train.stage import _finished_in_latest_checkpoint
 
     experiment = tmp_path / "methods-abc"
     for stamp, finished in (("2026-01-01_10-00-00.1", {}), ("2026-01-01_10-00-09.5", {"erm": {"best_epoch": 3}})):
@@ -552,9 +552,9 @@ def test_a_pickle_planted_in_a_checkpoint_is_refused_and_never_run(tmp_path):
     refused in one line before any worker starts, and its code never runs."""
     import ray.train
 
-    from engine.train import run_train_stage
-    from engine.train.loop import _load_state
-    from engine.train.stage import _finished_in_latest_checkpoint, _storage
+    from engine.stages.train import run_train_stage
+    from engine.stages.train.loop import _load_state
+    from engine.stages.train.stage import _finished_in_latest_checkpoint, _storage
 
     cfg, run = _prepare(tmp_path / "run")
     storage_path, name = _storage(cfg, run, {"erm": train_hash(cfg, run, "erm")})
@@ -587,7 +587,7 @@ def test_the_same_config_and_seed_repeat_every_metric(tmp_path, ray_session):
     """Two fresh runs of one config, with 2 DDP workers, a shuffled synthetic set, augmentation
     and group-balanced resampling (stage 2 group_dro): the same metrics.json, bit for bit. The
     second run trains the method after another one in the same fit, as the full job does."""
-    from engine.train import run_train_stage, run_train_stages
+    from engine.stages.train import run_train_stage, run_train_stages
 
     cfg, run = _prepare(tmp_path / "alone", ["train.stage2=group_dro"])
     write_synthetic_fixture(run, "dreambooth", per_group=12, dropped_per_group=4)
@@ -603,7 +603,7 @@ def test_a_method_sharing_a_fit_gets_the_metrics_of_a_fit_of_its_own(shared_run,
     """The full job trains every method in one fit. ERM trained second in a fresh run, after
     Group-DRO, repeats ERM trained alone (in the shared run) bit for bit: same seed, its own
     datasets and epoch counters, whatever shares the fit."""
-    from engine.train import run_train_stage, run_train_stages
+    from engine.stages.train import run_train_stage, run_train_stages
 
     cfg, run = shared_run
     alone = run_train_stage(cfg, run, "erm")
@@ -620,7 +620,7 @@ def test_a_method_sharing_a_fit_gets_the_metrics_of_a_fit_of_its_own(shared_run,
     "method,stage2", [("lora", "full"), ("dreambooth", "group_dro"), ("clustered_dreambooth", "last_layer")]
 )
 def test_other_generative_methods_and_stage2_modes(shared_run, method, stage2):
-    from engine.train import run_train_stage
+    from engine.stages.train import run_train_stage
 
     cfg, run = shared_run
     cfg = cfg.model_copy(deep=True)
@@ -636,7 +636,7 @@ def test_other_generative_methods_and_stage2_modes(shared_run, method, stage2):
 
 def test_generative_method_without_synthetic_images_is_one_line(tmp_path):
     cfg, run = _prepare(tmp_path / "run")
-    from engine.train import run_train_stage
+    from engine.stages.train import run_train_stage
 
     with pytest.raises(FairsynthError, match="no synthetic shards in .*jobs/full.py"):
         run_train_stage(cfg, run, "lora")
@@ -645,7 +645,7 @@ def test_generative_method_without_synthetic_images_is_one_line(tmp_path):
 
 def test_missing_pretrained_weights_file_is_one_line(tmp_path):
     cfg, run = _prepare(tmp_path / "run", ["train.backbone=resnet18", f"train.pretrained_weights={tmp_path}/nope.pth"])
-    from engine.train import run_train_stage
+    from engine.stages.train import run_train_stage
 
     with pytest.raises(FairsynthError, match="nope.pth does not exist"):
         run_train_stage(cfg, run, "erm")
@@ -672,7 +672,7 @@ def test_group_dro_beats_erm_at_severity_095(tmp_path, ray_session):
     Test WGA after 1 epoch, two runs: ERM 0.10 and 0.295, Group-DRO 0.945 and 0.945. After
     2 epochs ERM has mostly caught up (ERM 0.54, 0.905, 0.94; Group-DRO 1.0, 0.925, 0.96),
     too close to assert on with training that is not bit-reproducible."""
-    from engine.train import run_train_stage
+    from engine.stages.train import run_train_stage
 
     cfg = load_config(None, ["data.severity=0.95", "ray.num_cpus=2", "train.epochs=1"])
     cfg.run_dir = str(tmp_path / "run")

@@ -232,7 +232,7 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def _caption_vocabulary():
     """Every training text, with which (object, background) pairs it describes."""
-    from engine.data.builtin import (
+    from engine.stages.data.builtin import (
         ATTRIBUTE_NAMES,
         BACKGROUND_ATTRIBUTE,
         BACKGROUNDS,
@@ -340,7 +340,7 @@ def subtype_nmi(encoder: ImageTextEncoder, per_pair: int = 40, seed: int = 12345
     from sklearn.cluster import KMeans
     from sklearn.metrics import normalized_mutual_info_score
 
-    from engine.data.builtin import BACKGROUND_SUBTYPES, OBJECT_SUBTYPES, render
+    from engine.stages.data.builtin import BACKGROUND_SUBTYPES, OBJECT_SUBTYPES, render
 
     per_group = {}
     rng = np.random.default_rng(seed)

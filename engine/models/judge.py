@@ -1,7 +1,7 @@
 """The learned fidelity judge of the built-in benchmark: a small CNN that reads a 32 px
 image's group (class and attribute), trained on group-balanced real renders of every
 rendering and shipped in the package like the tiny models (``jobs/pretrain_tiny.py --phases
-judge`` trains it; ``engine.generate.fidelity.LearnedJudge`` reads with it).
+judge`` trains it; ``engine.stages.generate.fidelity.LearnedJudge`` reads with it).
 
 A synthetic image it reads as its unit's group looks, to a model of the real images, like a
 real image of that group: the judge knows the benchmark's images, not its drawing rules.
@@ -21,15 +21,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.data import builtin
 from engine.errors import FairsynthError
+from engine.stages.data import builtin
 
 JUDGE_DIR = Path(__file__).resolve().parent / "tiny_judge"
 WEIGHTS, CONFIG, REPORT = "model.safetensors", "config.json", "training.json"
 N_CLASSES, N_ATTRIBUTES = len(builtin.CLASS_NAMES), len(builtin.ATTRIBUTE_NAMES)
 IMAGE_SIZE = 32
 WIDTHS = (32, 64, 128)
-# The judge's seed streams, apart from every run's data (engine.data.datasets draws from the run seed).
+# The judge's seed streams, apart from every run's data (engine.stages.data.datasets draws from the run seed).
 TRAIN_STREAM, HELDOUT_STREAM = 0x10D6E, 0x10D6F
 # What a shipped judge must read right on held-out renders, on class and on attribute alike.
 REQUIRED_ACCURACY = 0.98
@@ -41,7 +41,7 @@ def judge_path() -> Path:
 
 def build_judge_model() -> torch.nn.Module:
     """TinyResNet with a group head (n_classes x n_attributes outputs)."""
-    from engine.train.backbones import Classifier, TinyResNet
+    from engine.stages.train.backbones import Classifier, TinyResNet
 
     encoder = TinyResNet(WIDTHS)
     return Classifier(encoder, encoder.out_dim, N_CLASSES * N_ATTRIBUTES, (0.5,) * 3, (0.5,) * 3)

@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engine.data.builtin import BACKGROUNDS, OBJECTS, base_corpus, caption
 from engine.errors import FairsynthError
 from engine.models import tiny
 from engine.models.tokenizer import build_clip_tokenizer, write_clip_vocab_files
+from engine.stages.data.builtin import BACKGROUNDS, OBJECTS, base_corpus, caption
 from engine.storage import atomic_local_directory
 
 log = logging.getLogger(__name__)
@@ -341,7 +341,7 @@ def run_unet_phase(settings: PretrainSettings, corpus) -> dict:
         "parameters": {name: tiny.count_parameters(m) for name, m in
                        (("vae", vae), ("unet", unet), ("text_encoder", text_encoder))},
     }
-    info["captions"] = "varied: sub-type, class or attribute words (engine.data.builtin.varied_caption)"
+    info["captions"] = "varied: sub-type, class or attribute words (engine.stages.data.builtin.varied_caption)"
     if lineage is not None:
         info["continued_from"] = lineage
     save_tiny_sd(pipe, settings.out_sd, info)

@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 
 from engine.config import Config
-from engine.data.severity import conflicting_to_keep, infer_aligned
 from engine.errors import FairsynthError
+from engine.stages.data.severity import conflicting_to_keep, infer_aligned
 
 
 @dataclass
@@ -134,7 +134,7 @@ def _apply_known(cfg: Config, severity) -> GroupCounts:
 
 
 def _from_dataset(cfg: Config, severity) -> GroupCounts:
-    from engine.data.prepare import load_dataset
+    from engine.stages.data.prepare import load_dataset
 
     data = cfg.data.model_copy(update={"severity": severity})
     dataset = load_dataset(data, check_images=False)

@@ -6,7 +6,7 @@ formats the stages write:
 
 - a LoRA unit: its adapter matrices in fp32 (``engine/generation_methods.py``);
 - a DreamBooth unit: with ``dreambooth_store: svd_delta`` each layer's change at rank
-  ``delta_rank`` (``engine/finetune/delta.py``), with ``unet`` the whole UNet in fp16; the
+  ``delta_rank`` (``engine/stages/finetune/delta.py``), with ``unet`` the whole UNet in fp16; the
   text encoder the same way when it is trained;
 - a trial's resumable checkpoint: its trainable weights in fp32 plus AdamW's two moments
   (fp32, or 8-bit with bitsandbytes on a GPU); while it reports one, a trial holds three

@@ -284,7 +284,7 @@ def classifier_step(backbone: str, n_classes: int, size: int, mode: str) -> int:
     """One image through the train stage's classifier: ``mode`` is "eval" (forward),
     "train" (forward + backward, every weight) or "head" (encoder frozen: the last-layer
     fine-tuning of a generative method's second stage)."""
-    from engine.train.backbones import build_classifier
+    from engine.stages.train.backbones import build_classifier
 
     with _on():
         model = build_classifier(backbone, n_classes)

@@ -76,8 +76,8 @@ def _prompt_context(shapes: F.DiffusionShapes, bench: Bench) -> torch.Tensor:
 def measure_generate(cfg: Config, shapes: F.DiffusionShapes, bench: Bench) -> tuple[float, float, dict]:
     """One batch through the generate stage's sampler; prompts are encoded once, as the
     sampler's prompt cache does."""
-    from engine.generate.sampler import make_scheduler, sample_images
     from engine.models import tiny
+    from engine.stages.generate.sampler import make_scheduler, sample_images
 
     gen = cfg.generate
     unet = F.build_unet(shapes.unet, bench.device).to(bench.dtype).eval()
@@ -163,7 +163,7 @@ def measure_finetune(cfg: Config, shapes: F.DiffusionShapes, bench: Bench) -> tu
 def measure_train(cfg: Config, bench: Bench) -> tuple[float, float, dict]:
     """One training step of the classifier at the per-worker batch."""
     from engine.resources import train_workers
-    from engine.train.backbones import build_classifier
+    from engine.stages.train.backbones import build_classifier
 
     tr = cfg.train
     # 'auto' workers measured as on one 8-GPU node, the presets' usual unit.

@@ -27,7 +27,7 @@ from engine.planning.counts import GroupCounts, trained_groups
 from engine.planning.hardware import Device
 from engine.resources import actor_resources, max_concurrent_trials, train_workers, trial_bundle
 
-# The cluster stage estimates silhouettes on a sample this large (engine/cluster.py).
+# The cluster stage estimates silhouettes on a sample this large (engine/stages/cluster/stage.py).
 SILHOUETTE_SAMPLE = 4000
 
 
@@ -204,7 +204,7 @@ class FinetuneCost(StageCostModel):
         latent = ctx.shapes.native_size // ctx.shapes.vae_scale
         bundle = trial_bundle(ft, ctx.run_cfg.model.device)
         share = ctx.share("finetune.trial_resources", bundle.get("GPU", 0.0), bundle["CPU"])
-        # The trainer checkpoints gradients on GPUs only (engine/finetune/trainer.py).
+        # The trainer checkpoints gradients on GPUs only (engine/stages/finetune/trainer.py).
         checkpointing = ft.gradient_checkpointing and ctx.device.is_gpu
         for method in ctx.generative_methods():
             generation = get_method(method)
@@ -238,7 +238,7 @@ class FinetuneCost(StageCostModel):
                 row.notes.append(f"finetune {method}: {borrowed} group(s) under finetune.min_real_images borrow a model")
             if prior and not prior_paid and groups:
                 # Class images are cached by prompt in the run, so the first DreamBooth method
-                # draws them and the next reuses them (engine/finetune/stage.py).
+                # draws them and the next reuses them (engine/stages/finetune/stage.py).
                 prior_paid = True
                 images = len(groups) * ft.num_class_images
                 rows.append(StageCost(ctx.severity, "finetune", method, images * ctx.sample_flops(latent), len(groups),
@@ -270,7 +270,7 @@ class GenerateCost(StageCostModel):
     name = "generate"
 
     def costs(self, ctx):
-        from engine.generate.plan import images_per_group
+        from engine.stages.generate.plan import images_per_group
 
         gen = ctx.cfg.generate
         per_group = images_per_group(gen, ctx.counts.train)
@@ -292,7 +292,7 @@ class FilterCost(StageCostModel):
     name = "filter"
 
     def costs(self, ctx):
-        from engine.generate.plan import images_per_group
+        from engine.stages.generate.plan import images_per_group
 
         flt = ctx.cfg.filter
         total = images_per_group(ctx.cfg.generate, ctx.counts.train) * ctx.counts.n_groups
@@ -307,15 +307,15 @@ class FilterCost(StageCostModel):
 
 
 class TrainCost(StageCostModel):
-    """The method's phases (engine/train/methods.py), data-parallel over train.num_workers,
+    """The method's phases (engine/stages/train/methods.py), data-parallel over train.num_workers,
     validation on every scored epoch and a final val + test pass."""
 
     name = "train"
 
     def costs(self, ctx):
-        from engine.generate.filtering import keep_count
-        from engine.generate.plan import images_per_group
-        from engine.train.methods import SYNTHETIC, get_method
+        from engine.stages.filter.stage import keep_count
+        from engine.stages.generate.plan import images_per_group
+        from engine.stages.train.methods import SYNTHETIC, get_method
 
         cfg, tr = ctx.cfg, ctx.cfg.train
         n_classes = ctx.counts.n_classes
