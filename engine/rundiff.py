@@ -62,11 +62,18 @@ def unit_tensors(units: RunPath) -> dict[str, dict[str, np.ndarray]]:
 def differences(run_dir: str, reference_dir: str) -> list[str]:
     """What in ``run_dir`` differs from ``reference_dir``, a finished run of the same config."""
     run, reference = storage.as_path(run_dir), storage.as_path(reference_dir)
-    found = []
+    found = [f"{name}: not in the reference" for name in sorted(_outputs(run) - _outputs(reference))]
     for ref_exp in experiments(reference):
         exp = run / str(ref_exp.relative_to(reference))
         found += _shard_differences(exp, ref_exp) + _tensor_differences(exp, ref_exp) + _metric_differences(exp, ref_exp)
     return found
+
+
+def _outputs(run: RunPath) -> set[str]:
+    """The outputs the comparison reads, by path under the run: so one the reference lacks
+    shows as a difference too, not only one the run lacks."""
+    kinds = ("synthetic/*/" + COMPLETE, "finetune/*/manifest.json", "train/*/metrics.json")
+    return {str(p.relative_to(run)) for exp in experiments(run) for kind in kinds for p in exp.glob(kind)}
 
 
 def _shard_differences(exp: RunPath, ref_exp: RunPath) -> list[str]:
@@ -133,6 +140,9 @@ def _shard_damage(exp: RunPath) -> list[str]:
     found = []
     for folder in sorted(p.parent for p in exp.glob("synthetic/*/" + COMPLETE)):
         where = f"{exp.name}/synthetic/{folder.name}"
+        if not (folder / "_summary.json").exists():
+            found.append(f"{where}: marked complete without _summary.json")
+            continue
         summary = read_json(folder / "_summary.json")
         names, rows = shard_rows(folder)
         if len(names) != summary["shards"] or len(rows) != summary["images"]:

@@ -96,3 +96,18 @@ def test_half_written_files_rows_counted_twice_and_missing_records_are_damage(ru
     assert any("written twice" in line for line in found), found
     assert any("without its unit.json" in line for line in found), found
     assert any("without metrics.json" in line for line in found), found
+
+
+def test_an_output_only_the_disturbed_run_has_is_a_difference(runs):
+    run, reference = runs
+    shutil.copytree(run / EXP / "synthetic" / "lora", run / EXP / "synthetic" / "dreambooth")
+    shutil.copytree(run / EXP, run / "severity-0.99")
+    found = rundiff.differences(str(run), str(reference))
+    assert f"{EXP}/synthetic/dreambooth/_COMPLETE.json: not in the reference" in found, found
+    assert "severity-0.99/train/lora/metrics.json: not in the reference" in found, found
+
+
+def test_a_folder_marked_complete_without_its_summary_is_damage(runs):
+    run, _ = runs
+    (run / EXP / "synthetic" / "lora" / "_summary.json").unlink()
+    assert rundiff.damage(str(run)) == [f"{EXP}/synthetic/lora: marked complete without _summary.json"]
