@@ -198,6 +198,38 @@ def route_ray_output() -> None:
         return
     route_ray_loggers()
     _route_worker_streams(_routing.log)
+    _route_cluster_errors(_routing.log)
+
+
+def _route_cluster_errors(log: io.TextIOBase) -> None:
+    """The cluster's error messages (a raylet that died, a worker killed for memory), which Ray
+    prints whole on the driver's stdout, to the log; the console gets each kind's first line
+    once, as one warning. A spot cluster losing nodes would otherwise fill the console."""
+    from ray._private import worker
+
+    original = getattr(worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "fairsynth_routed", False):
+        return
+    shown: set[str] = set()
+
+    def to_log(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") != "raylet":
+            return original(data, ignore_prefix)
+        worker.print_worker_logs(data, log, ignore_prefix)
+        for message in data.get("lines", []):
+            first = first_line(message)
+            if first and first not in shown:
+                shown.add(first)
+                logging.getLogger(__name__).warning("ray: %s (more in the run's log)", first)
+
+    to_log.fairsynth_routed = True
+    worker.print_to_stdstream = to_log
+
+
+def first_line(message: str, limit: int = 160) -> str:
+    """A Ray message's first line, cut to ``limit`` characters."""
+    line = next((part.strip() for part in str(message).splitlines() if part.strip()), "")
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def _route_worker_streams(log: io.TextIOBase) -> None:

@@ -104,6 +104,13 @@ ROUTING_PROBE = textwrap.dedent("""
         print("| Configuration for experiment |")
     print("[ 1.0s] a stage line", flush=True)
     sys.stderr.write("a progress bar\\n")
+    from ray._private import worker
+    if not console.verbose_requested("--verbose" in sys.argv):
+        console.route_ray_output()
+    for node in ("a1", "b2"):  # two nodes lost: the console names the kind once
+        message = "Raylet is terminated. Termination is unexpected.\\n  accessor.cc:475: node " + node
+        worker.print_to_stdstream({"lines": [message], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    sys.stdout.flush()
     console.finish()
 """)
 
@@ -117,15 +124,17 @@ def test_routing_sends_rays_output_to_the_log_and_verbose_keeps_it_on_the_consol
     assert done.returncode == 0, done.stderr
     console = console_of(done)
     ours = ("the job's own warning", "a stage line", "a progress bar")
-    rays = ("core_worker.cc", "a library deprecation", "Configuration for experiment", "the job's own detail")
+    rays = ("core_worker.cc", "a library deprecation", "Configuration for experiment", "the job's own detail",
+            "accessor.cc:475: node a1")  # (Ray's console dedup may hold node b2's back)
     assert all(line in console for line in ours)
     if verbose:
         assert all(line in console for line in rays)
         assert not (run_dir / "logs").exists()
         return
     assert not [line for line in rays if line in console], console
+    assert console.count("ray: Raylet is terminated. Termination is unexpected. (more in the run's log)") == 1, console
     (log,) = (run_dir / "logs").glob("probe-*.log")
-    assert all(line in log.read_text() for line in rays)
+    assert all(line in log.read_text() for line in (*rays, "accessor.cc:475: node b2"))
 
 
 def test_a_run_directory_the_log_cannot_be_written_to_is_one_line(tmp_path):
