@@ -303,6 +303,8 @@ def lost_with_a_node(error: BaseException) -> bool:
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
+        # An actor that crashed on its own counts too: when a raylet dies, its actors' errors
+        # do not always say so, and a deterministic step that fails again is raised in the end.
         if isinstance(current, rex.RayActorError) and not current.actor_init_failed:
             return True
         if isinstance(current, rex.NodeDiedError | rex.WorkerCrashedError | rex.ObjectLostError):
