@@ -12,7 +12,9 @@ reported elsewhere without having chosen anything on test.
 
 Prints, per method, each trial's values and its mean validation WGA over the seeds, and the
 chosen values as the ``train.method_overrides`` block a preset takes; the last line is JSON.
-Resumable: a finished (trial, seed) is read back from RUN/search/search.json.
+Resumable: a finished (trial, seed) is read back from RUN/search/search.json, under a key that
+names the preset, the overrides and the severity too, so a search under other settings runs
+its trials afresh.
 
     python benchmarks/research/baseline_search.py --run-dir runs/tune --seeds 100,101 [--trials 8]
         [--methods erm,group_dro,dfr] [--config tiny] [--set key=value ...]
@@ -86,13 +88,22 @@ def run_trial(args, trial: int, seed: int) -> dict[str, dict]:
                 "val_average_group": metrics[m]["val"]["average_group"]} for m in args.methods}
 
 
-def choose(results: dict, methods: list[str], seeds: list[int], trials: int) -> dict[str, dict]:
+def result_key(args, trial: int, seed: int) -> str:
+    """Where a trial's figures on one seed live in search.json: with a digest of everything
+    else that shapes them (preset, overrides, severity)."""
+    from engine.hashing import digest
+
+    settings = digest({"config": args.config, "set": list(args.overrides), "severity": str(args.severity)}, 8)
+    return f"{trial}/{seed}/{settings}"
+
+
+def choose(results: dict, args, trials: int) -> dict[str, dict]:
     """Per method: each trial's mean validation WGA (then AGA) over the seeds, and the best."""
-    out = {}
-    for method in methods:
+    out, seeds = {}, args.seeds
+    for method in args.methods:
         rows = []
         for trial in range(trials):
-            runs = [results.get(f"{trial}/{seed}", {}).get(method) for seed in seeds]
+            runs = [results.get(result_key(args, trial, seed), {}).get(method) for seed in seeds]
             if any(r is None for r in runs):
                 continue
             wga = sum(r["val_worst_group"] for r in runs) / len(runs)
@@ -136,13 +147,13 @@ def main() -> None:
     started = time.time()
     for trial in range(args.trials):
         for seed in args.seeds:
-            key = f"{trial}/{seed}"
+            key = result_key(args, trial, seed)
             if all(m in results.get(key, {}) for m in args.methods):
                 continue
             results[key] = {**results.get(key, {}), **run_trial(args, trial, seed)}
             atomic_write_json(store, results)
             print(f"trial {trial} seed {seed} done ({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
-    chosen = choose(results, args.methods, args.seeds, args.trials)
+    chosen = choose(results, args, args.trials)
     print_tables(chosen)
     print(json.dumps({"benchmark": "baseline_search", "seeds": args.seeds, "trials": args.trials,
                       "chosen": {m: c["chosen"] for m, c in chosen.items()}}))
