@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -218,12 +219,17 @@ def _route_cluster_errors(log: io.TextIOBase) -> None:
         worker.print_worker_logs(data, log, ignore_prefix)
         for message in data.get("lines", []):
             first = first_line(message)
-            if first and first not in shown:
-                shown.add(first)
+            kind = _IDS.sub("#", first)  # one node's id or address apart, the same news
+            if first and kind not in shown:
+                shown.add(kind)
                 logging.getLogger(__name__).warning("ray: %s (more in the run's log)", first)
 
     to_log.fairsynth_routed = True
     worker.print_to_stdstream = to_log
+
+
+# Node and worker ids (hex), addresses and other numbers in a Ray message.
+_IDS = re.compile(r"[0-9a-f]{16,}|\d+(?:[.:]\d+)*")
 
 
 def first_line(message: str, limit: int = 160) -> str:

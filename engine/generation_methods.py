@@ -19,7 +19,7 @@ registry and never check a method's name. A new method is a class here, decorate
   prior-preservation loss on images the base model draws for the group's plain prompt. It
   trains the full UNet weights (and the text encoder's when asked) and stores, by
   ``finetune.dreambooth_store``: ``svd_delta`` (default) each layer's change from the base
-  cut to rank ``finetune.delta_rank`` (``finetune/delta.py``; ~271 MB per SD 1.5 unit at rank
+  cut to rank ``finetune.delta_rank`` (``engine/stages/finetune/delta.py``; ~271 MB per SD 1.5 unit at rank
   128), ``unet`` the whole changed UNet in fp16 (1.7 GB per SD 1.5 unit); or, with
   ``lora_delta``, it trains LoRA adapters instead of the full weights and stores them in the
   diffusers LoRA format.

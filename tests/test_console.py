@@ -108,7 +108,8 @@ ROUTING_PROBE = textwrap.dedent("""
     if not console.verbose_requested("--verbose" in sys.argv):
         console.route_ray_output()
     for node in ("a1", "b2"):  # two nodes lost: the console names the kind once
-        message = "Raylet is terminated. Termination is unexpected.\\n  accessor.cc:475: node " + node
+        message = ("The node with node id: " + node * 20 + " and address: 10.0.0." + str(len(node)) + node[-1]
+                   + " has been marked dead.\\n  accessor.cc:475: node " + node)
         worker.print_to_stdstream({"lines": [message], "pid": "raylet", "is_err": False}, ignore_prefix=False)
     sys.stdout.flush()
     console.finish()
@@ -132,7 +133,8 @@ def test_routing_sends_rays_output_to_the_log_and_verbose_keeps_it_on_the_consol
         assert not (run_dir / "logs").exists()
         return
     assert not [line for line in rays if line in console], console
-    assert console.count("ray: Raylet is terminated. Termination is unexpected. (more in the run's log)") == 1, console
+    assert console.count("ray: The node with node id: ") == 1, console
+    assert "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1 and address: 10.0.0.21 has been marked dead" in console
     (log,) = (run_dir / "logs").glob("probe-*.log")
     assert all(line in log.read_text() for line in (*rays, "accessor.cc:475: node b2"))
 

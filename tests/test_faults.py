@@ -489,6 +489,22 @@ def test_a_tune_state_cut_by_a_full_disk_is_not_resumed(tmp_path):
     assert "error file is empty" in unrestorable(str(experiment))
 
 
+def test_a_tune_state_naming_modules_that_moved_is_not_resumed(tmp_path):
+    """tuner.pkl names its callbacks and scheduler by module: one saved before a module moved
+    cannot be loaded, so the experiment's unfinished trials start again instead."""
+    import pickle
+
+    from engine.stages.finetune.per_unit_asha import PerUnitASHA
+    from engine.stages.finetune.tune import unrestorable
+
+    experiment = tmp_path / "lora-abc"
+    experiment.mkdir()
+    (experiment / "tuner.pkl").write_bytes(pickle.dumps({"scheduler": PerUnitASHA}))
+    assert unrestorable(str(experiment)) is None
+    (experiment / "tuner.pkl").write_bytes(b"cengine.finetune.per_unit_asha\nPerUnitASHA\n.")  # an older layout
+    assert "No module named 'engine.finetune'" in unrestorable(str(experiment))
+
+
 def test_a_tune_state_naming_a_deleted_checkpoint_is_not_resumed(tmp_path):
     """A driver killed after a trial saved a new checkpoint (and Tune deleted the older one)
     but before the experiment state was saved again: the state names a checkpoint that is

@@ -78,7 +78,8 @@ def run_trial(args, trial: int, seed: int) -> dict[str, dict]:
 
     severity = float(args.severity) if args.severity != "original" else args.severity
     source = Path(args.run_dir) / seed_tag(seed) / severity_tag(severity)
-    target = trial_run(source, Path(args.run_dir) / "search" / f"trial_{trial}" / seed_tag(seed))
+    # A folder per settings: its links point at the severity it trains on.
+    target = trial_run(source, Path(args.run_dir) / "search" / settings_digest(args) / f"trial_{trial}" / seed_tag(seed))
     cfg = load_config(args.config, [*args.overrides, f"seed={seed}", f"data.severity={severity}", f"run_dir={target}",
                                     f"methods=[{','.join(args.methods)}]"])
     values = {m: trial_values(m, trial, cfg.train) for m in args.methods}
@@ -88,13 +89,17 @@ def run_trial(args, trial: int, seed: int) -> dict[str, dict]:
                 "val_average_group": metrics[m]["val"]["average_group"]} for m in args.methods}
 
 
-def result_key(args, trial: int, seed: int) -> str:
-    """Where a trial's figures on one seed live in search.json: with a digest of everything
-    else that shapes them (preset, overrides, severity)."""
+def settings_digest(args) -> str:
+    """A digest of everything besides the trial and the seed that shapes a trial's figures:
+    the preset, the overrides and the severity."""
     from engine.hashing import digest
 
-    settings = digest({"config": args.config, "set": list(args.overrides), "severity": str(args.severity)}, 8)
-    return f"{trial}/{seed}/{settings}"
+    return digest({"config": args.config, "set": list(args.overrides), "severity": str(args.severity)}, 8)
+
+
+def result_key(args, trial: int, seed: int) -> str:
+    """Where a trial's figures on one seed live in search.json."""
+    return f"{trial}/{seed}/{settings_digest(args)}"
 
 
 def choose(results: dict, args, trials: int) -> dict[str, dict]:

@@ -112,7 +112,7 @@ class SyntheticImageScorer:
         if len(group_prompts) != group_means.shape[0]:
             raise FairsynthError(
                 f"the filter has {len(group_prompts)} prompts for {group_means.shape[0]} groups; "
-                "pass one prompt per group (filtering.filter_prompts makes them)"
+                "pass one prompt per group (engine.stages.filter.stage.filter_prompts makes them)"
             )
         self.prompt_embeddings = np.asarray(self.encoder.encode_texts(group_prompts), dtype=np.float32)
         self.group_means = group_means

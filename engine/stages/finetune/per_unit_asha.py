@@ -9,7 +9,8 @@ submission order (FIFO), which the shared cap already bounds.
 
 Kept in its own module so that importing the fine-tune stage does not import Tune's
 schedulers; it is pickled with the experiment's tuner state, so ``Tuner.restore`` needs it
-importable under this name.
+importable under this name (an experiment saved under another name starts its unfinished
+trials again: engine.stages.finetune.tune.unrestorable).
 """
 
 from __future__ import annotations

@@ -236,7 +236,9 @@ def unrestorable(experiment: str) -> str | None:
     - The state names each trial's latest checkpoint as of its last save, and Tune deletes a
       trial's older checkpoints as it makes new ones (``num_to_keep``): a driver killed
       between the two leaves a state naming a checkpoint that is gone, which every retry of
-      the trial then fails to restore."""
+      the trial then fails to restore.
+    - ``tuner.pkl`` names the callbacks and scheduler by module: one saved by a version of
+      fairsynth whose modules had other names cannot be loaded."""
     from engine import storage
 
     folder = storage.as_path(experiment)
@@ -245,6 +247,9 @@ def unrestorable(experiment: str) -> str | None:
         state = json.loads(storage.read_bytes(states[-1])) if states else {}
         if any(storage.read_bytes(p) == b"" for p in folder.glob("*/error.pkl")):
             return "a trial's error file is empty (a full disk)"
+        missing_code = _code_the_state_names_but_is_gone(folder / "tuner.pkl")
+        if missing_code:
+            return f"its saved state names code this version does not have ({missing_code})"
         gone = _missing_checkpoints(folder, state)
     except storage.StorageError:
         raise  # storage that is down says nothing about the saved state: never delete it for that
@@ -252,6 +257,23 @@ def unrestorable(experiment: str) -> str | None:
         return "its saved state is cut short (a full disk leaves Tune's saved state half-written)"
     if gone:
         return f"its saved state names checkpoint {gone[0]}, which is gone (the job was killed between a checkpoint and the next save)"
+    return None
+
+
+def _code_the_state_names_but_is_gone(tuner_state) -> str | None:
+    """The import error that loading ``tuner.pkl`` raises, or None when it loads (or is absent)."""
+    import ray.cloudpickle as cloudpickle
+
+    from engine import storage
+
+    if not tuner_state.exists():
+        return None
+    try:
+        cloudpickle.loads(storage.read_bytes(tuner_state))
+    except RecursionError:
+        return None  # a progress bar pickled by an older version: _make_tuner_state_loadable replaces it
+    except (ImportError, AttributeError) as error:
+        return str(error)
     return None
 
 
