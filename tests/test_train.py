@@ -527,7 +527,7 @@ def test_group_dro_survives_a_lost_worker(shared_run):
 def test_a_failed_fit_gives_back_the_methods_its_latest_checkpoint_finished(tmp_path):
     """A fit that fails keeps the methods it finished: the driver reads them from the
     experiment's latest checkpoint (checkpoint folders sort by their time stamps)."""
-    from engine.stages.train.stage import _finished_in_latest_checkpoint
+    from engine.stages.train.stage import _finished_in_latest_checkpoint, _latest_checkpoint_state
 
     experiment = tmp_path / "methods-abc"
     for stamp, finished in (("2026-01-01_10-00-00.1", {}), ("2026-01-01_10-00-09.5", {"erm": {"best_epoch": 3}})):
@@ -535,6 +535,10 @@ def test_a_failed_fit_gives_back_the_methods_its_latest_checkpoint_finished(tmp_
         torch.save({"finished": finished}, experiment / f"checkpoint_{stamp}" / "state.pt")
     assert _finished_in_latest_checkpoint(str(experiment)) == {"erm": {"best_epoch": 3}}
     assert _finished_in_latest_checkpoint(str(tmp_path / "none-yet")) == {}
+    # Train's own record of its checkpoints sorts after them, and is not one.
+    (experiment / "checkpoint_manager_snapshot.json").write_text("{}")
+    assert _finished_in_latest_checkpoint(str(experiment)) == {"erm": {"best_epoch": 3}}
+    assert _latest_checkpoint_state(str(experiment)) == {"finished": {"erm": {"best_epoch": 3}}}
 
 
 class _Payload:

@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import logging
 import math
+import re
 import time
 from pathlib import Path
 
@@ -373,11 +374,15 @@ def run_train_stages(cfg: Config, run: RunDir, methods: list[str]) -> dict[str, 
     return {m: done[m] for m in methods}
 
 
+CHECKPOINT_FOLDER = re.compile(r"checkpoint_\d{4}-\d{2}-\d{2}_[\d.-]+")
+
+
 def _latest_checkpoint_state(experiment: str) -> dict | None:
     """The state in an experiment's latest checkpoint (checkpoint folders sort by their time
     stamps), or None when it has none; FairsynthError when that state is not one of ours."""
     folder = storage.as_path(experiment)
-    checkpoints = sorted(p for p in folder.iterdir() if p.name.startswith("checkpoint_")) if folder.exists() else []
+    # checkpoint_<time stamp> folders only: Train also keeps checkpoint_manager_snapshot.json here.
+    checkpoints = sorted(p for p in folder.iterdir() if CHECKPOINT_FOLDER.fullmatch(p.name)) if folder.exists() else []
     if not checkpoints:
         return None
     return read_checkpoint_state((checkpoints[-1] / STATE_FILE).read_bytes(), str(checkpoints[-1] / STATE_FILE))
