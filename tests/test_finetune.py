@@ -79,8 +79,9 @@ def lora_tensors(run: RunDir, unit: str) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def lora_run(local_ray, tmp_path_factory):
     """LoRA through the stage, every trial crashing once at step 3 (after its step-2 checkpoint).
-    At 1e-2, not the default 3e-3: the test's 4 steps then make an adapter of full effect (see
-    the plain-diffusers test); at 3e-3 they move the image's pixels by 0.006."""
+    At 1e-2 (the tiny preset's value, set here so the test keeps it): the test's 4 steps then
+    make an adapter of full effect (see the plain-diffusers test); at 3e-3 they move the
+    image's pixels by 0.006."""
     cfg = failing_at_step(make_cfg(tmp_path_factory.mktemp("lora"), "finetune.lora_learning_rate=1e-2"), 3)
     run = prepared_run(cfg)
     return cfg, run, run_finetune_stage(cfg, run, "lora")
