@@ -36,3 +36,16 @@ def test_the_job_survives_chaos_and_ends_equal_to_an_undisturbed_run(tmp_path):
         # report can end before the signal lands).
         assert {s for s in reference_stages if "finetune" in s or "generate" in s or "filter" in s or "train" in s} <= stopped_in, (
             stop, stopped_in)
+
+
+def test_a_stop_that_lands_after_the_job_said_done_counts_as_finished():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chaos", ROOT / "benchmarks" / "chaos.py")
+    chaos = importlib.util.module_from_spec(spec)
+    sys.modules["chaos"] = chaos  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(chaos)
+    torn_down = chaos.Attempt(code=-15, output=["[  3.0s] report", "done in 136 s"])
+    assert torn_down.finished()
+    assert not chaos.Attempt(code=130, output=["[  3.0s] report", "interrupted: re-run the same command to resume"]).finished()
+    assert chaos.Attempt(code=0).finished()
