@@ -236,6 +236,7 @@ def chaos_run(scenario: Scenario, chaos: NodeChaos, address: str, overrides: lis
                 scenario.faults[driver.current_stage()]["driver SIGKILL"] += 1
                 driver.proc.kill()
                 killed += 1
+                kill_at = float("inf")  # once: the process may take a moment to go
             time.sleep(0.1)
         attempt = driver.wait()
         scenario.attempts.append(attempt)
