@@ -219,7 +219,8 @@ def _route_cluster_errors(log: io.TextIOBase) -> None:
         worker.print_worker_logs(data, log, ignore_prefix)
         for message in data.get("lines", []):
             first = first_line(message)
-            kind = _IDS.sub("#", first)  # one node's id or address apart, the same news
+            # One node's id or address apart, the same news (read before the line is cut).
+            kind = _IDS.sub("#", first_line(message, limit=len(str(message))))
             if first and kind not in shown:
                 shown.add(kind)
                 logging.getLogger(__name__).warning("ray: %s (more in the run's log)", first)

@@ -24,6 +24,10 @@ def test_a_trial_is_keyed_by_the_settings_it_ran_under():
               (["--set", "train.epochs=2"], ["--severity", "0.99"], ["--config", "paper"])}
     assert base not in others and len(others) == 3
     assert search.result_key(_args(), 1, 100) != base != search.result_key(_args(), 0, 101)
+    # The same settings spelled another way are the same settings.
+    assert search.result_key(_args("--config", "tiny", "--severity", "0.9990"), 0, 100) == base
+    two = ["--set", "train.epochs=2", "--set", "train.learning_rate=0.01"]
+    assert search.result_key(_args(*two), 0, 100) == search.result_key(_args(*two[2:], *two[:2]), 0, 100)
 
 
 def test_choose_reads_only_this_settings_trials():

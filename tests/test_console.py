@@ -108,8 +108,10 @@ ROUTING_PROBE = textwrap.dedent("""
     if not console.verbose_requested("--verbose" in sys.argv):
         console.route_ray_output()
     for node in ("a1", "b2"):  # two nodes lost: the console names the kind once
-        message = ("The node with node id: " + node * 20 + " and address: 10.0.0." + str(len(node)) + node[-1]
-                   + " has been marked dead.\\n  accessor.cc:475: node " + node)
+        address = {"a1": "10.0.0.2", "b2": "10.0.12.213"}[node]  # lengths differ, as on a real cluster
+        message = ("The node with node id: " + node * 28 + " and address: " + address + " and node name: "
+                   + address + " has been marked dead because the detector has missed too many heartbeats from"
+                   + " it. This can happen when a raylet crashes unexpectedly.\\n  accessor.cc:475: node " + node)
         worker.print_to_stdstream({"lines": [message], "pid": "raylet", "is_err": False}, ignore_prefix=False)
     sys.stdout.flush()
     console.finish()
@@ -134,7 +136,7 @@ def test_routing_sends_rays_output_to_the_log_and_verbose_keeps_it_on_the_consol
         return
     assert not [line for line in rays if line in console], console
     assert console.count("ray: The node with node id: ") == 1, console
-    assert "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1 and address: 10.0.0.21 has been marked dead" in console
+    assert "a1" * 28 + " and address: 10.0.0.2 and node name" in console
     (log,) = (run_dir / "logs").glob("probe-*.log")
     assert all(line in log.read_text() for line in (*rays, "accessor.cc:475: node b2"))
 

@@ -503,6 +503,10 @@ def test_a_tune_state_naming_modules_that_moved_is_not_resumed(tmp_path):
     assert unrestorable(str(experiment)) is None
     (experiment / "tuner.pkl").write_bytes(b"cengine.finetune.per_unit_asha\nPerUnitASHA\n.")  # an older layout
     assert "No module named 'engine.finetune'" in unrestorable(str(experiment))
+    whole = pickle.dumps({"scheduler": PerUnitASHA, "points": list(range(50))})
+    for cut in (b"", whole[: len(whole) // 2]):  # a full disk
+        (experiment / "tuner.pkl").write_bytes(cut)
+        assert "tuner.pkl is cut short" in unrestorable(str(experiment))
 
 
 def test_a_tune_state_naming_a_deleted_checkpoint_is_not_resumed(tmp_path):

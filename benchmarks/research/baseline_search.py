@@ -94,7 +94,8 @@ def settings_digest(args) -> str:
     the preset, the overrides and the severity."""
     from engine.hashing import digest
 
-    return digest({"config": args.config, "set": list(args.overrides), "severity": str(args.severity)}, 8)
+    severity = args.severity if args.severity == "original" else float(args.severity)
+    return digest({"config": args.config or "tiny", "set": sorted(args.overrides), "severity": severity}, 8)
 
 
 def result_key(args, trial: int, seed: int) -> str:

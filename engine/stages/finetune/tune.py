@@ -247,9 +247,9 @@ def unrestorable(experiment: str) -> str | None:
         state = json.loads(storage.read_bytes(states[-1])) if states else {}
         if any(storage.read_bytes(p) == b"" for p in folder.glob("*/error.pkl")):
             return "a trial's error file is empty (a full disk)"
-        missing_code = _code_the_state_names_but_is_gone(folder / "tuner.pkl")
-        if missing_code:
-            return f"its saved state names code this version does not have ({missing_code})"
+        tuner_state = _tuner_state_problem(folder / "tuner.pkl")
+        if tuner_state:
+            return tuner_state
         gone = _missing_checkpoints(folder, state)
     except storage.StorageError:
         raise  # storage that is down says nothing about the saved state: never delete it for that
@@ -260,8 +260,10 @@ def unrestorable(experiment: str) -> str | None:
     return None
 
 
-def _code_the_state_names_but_is_gone(tuner_state) -> str | None:
-    """The import error that loading ``tuner.pkl`` raises, or None when it loads (or is absent)."""
+def _tuner_state_problem(tuner_state) -> str | None:
+    """Why ``tuner.pkl`` cannot be loaded, or None when it loads (or is absent)."""
+    import pickle
+
     import ray.cloudpickle as cloudpickle
 
     from engine import storage
@@ -273,7 +275,9 @@ def _code_the_state_names_but_is_gone(tuner_state) -> str | None:
     except RecursionError:
         return None  # a progress bar pickled by an older version: _make_tuner_state_loadable replaces it
     except (ImportError, AttributeError) as error:
-        return str(error)
+        return f"its saved state names code this version does not have ({error})"
+    except (pickle.UnpicklingError, EOFError):
+        return "its tuner.pkl is cut short (Tune writes it in place; a full disk leaves it half-written)"
     return None
 
 
