@@ -87,7 +87,7 @@ class Attempt:
 
     def finished(self) -> bool:
         """Exit 0, or the job's closing ``done in ...`` line printed before a stop landed in
-        its teardown (the work is all written by then)."""
+        its teardown (the work is all written by then; the next submission ends at once)."""
         return self.code == 0 or any(DONE.match(line) for line in self.output)
 
     def stage_seconds(self) -> dict[str, float]:
@@ -181,10 +181,10 @@ def stop_inside_each_stage(scenario: Scenario, address: str, overrides: list[str
                 scenario.faults[stopped_in][sig.name] += 1
         attempt = driver.wait()
         scenario.attempts.append(attempt)
-        if attempt.finished():  # the target was already done, so the job finished
+        if attempt.code == 0:  # the target was already done, so the job finished
             return
         expected = 130 if sig == signal.SIGTERM else -signal.SIGKILL
-        if attempt.code != expected:
+        if attempt.code != expected and not attempt.finished():  # a stop in the teardown is no fault
             scenario.problems.append(f"stopped in {target!r} with {sig.name}: exit {attempt.code}, "
                                      f"last line {attempt.last_line()!r}")
     _finish(scenario, address, overrides, env, log)
